@@ -1,0 +1,763 @@
+//! The wire protocol: every message, the frame codec, error codes and limits.
+//!
+//! This module is the one contract between the coordinator and its clients.
+//! A connection carries length-delimited frames (a 4-byte big-endian length,
+//! then that many bytes) of JSON.
+//!
+//! 1. The client sends one [`Hello`]; the server answers with
+//!    [`ServerMessage::Welcome`] or [`ServerMessage::Fatal`] and closes.
+//! 2. Then the client sends [`Request`]s, each with a per-session request id
+//!    ([`Xid`]) that strictly increases. Many may be in flight; the server
+//!    answers each with one [`ServerMessage::Reply`], in request order.
+//! 3. The server pushes [`ServerMessage::Watch`] events and
+//!    [`ServerMessage::Session`] events on the same stream. A watch event is
+//!    always sent before any reply that reflects the change it reports.
+//!
+//! A reply lost with a broken connection is recovered by resending the request
+//! with the same xid after resuming the session: the server answers a retried
+//! write from its per-session reply cache instead of applying it twice.
+
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::LengthDelimitedCodec;
+
+/// The protocol version this build speaks. A peer with another version is
+/// refused during the handshake with [`ErrorCode::ProtocolVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Wire limits shared by both sides. Server tunables live in the server's
+/// `Config`; these are the values a client can rely on.
+pub mod limits {
+    /// Default bound on a client-to-server frame. Large enough for a node of
+    /// [`DATA_BYTES_MAX`] bytes after base64 (4/3) plus the request around it.
+    pub const FRAME_BYTES_MAX: usize = 2 * 1024 * 1024;
+    /// Bound on a server-to-client frame. Replies can exceed requests (a
+    /// children listing of [`CHILDREN_PER_NODE_MAX`] names of
+    /// [`NAME_BYTES_MAX`] bytes is about 26 MB), so the client decodes up to
+    /// this.
+    pub const REPLY_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+    /// Default bound on a node's data, as in ZooKeeper (1 MiB): a coordinator
+    /// holds small facts, not files.
+    pub const DATA_BYTES_MAX: usize = 1024 * 1024;
+    /// Bound on a path's length in bytes.
+    pub const PATH_BYTES_MAX: usize = 1024;
+    /// Bound on a path's number of segments.
+    pub const PATH_DEPTH_MAX: usize = 64;
+    /// Bound on one segment (node name) in bytes.
+    pub const NAME_BYTES_MAX: usize = 255;
+    /// Bound on the children of one node, so that a listing fits a frame.
+    pub const CHILDREN_PER_NODE_MAX: usize = 100_000;
+    /// Bound on the operations in one multi.
+    pub const MULTI_OPS_MAX: usize = 1024;
+    /// Bound on the watches one session may hold.
+    pub const WATCHES_PER_SESSION_MAX: usize = 65_536;
+    /// Bound on the paths in one `set_watches` request (a resuming client
+    /// sends its watches in batches of at most this many).
+    pub const SET_WATCHES_PATHS_MAX: usize = 1024;
+    /// Bound on a client's unanswered requests per session. The server keeps
+    /// the replies of a session's last `INFLIGHT_MAX` writes so that any of
+    /// them can be retried; a client must not have more in flight.
+    pub const INFLIGHT_MAX: usize = 128;
+    /// Digits of the counter appended to sequential node names; names with
+    /// the same prefix then sort in creation order.
+    pub const SEQUENCE_DIGITS: usize = 10;
+    /// The largest sequence number that fits [`SEQUENCE_DIGITS`] digits.
+    pub const SEQUENCE_MAX: u64 = 9_999_999_999;
+}
+
+/// A session's id. Unique across server restarts: it is the zxid of the
+/// write that opened the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0x{:x}", self.0)
+    }
+}
+
+/// The coordinator's write counter. Every write gets the next zxid; a node's
+/// creation zxid is its fencing token. Zxids strictly increase, also across a
+/// server restart (the counter starts from the server's start time in
+/// microseconds since the Unix epoch).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Zxid(pub u64);
+
+impl fmt::Display for Zxid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A request id, chosen by the client, strictly increasing within a session
+/// (not per connection: a resumed session continues the sequence).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Xid(pub u64);
+
+/// The secret that proves a client owns a session when it resumes it.
+/// Its `Debug` output is redacted so that it never reaches a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A node's data: bytes, carried on the wire as a base64 string.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Data(pub Vec<u8>);
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) if text.len() <= 64 => write!(f, "Data({text:?})"),
+            _ => write!(f, "Data({} bytes)", self.0.len()),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Data {
+    fn from(bytes: Vec<u8>) -> Self {
+        Data(bytes)
+    }
+}
+
+impl From<&[u8]> for Data {
+    fn from(bytes: &[u8]) -> Self {
+        Data(bytes.to_vec())
+    }
+}
+
+impl From<&str> for Data {
+    fn from(text: &str) -> Self {
+        Data(text.as_bytes().to_vec())
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(Data)
+            .map_err(|e| serde::de::Error::custom(format!("data is not valid base64: {e}")))
+    }
+}
+
+/// What kind of node a create makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    /// Lives until deleted.
+    #[default]
+    Persistent,
+    /// Deleted when its owning session ends; cannot have children.
+    Ephemeral,
+    /// Deleted by the coordinator once it has had children and has none left
+    /// (ZooKeeper's container nodes): lock queue parents use this so that
+    /// locking millions of names does not leak millions of parents.
+    Container,
+}
+
+/// The first frame a client sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal the server's [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// The requested session timeout; the server clamps it to its bounds.
+    pub session_timeout_ms: u64,
+    /// Resume this session instead of opening a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// How a reconnecting client names the session it resumes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The session to resume.
+    pub session_id: SessionId,
+    /// The secret the server gave when the session was opened.
+    pub secret: Secret,
+    /// The highest xid whose reply the client has received; the server may
+    /// forget cached replies up to it.
+    pub last_xid_received: Xid,
+}
+
+/// The server's answer to a successful [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's protocol version.
+    pub protocol_version: u32,
+    /// The session (new or resumed).
+    pub session_id: SessionId,
+    /// The session's secret, to present when resuming.
+    pub secret: Secret,
+    /// The session timeout after clamping: the server expires the session
+    /// when it has not heard from the client for this long.
+    pub session_timeout_ms: u64,
+    /// The server's latest zxid.
+    pub zxid: Zxid,
+    /// The highest xid the server has applied for this session (0 for a new
+    /// one). Requests above it that the client sent were never applied.
+    pub last_xid_applied: Xid,
+    /// The largest frame the server accepts from this client.
+    pub frame_bytes_max: u64,
+    /// The largest node data the server accepts.
+    pub data_bytes_max: u64,
+}
+
+/// One request on an established connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Strictly increasing within the session.
+    pub xid: Xid,
+    /// What to do.
+    pub op: Op,
+}
+
+/// A create, alone or inside a multi.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Create {
+    /// The node's path; for a sequential node, the prefix of its name.
+    pub path: String,
+    /// The node's data.
+    #[serde(default)]
+    pub data: Data,
+    /// Persistent, ephemeral or container.
+    #[serde(default)]
+    pub kind: NodeKind,
+    /// Append a 10-digit counter from the parent to the name.
+    #[serde(default)]
+    pub sequential: bool,
+    /// Delete the node when it has not been modified for this long (only for
+    /// persistent nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Create missing ancestors as container nodes, in the same write.
+    #[serde(default)]
+    pub make_parents: bool,
+}
+
+/// An operation. Reads may set a one-shot watch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Create a node. Replies [`OpResult::Created`].
+    Create(Create),
+    /// Delete a node without children, if its version matches.
+    Delete {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+    },
+    /// Replace a node's data, if its version matches. Replies [`OpResult::Stat`].
+    Set {
+        path: String,
+        data: Data,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+    },
+    /// Read data and stat; `watch` sets a data watch. Replies [`OpResult::Data`].
+    Get {
+        path: String,
+        #[serde(default)]
+        watch: bool,
+    },
+    /// Read the stat if the node exists; `watch` sets a data watch (node
+    /// present) or an exist watch (node absent). Replies [`OpResult::Exists`].
+    Exists {
+        path: String,
+        #[serde(default)]
+        watch: bool,
+    },
+    /// List children (sorted) with the node's own stat; `watch` sets a child
+    /// watch. Replies [`OpResult::Children`].
+    Children {
+        path: String,
+        #[serde(default)]
+        watch: bool,
+    },
+    /// Apply all or none of these. Replies [`OpResult::Multi`].
+    Multi { ops: Vec<MultiOp> },
+    /// A heartbeat. `ack` is the highest xid whose reply the client has
+    /// received. Replies [`OpResult::Pong`].
+    Ping { ack: Xid },
+    /// Re-register watches after resuming a session. Watches whose node
+    /// changed after `last_zxid` fire at once; the rest are registered.
+    /// Replies [`OpResult::Done`].
+    SetWatches {
+        last_zxid: Zxid,
+        #[serde(default)]
+        data: Vec<String>,
+        #[serde(default)]
+        exist: Vec<String>,
+        #[serde(default)]
+        child: Vec<String>,
+    },
+    /// End the session now: its ephemeral nodes are deleted at once.
+    /// Replies [`OpResult::Done`]; the server then closes the connection.
+    CloseSession,
+}
+
+impl Op {
+    /// Whether this operation changes the tree or the session (and so is
+    /// answered from the reply cache when retried).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Op::Create(_) | Op::Delete { .. } | Op::Set { .. } | Op::Multi { .. } | Op::CloseSession
+        )
+    }
+}
+
+/// One step of a multi.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiOp {
+    /// Fails the multi unless the node exists with this version.
+    Check { path: String, version: u64 },
+    /// As [`Op::Create`].
+    Create(Create),
+    /// As [`Op::Set`].
+    Set {
+        path: String,
+        data: Data,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+    },
+    /// As [`Op::Delete`].
+    Delete {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+    },
+}
+
+/// A node's metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    /// Zxid of the write that created the node: its fencing token.
+    pub czxid: Zxid,
+    /// Zxid of the write that last set its data.
+    pub mzxid: Zxid,
+    /// Zxid of the write that last added or removed a child.
+    pub pzxid: Zxid,
+    /// Creation time, milliseconds since the Unix epoch (server clock).
+    pub ctime_ms: u64,
+    /// Last modification time, milliseconds since the Unix epoch.
+    pub mtime_ms: u64,
+    /// Number of sets since creation.
+    pub version: u64,
+    /// Number of child additions and removals since creation.
+    pub cversion: u64,
+    /// The session that owns this ephemeral node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_owner: Option<SessionId>,
+    /// Bytes of data.
+    pub data_length: u64,
+    /// Number of children.
+    pub num_children: u64,
+    /// Persistent, ephemeral or container.
+    pub kind: NodeKind,
+    /// The node's TTL, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+/// The answer to the request with this xid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The request's xid.
+    pub xid: Xid,
+    /// The server's latest zxid when it answered.
+    pub zxid: Zxid,
+    /// The operation's result.
+    pub result: Result<OpResult, ErrorReply>,
+}
+
+/// A successful operation's result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpResult {
+    /// The node was created at `path` (with the sequence suffix, if any).
+    Created { path: String, stat: Stat },
+    /// The node was deleted.
+    Deleted,
+    /// The node's new stat after a set.
+    Stat { stat: Stat },
+    /// A node's data and stat.
+    Data { data: Data, stat: Stat },
+    /// The node's stat, or `None` if it does not exist.
+    Exists { stat: Option<Stat> },
+    /// Sorted child names and the parent's stat.
+    Children { children: Vec<String>, stat: Stat },
+    /// One result per operation of the multi, in order.
+    Multi { results: Vec<MultiResult> },
+    /// The answer to a ping.
+    Pong,
+    /// The answer to `set_watches` and `close_session`.
+    Done,
+}
+
+/// The result of one step of a successful multi.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiResult {
+    Checked,
+    Created { path: String, stat: Stat },
+    Stat { stat: Stat },
+    Deleted,
+}
+
+/// A failed operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of failure; stable across versions.
+    pub code: ErrorCode,
+    /// What was wrong and what to do, for people.
+    pub message: String,
+    /// For a multi: the index of the operation that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+}
+
+impl ErrorReply {
+    /// An error with a message and no multi index.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+            index: None,
+        }
+    }
+}
+
+impl fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "operation {i} of the multi failed: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Stable error codes. Each variant's text is the generic meaning; the
+/// [`ErrorReply::message`] says what exactly was wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    #[error("the node does not exist")]
+    NoNode,
+    #[error("the node already exists")]
+    NodeExists,
+    #[error("the node's version is not the expected one")]
+    BadVersion,
+    #[error("the node has children")]
+    NotEmpty,
+    #[error("ephemeral nodes cannot have children")]
+    NoChildrenForEphemerals,
+    #[error("the path is not canonical")]
+    InvalidPath,
+    #[error("the request is larger than a limit")]
+    TooLarge,
+    #[error("a bound on nodes, children, watches or sessions was reached")]
+    LimitExceeded,
+    #[error("an argument is not allowed")]
+    InvalidArgument,
+    #[error("the operation is unknown")]
+    UnknownOperation,
+    #[error("the request is malformed")]
+    Malformed,
+    #[error("the session has expired or never existed")]
+    SessionExpired,
+    #[error("the session was resumed on another connection")]
+    SessionMoved,
+    #[error("the protocol versions differ")]
+    ProtocolVersion,
+    #[error("the retried request's reply is no longer kept")]
+    RetryUnknown,
+    #[error("too many connections")]
+    TooManyConnections,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// A watch event: what happened, to which node, at which zxid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    /// What happened.
+    pub kind: WatchEventKind,
+    /// The watched node's path.
+    pub path: String,
+    /// The zxid of the change (or of the check, for a watch fired when set).
+    pub zxid: Zxid,
+}
+
+/// The kinds of watch event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchEventKind {
+    /// The node was created (fires exist watches).
+    NodeCreated,
+    /// The node was deleted (fires data and child watches).
+    NodeDeleted,
+    /// The node's data was set (fires data watches).
+    NodeDataChanged,
+    /// A child was added or removed (fires child watches).
+    NodeChildrenChanged,
+}
+
+impl fmt::Display for WatchEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WatchEventKind::NodeCreated => "created",
+            WatchEventKind::NodeDeleted => "deleted",
+            WatchEventKind::NodeDataChanged => "data_changed",
+            WatchEventKind::NodeChildrenChanged => "children_changed",
+        })
+    }
+}
+
+/// Which kind of watch a path is registered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchKind {
+    /// Set on an existing node by `get` or `exists`: fires on set and delete.
+    Data,
+    /// Set on an absent node by `exists`: fires on create.
+    Exist,
+    /// Set by `children`: fires on a child added or removed, and on delete.
+    Child,
+}
+
+/// Why the server ended a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// The server did not hear from the client for the session timeout; the
+    /// session's ephemeral nodes and watches are gone.
+    Expired,
+    /// The session was resumed on another connection; this one is closed.
+    Moved,
+}
+
+/// Every message the server sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The handshake succeeded.
+    Welcome(Welcome),
+    /// The answer to one request.
+    Reply(Reply),
+    /// A one-shot watch fired.
+    Watch(WatchEvent),
+    /// The session ended; the server closes the connection after this.
+    Session(SessionEvent),
+    /// A connection-level error (bad handshake, broken frame, limit); the
+    /// server closes the connection after this.
+    Fatal(ErrorReply),
+}
+
+/// The frame codec both sides use: a 4-byte big-endian length prefix, and a
+/// bound on the frame size checked before any buffer for the frame is grown,
+/// so a header announcing a huge length costs nothing.
+pub fn codec(frame_bytes_max: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(frame_bytes_max)
+        .new_codec()
+}
+
+/// Serializes a message into a frame body.
+pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
+    // Serializing these types cannot fail: no maps with non-string keys, no
+    // non-finite floats.
+    bytes::Bytes::from(serde_json::to_vec(message).expect("protocol messages serialize"))
+}
+
+/// Why a path is not canonical.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid path {path:?}: {reason}")]
+pub struct PathError {
+    /// The offending path (cut to 80 characters).
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+/// Checks that `path` is canonical: starts with `/`, has no empty, `.` or
+/// `..` segment, no trailing `/` (except the root `/` itself), no control
+/// character (NUL included), and is within [`limits::PATH_BYTES_MAX`],
+/// [`limits::PATH_DEPTH_MAX`] and [`limits::NAME_BYTES_MAX`].
+pub fn validate_path(path: &str) -> Result<(), PathError> {
+    let fail = |reason: String| {
+        let shown: String = path.chars().take(80).collect();
+        Err(PathError {
+            path: shown,
+            reason,
+        })
+    };
+    if path.is_empty() {
+        return fail("a path cannot be empty (use \"/\" for the root)".into());
+    }
+    if path.len() > limits::PATH_BYTES_MAX {
+        return fail(format!(
+            "it is {} bytes; the limit is {} (use shorter names)",
+            path.len(),
+            limits::PATH_BYTES_MAX
+        ));
+    }
+    if !path.starts_with('/') {
+        return fail("a path must start with \"/\" (write it absolute, e.g. \"/locks/a\")".into());
+    }
+    if path == "/" {
+        return Ok(());
+    }
+    if path.ends_with('/') {
+        return fail("a path must not end with \"/\" (drop the trailing slash)".into());
+    }
+    if let Some(c) = path.chars().find(|c| c.is_control()) {
+        return fail(format!(
+            "it contains the control character {c:?} (use printable characters)"
+        ));
+    }
+    let mut depth = 0usize;
+    for segment in path[1..].split('/') {
+        depth += 1;
+        if segment.is_empty() {
+            return fail("it has an empty segment (\"//\"); remove the doubled slash".into());
+        }
+        if segment == "." || segment == ".." {
+            return fail(format!(
+                "it has a {segment:?} segment; paths are not resolved, write the canonical form"
+            ));
+        }
+        if segment.len() > limits::NAME_BYTES_MAX {
+            return fail(format!(
+                "a segment is {} bytes; the limit is {}",
+                segment.len(),
+                limits::NAME_BYTES_MAX
+            ));
+        }
+    }
+    if depth > limits::PATH_DEPTH_MAX {
+        return fail(format!(
+            "it has {depth} segments; the limit is {} (use a flatter name)",
+            limits::PATH_DEPTH_MAX
+        ));
+    }
+    Ok(())
+}
+
+/// The parent of a canonical path (`None` for the root).
+pub fn parent_path(path: &str) -> Option<&str> {
+    if path == "/" {
+        return None;
+    }
+    match path.rfind('/') {
+        Some(0) => Some("/"),
+        Some(i) => Some(&path[..i]),
+        None => None,
+    }
+}
+
+/// The last segment of a canonical path (empty for the root).
+pub fn node_name(path: &str) -> &str {
+    path.rfind('/').map_or(path, |i| &path[i + 1..])
+}
+
+/// Joins a canonical parent path and a child name.
+pub fn child_path(parent: &str, name: &str) -> String {
+    if parent == "/" {
+        format!("/{name}")
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_paths_pass() {
+        for p in ["/", "/a", "/a/b", "/locks/order-42/lock-0000000001", "/a.b/..c"] {
+            assert_eq!(validate_path(p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn non_canonical_paths_fail_with_a_reason() {
+        for p in ["", "a", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b", "/a\nb"] {
+            let err = validate_path(p).expect_err(p);
+            assert!(!err.reason.is_empty());
+        }
+        let deep = "/a".repeat(limits::PATH_DEPTH_MAX + 1);
+        assert!(validate_path(&deep).unwrap_err().reason.contains("segments"));
+        let long = format!("/{}", "x".repeat(limits::NAME_BYTES_MAX + 1));
+        assert!(validate_path(&long).unwrap_err().reason.contains("segment is"));
+        let huge = "/abc".repeat(limits::PATH_BYTES_MAX);
+        assert!(validate_path(&huge).unwrap_err().reason.contains("bytes"));
+    }
+
+    #[test]
+    fn parent_and_name() {
+        assert_eq!(parent_path("/"), None);
+        assert_eq!(parent_path("/a"), Some("/"));
+        assert_eq!(parent_path("/a/b"), Some("/a"));
+        assert_eq!(node_name("/a/b"), "b");
+        assert_eq!(child_path("/", "a"), "/a");
+        assert_eq!(child_path("/a", "b"), "/a/b");
+    }
+
+    #[test]
+    fn messages_round_trip_through_json() {
+        let req = Request {
+            xid: Xid(7),
+            op: Op::Create(Create {
+                path: "/locks/x/lock-".into(),
+                data: Data(vec![0, 255, 10]),
+                kind: NodeKind::Ephemeral,
+                sequential: true,
+                ttl_ms: None,
+                make_parents: true,
+            }),
+        };
+        let bytes = encode(&req);
+        let back: Request = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, req);
+
+        let reply = ServerMessage::Reply(Reply {
+            xid: Xid(7),
+            zxid: Zxid(9),
+            result: Err(ErrorReply::new(ErrorCode::NoNode, "no node at /x")),
+        });
+        let back: ServerMessage = serde_json::from_slice(&encode(&reply)).unwrap();
+        assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn bad_base64_data_is_a_decode_error() {
+        let raw = r#"{"xid":1,"op":{"set":{"path":"/a","data":"!!!"}}}"#;
+        let err = serde_json::from_str::<Request>(raw).unwrap_err();
+        assert!(err.to_string().contains("base64"), "{err}");
+    }
+}

@@ -1,0 +1,7 @@
+//! latchkey: a ZooKeeper-style lock coordinator.
+//!
+//! [`state`] is the deterministic state machine; [`server`] runs it behind a
+//! framed TCP listener. The wire protocol and the client live in the
+//! `latchkey-client` crate.
+
+pub mod state;
