@@ -4,4 +4,5 @@
 //! framed TCP listener. The wire protocol and the client live in the
 //! `latchkey-client` crate.
 
+pub mod server;
 pub mod state;

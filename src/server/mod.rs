@@ -1,0 +1,673 @@
+//! The server: a TCP listener, one task per connection, the expiry ticker,
+//! and graceful shutdown, around the deterministic [`Coordinator`].
+//!
+//! All state changes go through one lock: a connection decodes a request,
+//! takes the lock, applies it, queues the reply and every watch event it
+//! produced on the connections concerned (queueing never blocks), and drops
+//! the lock. Queueing under the lock is what guarantees that a client sees a
+//! watch event before any later reply reflecting the change.
+
+mod config;
+mod outbound;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use latchkey_client::protocol::{
+    self, ErrorCode, ErrorReply, Hello, Op, Reply, Request, Secret, ServerMessage, SessionEvent,
+    SessionId, Welcome, Xid, Zxid,
+};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use config::Config;
+use outbound::{CloseReason, Outbound};
+
+use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}; is another program using that port? (pick another with --listen)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Milliseconds since the Unix epoch that never go backwards: the wall
+/// clock read once at start, advanced by the monotonic clock. A wall-clock
+/// step while running then cannot expire every session at once.
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+    start_unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        Clock {
+            start: Instant::now(),
+            start_unix_ms: u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.start_unix_ms.saturating_add(elapsed)
+    }
+}
+
+/// The zxid a fresh in-memory coordinator starts from: the wall clock in
+/// microseconds. A restarted server thus hands out fencing tokens above
+/// every token of its previous run, without storing anything, as long as the
+/// previous run averaged under one write per microsecond and the clock did
+/// not step back across the restart.
+fn zxid_start() -> Zxid {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    Zxid(u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX / 2))
+}
+
+/// A 128-bit random secret, hex-encoded.
+fn new_secret() -> Secret {
+    let bytes: [u8; 16] = rand::random();
+    Secret(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Everything behind the one lock.
+struct Core {
+    coordinator: Coordinator,
+    /// The connection currently attached to each session, if any.
+    connections: HashMap<SessionId, Attached>,
+    /// Source of connection ids, to tell an old connection from its successor.
+    next_connection: u64,
+    /// Run `check_invariants` after every apply (a bug then stops the server
+    /// at once instead of corrupting state quietly).
+    check_invariants: bool,
+}
+
+struct Attached {
+    connection: u64,
+    outbound: Arc<Outbound>,
+}
+
+impl Core {
+    /// Applies a command, checks invariants in debug builds, and queues the
+    /// events it produced and the end of any session it ended.
+    fn apply(&mut self, command: Command, now_ms: u64) -> Outcome {
+        let Output {
+            outcome,
+            events,
+            ended,
+        } = self.coordinator.apply(command, now_ms);
+        if self.check_invariants {
+            if let Err(broken) = self.coordinator.check_invariants() {
+                panic!("coordinator invariant broken: {broken}");
+            }
+        }
+        for (session, event) in events {
+            if let Some(attached) = self.connections.get(&session) {
+                // A full queue closes that connection; the event is then
+                // recovered by the client's set_watches when it resumes.
+                attached
+                    .outbound
+                    .push(protocol::encode(&ServerMessage::Watch(event)));
+            }
+        }
+        for (session, end) in ended {
+            // A closed session's connection queues the reply to
+            // close_session first and then detaches itself.
+            if end == SessionEnd::Expired {
+                info!(%session, "session expired");
+                if let Some(attached) = self.connections.remove(&session) {
+                    attached.outbound.push_last(
+                        protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
+                        CloseReason::SessionEnded,
+                    );
+                }
+            }
+        }
+        outcome
+    }
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    config: Config,
+    clock: Clock,
+    connection_slots: Arc<Semaphore>,
+}
+
+/// A server bound to its address, not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Validates the configuration and binds the listener.
+    ///
+    /// # Errors
+    /// [`ServerError::Config`] for inconsistent settings,
+    /// [`ServerError::Bind`] when the address cannot be bound.
+    ///
+    /// # Cancel safety
+    /// Safe: nothing is bound if the future is dropped before it completes.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let coordinator = Coordinator::new(config.state_config(), zxid_start());
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                coordinator,
+                connections: HashMap::new(),
+                next_connection: 0,
+                check_invariants: config.check_invariants,
+            }),
+            connection_slots: Arc::new(Semaphore::new(config.connections_max)),
+            config,
+            clock: Clock::new(),
+        });
+        Ok(Server { listener, shared })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has a local address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, tells
+    /// every connected client that its session has ended, waits up to
+    /// `shutdown_grace` for connections to flush, and returns.
+    ///
+    /// # Cancel safety
+    /// Not cancel-safe: drop it only by cancelling `shutdown` and awaiting it.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server { listener, shared } = self;
+        let tracker = TaskTracker::new();
+        tracker.spawn(ticker(shared.clone(), shutdown.clone()));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        let shared = shared.clone();
+                        let shutdown = shutdown.clone();
+                        tracker.spawn(async move {
+                            serve_socket(shared, socket, peer, shutdown).await;
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off
+                        // rather than spin.
+                        warn!("accept failed: {e}; retrying in 100 ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        // Each connection sees the same cancellation and tells its client
+        // that the session has ended.
+        let sessions = shared.core.lock().coordinator.session_count();
+        info!(
+            sessions,
+            "shutting down: stopped accepting; sessions end with the server (state is in memory)"
+        );
+        tracker.close();
+        if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "some connections did not finish within {:?}; closing them",
+                shared.config.shutdown_grace
+            );
+        }
+    }
+}
+
+/// A server running in the background, for tests, benches and embedding.
+pub struct RunningServer {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Binds and starts serving on the current tokio runtime.
+    ///
+    /// # Errors
+    /// As [`Server::bind`].
+    ///
+    /// # Cancel safety
+    /// Safe: nothing runs until the future completes.
+    pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Ok(RunningServer {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shuts down as on SIGTERM and waits until it has.
+    ///
+    /// # Cancel safety
+    /// Safe: shutdown proceeds in the background if this future is dropped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            warn!("server task ended abnormally: {e}");
+        }
+    }
+}
+
+/// Applies `Tick` every `tick_interval`.
+async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(shared.config.tick_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                let now_ms = shared.clock.now_ms();
+                shared.core.lock().apply(Command::Tick, now_ms);
+            }
+        }
+    }
+}
+
+/// Admission control, then the connection's life.
+async fn serve_socket(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let Ok(_slot) = shared.connection_slots.clone().try_acquire_owned() else {
+        warn!(
+            %peer,
+            limit = shared.config.connections_max,
+            "refusing connection: the connection limit is reached"
+        );
+        let message = ErrorReply::new(
+            ErrorCode::TooManyConnections,
+            format!(
+                "the server has {} connections, its limit; retry later or raise --connections-max",
+                shared.config.connections_max
+            ),
+        );
+        let mut writer = FramedWrite::new(socket, protocol::codec(shared.config.frame_bytes_max));
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            writer.send(protocol::encode(&ServerMessage::Fatal(message))),
+        )
+        .await;
+        return;
+    };
+    if let Err(e) = socket.set_nodelay(true) {
+        debug!(%peer, "set_nodelay failed: {e}");
+    }
+    Connection::run(shared, socket, peer, shutdown).await;
+}
+
+/// The `xid` of a frame whose operation could not be decoded, so the error
+/// can still be answered as a reply.
+#[derive(Deserialize)]
+struct XidOnly {
+    xid: Xid,
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    id: u64,
+    session: SessionId,
+    outbound: Arc<Outbound>,
+}
+
+impl Connection {
+    async fn run(
+        shared: Arc<Shared>,
+        socket: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
+        let (read_half, write_half) = socket.into_split();
+        let mut reader = FramedRead::new(read_half, protocol::codec(shared.config.frame_bytes_max));
+        let mut writer = FramedWrite::new(
+            write_half,
+            protocol::codec(protocol::limits::REPLY_FRAME_BYTES_MAX),
+        );
+
+        let hello = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            hello = tokio::time::timeout(shared.config.handshake_timeout, reader.next()) => hello,
+        };
+        let fatal = |code, message: String| {
+            protocol::encode(&ServerMessage::Fatal(ErrorReply::new(code, message)))
+        };
+        let hello = match hello {
+            Err(_) => {
+                warn!(%peer, "closing connection: no handshake within {:?}", shared.config.handshake_timeout);
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                warn!(%peer, "closing connection: broken handshake frame: {e}");
+                let _ = writer
+                    .send(fatal(ErrorCode::Malformed, format!("broken frame: {e}")))
+                    .await;
+                return;
+            }
+            Ok(Some(Ok(frame))) => match serde_json::from_slice::<Hello>(&frame) {
+                Ok(hello) => hello,
+                Err(e) => {
+                    warn!(%peer, "closing connection: the first frame is not a handshake: {e}");
+                    let _ = writer
+                        .send(fatal(
+                            ErrorCode::Malformed,
+                            format!("the first frame must be a handshake (hello): {e}"),
+                        ))
+                        .await;
+                    return;
+                }
+            },
+        };
+        if hello.protocol_version != protocol::PROTOCOL_VERSION {
+            warn!(%peer, theirs = hello.protocol_version, "closing connection: protocol version mismatch");
+            let _ = writer
+                .send(fatal(
+                    ErrorCode::ProtocolVersion,
+                    format!(
+                        "the client speaks protocol version {}, this server speaks {}; \
+                         use a client and server of matching versions",
+                        hello.protocol_version,
+                        protocol::PROTOCOL_VERSION
+                    ),
+                ))
+                .await;
+            return;
+        }
+
+        let connection = match Connection::attach(&shared, peer, &hello) {
+            Ok(connection) => connection,
+            Err(refusal) => {
+                let _ = writer.send(refusal).await;
+                return;
+            }
+        };
+        let writer_task = writer_loop(writer, connection.outbound.clone(), peer);
+        let reader_task = connection.read_loop(&mut reader, &shutdown);
+        let ((), ()) = tokio::join!(writer_task, reader_task);
+    }
+
+    /// Opens or resumes the session and registers this connection as its
+    /// current one, with the welcome queued as its first frame. A refused
+    /// handshake returns the fatal frame to send before closing.
+    fn attach(shared: &Arc<Shared>, peer: SocketAddr, hello: &Hello) -> Result<Connection, Bytes> {
+        let outbound = Arc::new(Outbound::new(shared.config.outbound_bytes_max));
+        let now_ms = shared.clock.now_ms();
+        let mut core = shared.core.lock();
+        let command = match &hello.resume {
+            None => Command::OpenSession {
+                timeout_ms: hello.session_timeout_ms,
+                secret: new_secret(),
+            },
+            Some(resume) => Command::ResumeSession {
+                session: resume.session_id,
+                secret: resume.secret.clone(),
+                last_xid_received: resume.last_xid_received,
+            },
+        };
+        let grant = match core.apply(command, now_ms) {
+            Outcome::Session(Ok(grant)) => grant,
+            Outcome::Session(Err(refusal)) => {
+                drop(core);
+                debug!(%peer, "handshake refused: {}", refusal.message);
+                return Err(protocol::encode(&ServerMessage::Fatal(refusal)));
+            }
+            other => unreachable!("open and resume answer with a session outcome, not {other:?}"),
+        };
+        core.next_connection += 1;
+        let id = core.next_connection;
+        outbound.push(protocol::encode(&ServerMessage::Welcome(Welcome {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            session_id: grant.session,
+            secret: grant.secret,
+            session_timeout_ms: grant.timeout_ms,
+            zxid: grant.zxid,
+            last_xid_applied: grant.last_xid_applied,
+            frame_bytes_max: u64::try_from(shared.config.frame_bytes_max).unwrap_or(u64::MAX),
+            data_bytes_max: u64::try_from(shared.config.data_bytes_max).unwrap_or(u64::MAX),
+        })));
+        if let Some(previous) = core.connections.insert(
+            grant.session,
+            Attached {
+                connection: id,
+                outbound: outbound.clone(),
+            },
+        ) {
+            previous.outbound.push_last(
+                protocol::encode(&ServerMessage::Session(SessionEvent::Moved)),
+                CloseReason::Moved,
+            );
+        }
+        drop(core);
+        info!(%peer, session = %grant.session, resumed = hello.resume.is_some(), timeout_ms = grant.timeout_ms, "session attached");
+        Ok(Connection {
+            shared: shared.clone(),
+            peer,
+            id,
+            session: grant.session,
+            outbound,
+        })
+    }
+
+    async fn read_loop(
+        &self,
+        reader: &mut FramedRead<
+            tokio::net::tcp::OwnedReadHalf,
+            tokio_util::codec::LengthDelimitedCodec,
+        >,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            let frame = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.outbound.push_last(
+                        protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
+                        CloseReason::SessionEnded,
+                    );
+                    break;
+                }
+                _ = self.outbound.closed() => break,
+                frame = reader.next() => frame,
+            };
+            match frame {
+                None => {
+                    debug!(peer = %self.peer, session = %self.session, "client closed the connection");
+                    break;
+                }
+                Some(Err(e)) => {
+                    warn!(peer = %self.peer, session = %self.session, "closing connection: broken frame: {e}");
+                    self.fatal(ErrorCode::TooLarge, format!("broken frame: {e}"));
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    if !self.handle_frame(&frame) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.detach();
+    }
+
+    /// Decodes and applies one request. Returns false when the connection
+    /// must close.
+    fn handle_frame(&self, frame: &[u8]) -> bool {
+        let request = match serde_json::from_slice::<Request>(frame) {
+            Ok(request) => request,
+            Err(e) => return self.reject_frame(frame, &e),
+        };
+        let close_after = matches!(request.op, Op::CloseSession);
+        let now_ms = self.shared.clock.now_ms();
+        let mut core = self.shared.core.lock();
+        let outcome = core.apply(
+            Command::Request {
+                session: self.session,
+                xid: request.xid,
+                op: request.op,
+            },
+            now_ms,
+        );
+        let Outcome::Reply(reply) = outcome else {
+            unreachable!("a request is answered with a reply");
+        };
+        let closed = close_after && reply.result.is_ok();
+        let message = protocol::encode(&ServerMessage::Reply(reply));
+        // Queued under the lock: a reply that set a watch must reach the
+        // client before the event of any later change fires that watch.
+        if closed {
+            core.connections.remove(&self.session);
+            self.outbound.push_last(message, CloseReason::Done);
+            return false;
+        }
+        self.outbound.push(message)
+    }
+
+    /// Answers a frame that is not a valid request: with an error reply when
+    /// its xid can be read (the connection stays), else with a fatal error.
+    fn reject_frame(&self, frame: &[u8], error: &serde_json::Error) -> bool {
+        let Ok(XidOnly { xid }) = serde_json::from_slice::<XidOnly>(frame) else {
+            warn!(peer = %self.peer, session = %self.session, "closing connection: frame is not a request: {error}");
+            self.fatal(
+                ErrorCode::Malformed,
+                format!("the frame is not a valid request (JSON with \"xid\" and \"op\"): {error}"),
+            );
+            return false;
+        };
+        let text = error.to_string();
+        let code = if text.contains("unknown variant") {
+            ErrorCode::UnknownOperation
+        } else {
+            ErrorCode::Malformed
+        };
+        debug!(peer = %self.peer, session = %self.session, ?code, "rejected request: {text}");
+        let zxid = self.shared.core.lock().coordinator.zxid();
+        let reply = Reply {
+            xid,
+            zxid,
+            result: Err(ErrorReply::new(
+                code,
+                format!("request {} was not applied: {text}", xid.0),
+            )),
+        };
+        self.outbound
+            .push(protocol::encode(&ServerMessage::Reply(reply)))
+    }
+
+    fn fatal(&self, code: ErrorCode, message: String) {
+        self.outbound.push_last(
+            protocol::encode(&ServerMessage::Fatal(ErrorReply::new(code, message))),
+            CloseReason::Done,
+        );
+    }
+
+    /// Unregisters this connection from its session (if still current) and
+    /// lets the writer finish. The session itself lives on until it expires.
+    fn detach(&self) {
+        let mut core = self.shared.core.lock();
+        if core
+            .connections
+            .get(&self.session)
+            .is_some_and(|attached| attached.connection == self.id)
+        {
+            core.connections.remove(&self.session);
+        }
+        drop(core);
+        self.outbound.close(CloseReason::Done);
+    }
+}
+
+/// Writes every batch of ready frames with one flush, until the queue closes.
+async fn writer_loop(
+    mut writer: FramedWrite<
+        tokio::net::tcp::OwnedWriteHalf,
+        tokio_util::codec::LengthDelimitedCodec,
+    >,
+    outbound: Arc<Outbound>,
+    peer: SocketAddr,
+) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        match outbound.next_batch(&mut batch).await {
+            Ok(()) => {
+                for frame in batch.drain(..) {
+                    if let Err(e) = writer.feed(frame).await {
+                        debug!(%peer, "write failed: {e}");
+                        outbound.close(CloseReason::Done);
+                        return;
+                    }
+                }
+                if let Err(e) = SinkExt::<Bytes>::flush(&mut writer).await {
+                    debug!(%peer, "flush failed: {e}");
+                    outbound.close(CloseReason::Done);
+                    return;
+                }
+            }
+            Err(reason) => {
+                match reason {
+                    CloseReason::Overflow { bytes_max } => warn!(
+                        %peer,
+                        "closing connection: the client is not reading its replies \
+                         (over {bytes_max} bytes queued); its session can resume"
+                    ),
+                    CloseReason::Moved => {
+                        info!(%peer, "closing connection: its session was resumed elsewhere")
+                    }
+                    CloseReason::SessionEnded | CloseReason::Done => {}
+                }
+                let _ = SinkExt::<Bytes>::close(&mut writer).await;
+                return;
+            }
+        }
+    }
+}
