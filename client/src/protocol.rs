@@ -323,7 +323,11 @@ impl Op {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Op::Create(_) | Op::Delete { .. } | Op::Set { .. } | Op::Multi { .. } | Op::CloseSession
+            Op::Create(_)
+                | Op::Delete { .. }
+                | Op::Set { .. }
+                | Op::Multi { .. }
+                | Op::CloseSession
         )
     }
 }
@@ -552,8 +556,9 @@ pub enum WatchKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionEvent {
-    /// The server did not hear from the client for the session timeout; the
-    /// session's ephemeral nodes and watches are gone.
+    /// The session has ended on the server: it did not hear from the client
+    /// for the session timeout, or it is shutting down (its state is in
+    /// memory). The session's ephemeral nodes and watches are gone.
     Expired,
     /// The session was resumed on another connection; this one is closed.
     Moved,
@@ -699,21 +704,35 @@ mod tests {
 
     #[test]
     fn canonical_paths_pass() {
-        for p in ["/", "/a", "/a/b", "/locks/order-42/lock-0000000001", "/a.b/..c"] {
+        for p in [
+            "/",
+            "/a",
+            "/a/b",
+            "/locks/order-42/lock-0000000001",
+            "/a.b/..c",
+        ] {
             assert_eq!(validate_path(p), Ok(()), "{p}");
         }
     }
 
     #[test]
     fn non_canonical_paths_fail_with_a_reason() {
-        for p in ["", "a", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b", "/a\nb"] {
+        for p in [
+            "", "a", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b", "/a\nb",
+        ] {
             let err = validate_path(p).expect_err(p);
             assert!(!err.reason.is_empty());
         }
         let deep = "/a".repeat(limits::PATH_DEPTH_MAX + 1);
-        assert!(validate_path(&deep).unwrap_err().reason.contains("segments"));
+        assert!(validate_path(&deep)
+            .unwrap_err()
+            .reason
+            .contains("segments"));
         let long = format!("/{}", "x".repeat(limits::NAME_BYTES_MAX + 1));
-        assert!(validate_path(&long).unwrap_err().reason.contains("segment is"));
+        assert!(validate_path(&long)
+            .unwrap_err()
+            .reason
+            .contains("segment is"));
         let huge = "/abc".repeat(limits::PATH_BYTES_MAX);
         assert!(validate_path(&huge).unwrap_err().reason.contains("bytes"));
     }
