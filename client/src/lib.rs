@@ -8,6 +8,8 @@
 mod client;
 mod connection;
 mod error;
+#[cfg(test)]
+mod fake_server_tests;
 pub mod protocol;
 mod watch;
 
