@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::connection::{handshake, Command, Session, COMMAND_CAPACITY};
+use crate::connection::{handshake, session_timeout, Command, Session, COMMAND_CAPACITY};
 use crate::error::ClientError;
 use crate::protocol::{
     self, Create, Data, Hello, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId, Stat,
@@ -300,7 +300,7 @@ impl Client {
         let (status_tx, status_rx) = watch::channel(SessionStatus {
             session_id,
             state: SessionState::Connected,
-            lease_end: hs.hello_sent_at + Duration::from_millis(hs.welcome.session_timeout_ms),
+            lease_end: hs.hello_sent_at + session_timeout(&hs.welcome),
         });
         let session = Session::new(options, commands_rx, status_tx, &hs, index);
         let task = tokio::spawn(session.run(hs.conn));

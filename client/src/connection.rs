@@ -29,6 +29,17 @@ pub(crate) const COMMAND_CAPACITY: usize = 64;
 /// the JSON around it), used to check frame size before an xid exists.
 const REQUEST_OVERHEAD_BYTES: usize = 64;
 
+/// Bound on the session timeout the client uses, whatever the server
+/// announces: instants derived from it then cannot overflow, and a client
+/// that uses less than the server's timeout is only more conservative
+/// (earlier heartbeats, an earlier lease end).
+const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The session timeout a welcome announces, as the client uses it.
+pub(crate) fn session_timeout(welcome: &Welcome) -> Duration {
+    Duration::from_millis(welcome.session_timeout_ms).min(SESSION_TIMEOUT_MAX)
+}
+
 pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
 pub(crate) type ReplySender = oneshot::Sender<Result<OpResult, ClientError>>;
 
@@ -324,7 +335,7 @@ impl Session {
         server_index: usize,
     ) -> Self {
         let welcome = &handshake.welcome;
-        let session_timeout = Duration::from_millis(welcome.session_timeout_ms);
+        let session_timeout = session_timeout(welcome);
         let server_next = server_index.wrapping_add(1) % options.servers.len().max(1);
         Session {
             options,
@@ -690,7 +701,9 @@ impl Session {
         let mut backoff = self.options.reconnect_backoff_min;
         loop {
             self.while_suspended(sleep(backoff)).await?;
-            backoff = (backoff * 2).min(self.options.reconnect_backoff_max);
+            backoff = backoff
+                .saturating_mul(2)
+                .min(self.options.reconnect_backoff_max);
             let index = self.server_next;
             self.server_next = (index + 1) % self.options.servers.len().max(1);
             let Some(addr) = self.options.servers.get(index).cloned() else {
@@ -729,7 +742,7 @@ impl Session {
     fn on_welcome(&mut self, handshake: &Handshake) {
         let welcome = &handshake.welcome;
         self.secret = welcome.secret.clone();
-        self.session_timeout = Duration::from_millis(welcome.session_timeout_ms);
+        self.session_timeout = session_timeout(welcome);
         self.frame_bytes_max = usize::try_from(welcome.frame_bytes_max).unwrap_or(usize::MAX);
         self.data_bytes_max = usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX);
         self.lease_end = self

@@ -617,3 +617,16 @@ async fn no_server_until_the_lease_is_surely_over_means_expired() {
     assert_eq!(status.state, SessionState::Expired);
     assert!(tokio::time::Instant::now() >= lease_end + Duration::from_millis(200));
 }
+
+#[tokio::test]
+async fn a_huge_announced_timeout_does_not_overflow() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), u64::MAX).await;
+    let c = client.clone();
+    let get = tokio::spawn(async move { c.exists("/x").await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, Ok(OpResult::Exists { stat: None })).await;
+    assert_eq!(within(get).await.unwrap(), Ok(None));
+    let lease_end = client.session_status().borrow().lease_end;
+    assert!(lease_end > tokio::time::Instant::now() + Duration::from_secs(3600));
+}
