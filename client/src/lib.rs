@@ -1,1 +1,22 @@
+//! The async Rust client of latchkey, a ZooKeeper-style lock coordinator.
+//!
+//! [`Client::connect`] opens a session; the client keeps it alive with
+//! heartbeats, reconnects and resumes it when a connection breaks, and
+//! reports where it stands through [`Client::session_status`]. Reads can set
+//! one-shot [`Watch`]es. The wire contract is in [`protocol`].
+
+mod client;
+mod connection;
+mod error;
+#[cfg(test)]
+mod fake_server_tests;
 pub mod protocol;
+mod watch;
+
+pub use client::{Client, ClientOptions, CreateOptions, Created, SessionState, SessionStatus};
+pub use error::ClientError;
+pub use protocol::{
+    Data, ErrorCode, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId, Stat, WatchEvent,
+    WatchEventKind, WatchKind, Zxid,
+};
+pub use watch::Watch;

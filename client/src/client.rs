@@ -1,0 +1,753 @@
+//! The client handle, its options, and the session status it publishes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::connection::{handshake, session_timeout, Command, Session, COMMAND_CAPACITY};
+use crate::error::ClientError;
+use crate::protocol::{
+    self, Create, Data, Hello, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId, Stat,
+    WatchKind, PROTOCOL_VERSION,
+};
+use crate::watch::Watch;
+
+/// How to reach the coordinator and how long a session lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Server addresses (`host:port`), tried in order by `connect` and cycled
+    /// through on reconnect.
+    pub servers: Vec<String>,
+    /// The session timeout to ask for (the server clamps it). Default 10 s:
+    /// a crashed holder blocks others for at most this long, while a GC pause
+    /// or a network blip of a few seconds does not cost the session.
+    pub session_timeout: Duration,
+    /// Bound on one TCP connect, and again on the handshake. Default 5 s:
+    /// longer than any healthy connect, shorter than the session timeout so
+    /// a resume can try another server in time.
+    pub connect_timeout: Duration,
+    /// First delay between reconnect attempts. Default 50 ms: a restarted
+    /// server is retried almost at once.
+    pub reconnect_backoff_min: Duration,
+    /// Cap of the exponential reconnect delay. Default 2 s: several attempts
+    /// still fit in a 10 s session timeout.
+    pub reconnect_backoff_max: Duration,
+}
+
+impl ClientOptions {
+    /// Options for one server, with the defaults documented on each field.
+    pub fn new(addr: impl Into<String>) -> Self {
+        ClientOptions {
+            servers: vec![addr.into()],
+            session_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_backoff_min: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(2),
+        }
+    }
+
+    /// Adds another server to try, after those already listed.
+    pub fn server(mut self, addr: impl Into<String>) -> Self {
+        self.servers.push(addr.into());
+        self
+    }
+
+    /// Sets the requested session timeout.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// Sets the bound on one connect and on one handshake.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the reconnect delay range: it starts at `min` and doubles up to
+    /// `max`.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_backoff_min = min;
+        self.reconnect_backoff_max = max;
+        self
+    }
+
+    pub(crate) fn session_timeout_ms(&self) -> u64 {
+        u64::try_from(self.session_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn check(&self) -> Result<(), ClientError> {
+        if self.servers.is_empty() {
+            return Err(ClientError::invalid_argument(
+                "no server address given (pass at least one host:port)",
+            ));
+        }
+        if self.session_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(ClientError::invalid_argument(
+                "session_timeout and connect_timeout must be above zero",
+            ));
+        }
+        if self.reconnect_backoff_min.is_zero()
+            || self.reconnect_backoff_min > self.reconnect_backoff_max
+        {
+            return Err(ClientError::invalid_argument(format!(
+                "reconnect backoff {:?}..{:?} must be above zero with min <= max",
+                self.reconnect_backoff_min, self.reconnect_backoff_max
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where the session stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// Connected to a server; requests flow.
+    Connected,
+    /// The connection broke and the client is reconnecting. The session may
+    /// still be alive on the server until [`SessionStatus::lease_end`];
+    /// requests wait and go out after the resume.
+    Suspended,
+    /// The server ended the session (or surely has): its ephemeral nodes,
+    /// and so its locks, are gone. Final.
+    Expired,
+    /// The client was closed. Final.
+    Closed,
+}
+
+/// The session's state and the conservative end of its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionStatus {
+    /// The session.
+    pub session_id: SessionId,
+    /// Connected, suspended, expired or closed.
+    pub state: SessionState,
+    /// The session surely lives until this instant: it is the time the
+    /// client *sent* the request whose reply it last received, plus the
+    /// session timeout. The server's expiry clock started later (when that
+    /// request arrived), so the server cannot expire the session, and hand
+    /// its locks to someone else, before `lease_end`. A lock holder that is
+    /// suspended should stop acting on its lock before then.
+    pub lease_end: Instant,
+}
+
+/// How [`Client::create`] makes a node. Build it with the constructors:
+/// `CreateOptions::ephemeral().sequential()`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Persistent (default), ephemeral or container.
+    pub kind: NodeKind,
+    /// Append a 10-digit counter from the parent to the name.
+    pub sequential: bool,
+    /// Delete the node when it has not been modified for this long
+    /// (persistent nodes only; whole milliseconds on the wire).
+    pub ttl: Option<Duration>,
+    /// Create missing ancestors as container nodes in the same write.
+    pub make_parents: bool,
+}
+
+impl CreateOptions {
+    /// A persistent node: it lives until deleted.
+    pub fn persistent() -> Self {
+        CreateOptions::default()
+    }
+
+    /// An ephemeral node: deleted when this session ends.
+    pub fn ephemeral() -> Self {
+        CreateOptions {
+            kind: NodeKind::Ephemeral,
+            ..CreateOptions::default()
+        }
+    }
+
+    /// A container node: deleted once it had children and has none left.
+    pub fn container() -> Self {
+        CreateOptions {
+            kind: NodeKind::Container,
+            ..CreateOptions::default()
+        }
+    }
+
+    /// Also append a sequence number to the name.
+    pub fn sequential(mut self) -> Self {
+        self.sequential = true;
+        self
+    }
+
+    /// Also expire the node after `ttl` without modification.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Also create missing ancestors (as containers).
+    pub fn make_parents(mut self) -> Self {
+        self.make_parents = true;
+        self
+    }
+
+    /// The wire form of a create of `path` with `data`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if the TTL does not fit in u64 milliseconds.
+    pub fn to_create(&self, path: impl Into<String>, data: Data) -> Result<Create, ClientError> {
+        let ttl_ms =
+            match self.ttl {
+                None => None,
+                Some(ttl) => Some(u64::try_from(ttl.as_millis()).map_err(|_| {
+                    ClientError::invalid_argument(format!("ttl {ttl:?} is too long"))
+                })?),
+            };
+        Ok(Create {
+            path: path.into(),
+            data,
+            kind: self.kind,
+            sequential: self.sequential,
+            ttl_ms,
+            make_parents: self.make_parents,
+        })
+    }
+}
+
+/// A created node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    /// Its path, with the sequence suffix if it is sequential.
+    pub path: String,
+    /// Its stat; `stat.czxid` is its fencing token.
+    pub stat: Stat,
+}
+
+/// A handle to one session with the coordinator.
+///
+/// Cheap to clone: clones share the session. A background task owns the
+/// connection; it sends heartbeats, and when the connection breaks it
+/// reconnects and resumes the session, resending unanswered requests (the
+/// server answers a retried write from its reply cache, so nothing is
+/// applied twice) and re-registering watches. Replies arrive in request
+/// order, and a watch event arrives before any later reply that reflects its
+/// change.
+///
+/// When the last handle is dropped the task closes the session
+/// (best effort); call [`Client::close`] to know it happened.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<SessionStatus>,
+    session_id: SessionId,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("session_id", &self.inner.session_id)
+            .field("state", &self.inner.status.borrow().state)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to the first server of `options.servers` that answers, opens
+    /// a session and starts the session task.
+    ///
+    /// # Errors
+    /// - `Connect { addr, reason }` if no server could be reached (the last
+    ///   server's address and the OS reason).
+    /// - `VersionMismatch` if the server speaks another protocol version.
+    /// - `InvalidArgument` for unusable options (no servers, zero timeouts).
+    /// - `Server` if the server refused the session (e.g. too many
+    ///   connections).
+    ///
+    /// # Cancel safety
+    /// Safe: dropping the future before it returns drops the connection; the
+    /// server then expires the half-opened session after its timeout.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        options.check()?;
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            session_timeout_ms: options.session_timeout_ms(),
+            resume: None,
+        };
+        let mut last_error = None;
+        let mut connected = None;
+        for (index, addr) in options.servers.iter().enumerate() {
+            match handshake(addr.clone(), hello.clone(), options.connect_timeout).await {
+                Ok(hs) => {
+                    connected = Some((index, hs));
+                    break;
+                }
+                // Every server speaks the same version; no use trying more.
+                Err(e @ ClientError::VersionMismatch { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!("connect to {addr} failed: {e}");
+                    last_error = Some(e);
+                }
+            }
+        }
+        let Some((index, hs)) = connected else {
+            return Err(last_error.unwrap_or(ClientError::ConnectionLost));
+        };
+        let session_id = hs.welcome.session_id;
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let (status_tx, status_rx) = watch::channel(SessionStatus {
+            session_id,
+            state: SessionState::Connected,
+            lease_end: hs.hello_sent_at + session_timeout(&hs.welcome),
+        });
+        let session = Session::new(options, commands_rx, status_tx, &hs, index);
+        let task = tokio::spawn(session.run(hs.conn));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                commands: commands_tx,
+                status: status_rx,
+                session_id,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// The session's id (fixed for this client's life: a resume keeps it).
+    pub fn session_id(&self) -> SessionId {
+        self.inner.session_id
+    }
+
+    /// A receiver of the session's status: it sees every state change and
+    /// every move of the lease end. The session is over once the state is
+    /// `Expired` or `Closed`.
+    pub fn session_status(&self) -> watch::Receiver<SessionStatus> {
+        self.inner.status.clone()
+    }
+
+    fn ended_error(&self) -> ClientError {
+        match self.inner.status.borrow().state {
+            SessionState::Expired => ClientError::SessionExpired,
+            SessionState::Closed => ClientError::Closed,
+            // The task ended without saying why (it panicked): the session
+            // is unusable either way.
+            SessionState::Connected | SessionState::Suspended => ClientError::Closed,
+        }
+    }
+
+    async fn call(
+        &self,
+        op: Op,
+        watch: Option<crate::watch::WatchSender>,
+    ) -> Result<OpResult, ClientError> {
+        if matches!(
+            self.inner.status.borrow().state,
+            SessionState::Expired | SessionState::Closed
+        ) {
+            return Err(self.ended_error());
+        }
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Request { op, reply, watch })
+            .await
+            .is_err()
+        {
+            return Err(self.ended_error());
+        }
+        rx.await.unwrap_or_else(|_| Err(self.ended_error()))
+    }
+
+    /// Sends one operation and returns its result: the building block of the
+    /// recipes. Paths are checked locally first.
+    ///
+    /// `Ping`, `SetWatches` and `CloseSession` belong to the session task
+    /// and are refused with `InvalidArgument` (use [`Client::close`]). A read
+    /// with `watch: true` sets a watch on the server, but its events only
+    /// reach callers of the `*_watch` methods.
+    ///
+    /// # Errors
+    /// `InvalidPath` (no round trip), any error the server reports,
+    /// `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request was handed to the session task
+    /// does not cancel it: the server still applies it and its reply is
+    /// discarded. Dropped while waiting for room in the task's queue, the
+    /// request is never sent.
+    pub async fn request(&self, op: Op) -> Result<OpResult, ClientError> {
+        validate_op(&op)?;
+        self.call(op, None).await
+    }
+
+    /// Creates a node with `data`.
+    ///
+    /// # Errors
+    /// `InvalidPath` (no round trip), `NodeExists`, `NoNode` (missing parent
+    /// without `make_parents`), `NoChildrenForEphemerals`, `TooLarge`,
+    /// `LimitExceeded`, `InvalidArgument` (e.g. a TTL on a non-persistent
+    /// node), `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request was sent does not cancel the
+    /// create: the node may exist without the caller learning its name (for
+    /// an ephemeral node, it goes with the session).
+    pub async fn create(
+        &self,
+        path: &str,
+        data: impl Into<Data>,
+        options: CreateOptions,
+    ) -> Result<Created, ClientError> {
+        check_path(path)?;
+        let op = Op::Create(options.to_create(path, data.into())?);
+        match self.call(op, None).await? {
+            OpResult::Created { path, stat } => Ok(Created { path, stat }),
+            other => Err(unexpected("create", &other)),
+        }
+    }
+
+    /// Deletes a node with no children, if its version is `version` (any
+    /// version if `None`).
+    ///
+    /// # Errors
+    /// `InvalidPath`, `NoNode`, `BadVersion`, `NotEmpty`, `SessionExpired`,
+    /// `Closed`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request was sent does not cancel the
+    /// delete.
+    pub async fn delete(&self, path: &str, version: Option<u64>) -> Result<(), ClientError> {
+        check_path(path)?;
+        let op = Op::Delete {
+            path: path.into(),
+            version,
+        };
+        match self.call(op, None).await? {
+            OpResult::Deleted => Ok(()),
+            other => Err(unexpected("delete", &other)),
+        }
+    }
+
+    /// Replaces a node's data, if its version is `version` (any if `None`),
+    /// and returns its new stat.
+    ///
+    /// # Errors
+    /// `InvalidPath`, `NoNode`, `BadVersion`, `TooLarge`, `SessionExpired`,
+    /// `Closed`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request was sent does not cancel the
+    /// set.
+    pub async fn set(
+        &self,
+        path: &str,
+        data: impl Into<Data>,
+        version: Option<u64>,
+    ) -> Result<Stat, ClientError> {
+        check_path(path)?;
+        let op = Op::Set {
+            path: path.into(),
+            data: data.into(),
+            version,
+        };
+        match self.call(op, None).await? {
+            OpResult::Stat { stat } => Ok(stat),
+            other => Err(unexpected("set", &other)),
+        }
+    }
+
+    /// Reads a node's data and stat.
+    ///
+    /// # Errors
+    /// `InvalidPath`, `NoNode`, `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Safe: a read changes nothing.
+    pub async fn get(&self, path: &str) -> Result<(Vec<u8>, Stat), ClientError> {
+        check_path(path)?;
+        let op = Op::Get {
+            path: path.into(),
+            watch: false,
+        };
+        match self.call(op, None).await? {
+            OpResult::Data { data, stat } => Ok((data.0, stat)),
+            other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// Reads a node's data and stat and sets a data watch on it, which fires
+    /// on the next set or delete of the node.
+    ///
+    /// # Errors
+    /// As [`Client::get`]; on an error no watch is set.
+    ///
+    /// # Cancel safety
+    /// Safe: dropping the future (or the returned [`Watch`]) only drops the
+    /// interest in the event.
+    pub async fn get_watch(&self, path: &str) -> Result<(Vec<u8>, Stat, Watch), ClientError> {
+        check_path(path)?;
+        let (tx, watch) = Watch::new(path.into(), WatchKind::Data);
+        let op = Op::Get {
+            path: path.into(),
+            watch: true,
+        };
+        match self.call(op, Some(tx)).await? {
+            OpResult::Data { data, stat } => Ok((data.0, stat, watch)),
+            other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// The node's stat, or `None` if it does not exist.
+    ///
+    /// # Errors
+    /// `InvalidPath`, `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Safe: a read changes nothing.
+    pub async fn exists(&self, path: &str) -> Result<Option<Stat>, ClientError> {
+        check_path(path)?;
+        let op = Op::Exists {
+            path: path.into(),
+            watch: false,
+        };
+        match self.call(op, None).await? {
+            OpResult::Exists { stat } => Ok(stat),
+            other => Err(unexpected("exists", &other)),
+        }
+    }
+
+    /// As [`Client::exists`], and sets a watch: a data watch (fires on set
+    /// or delete) if the node exists, else an exist watch (fires on create).
+    ///
+    /// # Errors
+    /// As [`Client::exists`].
+    ///
+    /// # Cancel safety
+    /// Safe: dropping the future (or the returned [`Watch`]) only drops the
+    /// interest in the event.
+    pub async fn exists_watch(&self, path: &str) -> Result<(Option<Stat>, Watch), ClientError> {
+        check_path(path)?;
+        let (tx, mut watch) = Watch::new(path.into(), WatchKind::Exist);
+        let op = Op::Exists {
+            path: path.into(),
+            watch: true,
+        };
+        match self.call(op, Some(tx)).await? {
+            OpResult::Exists { stat } => {
+                if stat.is_some() {
+                    watch.set_kind(WatchKind::Data);
+                }
+                Ok((stat, watch))
+            }
+            other => Err(unexpected("exists", &other)),
+        }
+    }
+
+    /// A node's children, sorted, with the node's own stat.
+    ///
+    /// # Errors
+    /// `InvalidPath`, `NoNode`, `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Safe: a read changes nothing.
+    pub async fn children(&self, path: &str) -> Result<(Vec<String>, Stat), ClientError> {
+        check_path(path)?;
+        let op = Op::Children {
+            path: path.into(),
+            watch: false,
+        };
+        match self.call(op, None).await? {
+            OpResult::Children { children, stat } => Ok((children, stat)),
+            other => Err(unexpected("children", &other)),
+        }
+    }
+
+    /// As [`Client::children`], and sets a child watch, which fires when a
+    /// child is added or removed or the node is deleted.
+    ///
+    /// # Errors
+    /// As [`Client::children`].
+    ///
+    /// # Cancel safety
+    /// Safe: dropping the future (or the returned [`Watch`]) only drops the
+    /// interest in the event.
+    pub async fn children_watch(
+        &self,
+        path: &str,
+    ) -> Result<(Vec<String>, Stat, Watch), ClientError> {
+        check_path(path)?;
+        let (tx, watch) = Watch::new(path.into(), WatchKind::Child);
+        let op = Op::Children {
+            path: path.into(),
+            watch: true,
+        };
+        match self.call(op, Some(tx)).await? {
+            OpResult::Children { children, stat } => Ok((children, stat, watch)),
+            other => Err(unexpected("children", &other)),
+        }
+    }
+
+    /// Applies all of `ops` or none, and returns one result per op.
+    ///
+    /// # Errors
+    /// The error of the first failing op, with its position in `index`
+    /// (see [`ClientError::index`]); `InvalidPath` for a bad path with its
+    /// index (no round trip); `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request was sent does not cancel the
+    /// multi.
+    pub async fn multi(&self, ops: Vec<MultiOp>) -> Result<Vec<MultiResult>, ClientError> {
+        let op = Op::Multi { ops };
+        validate_op(&op)?;
+        match self.call(op, None).await? {
+            OpResult::Multi { results } => Ok(results),
+            other => Err(unexpected("multi", &other)),
+        }
+    }
+
+    /// Ends the session: the server deletes its ephemeral nodes (and so
+    /// releases its locks) before this returns `Ok`. Requests sent before are
+    /// answered first; later calls, and all watches, fail with `Closed`.
+    /// Closing a closed or expired client is `Ok`.
+    ///
+    /// # Errors
+    /// `ConnectionLost` if the server could not be reached: the client is
+    /// closed anyway, and the server expires the session after its timeout.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the close was handed to the session task
+    /// does not stop it: the session still closes.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        if matches!(
+            self.inner.status.borrow().state,
+            SessionState::Expired | SessionState::Closed
+        ) {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        let result = if self
+            .inner
+            .commands
+            .send(Command::Close { reply })
+            .await
+            .is_err()
+        {
+            Ok(())
+        } else {
+            // A dropped reply means the task ended for another reason first
+            // (expiry or another close): the session is over either way.
+            rx.await.unwrap_or(Ok(()))
+        };
+        let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        result
+    }
+}
+
+fn unexpected(what: &str, result: &OpResult) -> ClientError {
+    ClientError::protocol(format!("a {what} was answered with {result:?}"))
+}
+
+fn check_path(path: &str) -> Result<(), ClientError> {
+    protocol::validate_path(path).map_err(|e| ClientError::invalid_path(e, None))
+}
+
+/// Checks every path of `op` locally, and refuses the ops the session task
+/// owns.
+fn validate_op(op: &Op) -> Result<(), ClientError> {
+    match op {
+        Op::Create(c) => check_path(&c.path),
+        Op::Delete { path, .. }
+        | Op::Set { path, .. }
+        | Op::Get { path, .. }
+        | Op::Exists { path, .. }
+        | Op::Children { path, .. } => check_path(path),
+        Op::Multi { ops } => {
+            for (i, m) in ops.iter().enumerate() {
+                let path = match m {
+                    MultiOp::Check { path, .. }
+                    | MultiOp::Set { path, .. }
+                    | MultiOp::Delete { path, .. } => path,
+                    MultiOp::Create(c) => &c.path,
+                };
+                protocol::validate_path(path)
+                    .map_err(|e| ClientError::invalid_path(e, u32::try_from(i).ok()))?;
+            }
+            Ok(())
+        }
+        Op::Ping { .. } | Op::SetWatches { .. } => Err(ClientError::invalid_argument(
+            "heartbeats and watch re-registration are sent by the client itself",
+        )),
+        Op::CloseSession => Err(ClientError::invalid_argument(
+            "use Client::close() to end the session",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_options_build_the_wire_create() {
+        let c = CreateOptions::ephemeral()
+            .sequential()
+            .to_create("/l/lock-", Data::from("x"))
+            .unwrap();
+        assert_eq!(c.kind, NodeKind::Ephemeral);
+        assert!(c.sequential && !c.make_parents && c.ttl_ms.is_none());
+        let c = CreateOptions::persistent()
+            .ttl(Duration::from_secs(600))
+            .make_parents()
+            .to_create("/t", Data::default())
+            .unwrap();
+        assert_eq!(c.ttl_ms, Some(600_000));
+        assert!(c.make_parents);
+        assert_eq!(CreateOptions::container().kind, NodeKind::Container);
+        let err = CreateOptions::persistent()
+            .ttl(Duration::MAX)
+            .to_create("/t", Data::default())
+            .unwrap_err();
+        assert_eq!(err.code(), Some(protocol::ErrorCode::InvalidArgument));
+    }
+
+    #[test]
+    fn multi_paths_are_checked_with_their_index() {
+        let op = Op::Multi {
+            ops: vec![
+                MultiOp::Check {
+                    path: "/ok".into(),
+                    version: 1,
+                },
+                MultiOp::Delete {
+                    path: "bad".into(),
+                    version: None,
+                },
+            ],
+        };
+        let err = validate_op(&op).unwrap_err();
+        assert_eq!(err.code(), Some(protocol::ErrorCode::InvalidPath));
+        assert_eq!(err.index(), Some(1));
+        assert!(validate_op(&Op::CloseSession).is_err());
+        assert!(validate_op(&Op::Ping {
+            ack: protocol::Xid(0)
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn options_defaults_and_checks() {
+        let o = ClientOptions::new("127.0.0.1:1").server("127.0.0.1:2");
+        assert_eq!(o.servers.len(), 2);
+        assert_eq!(o.session_timeout, Duration::from_secs(10));
+        assert!(o.check().is_ok());
+        let bad = ClientOptions::new("x")
+            .reconnect_backoff(Duration::from_secs(3), Duration::from_secs(1));
+        assert!(bad.check().is_err());
+    }
+}

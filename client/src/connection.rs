@@ -1,0 +1,847 @@
+//! The session task: one per client. It owns the socket, assigns xids,
+//! matches replies, routes watch events, sends heartbeats, and reconnects and
+//! resumes the session when the connection breaks.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::client::{ClientOptions, SessionState, SessionStatus};
+use crate::error::ClientError;
+use crate::protocol::{
+    self, limits, ErrorCode, Hello, Op, OpResult, Request, Resume, Secret, ServerMessage,
+    SessionEvent, SessionId, WatchKind, Welcome, Xid, Zxid, PROTOCOL_VERSION,
+};
+use crate::watch::{set_watches_batches, set_watches_keys, WatchRegistry, WatchSender};
+
+/// Capacity of the channel from `Client` handles to the session task. When
+/// it is full (the task holds `INFLIGHT_MAX` unanswered requests and stopped
+/// pulling), callers wait in `send`: backpressure instead of an unbounded
+/// queue. 64 covers bursts from many tasks sharing one client.
+pub(crate) const COMMAND_CAPACITY: usize = 64;
+
+/// Room left in a frame for the request around an encoded op (the xid and
+/// the JSON around it), used to check frame size before an xid exists.
+const REQUEST_OVERHEAD_BYTES: usize = 64;
+
+/// Bound on the session timeout the client uses, whatever the server
+/// announces: instants derived from it then cannot overflow, and a client
+/// that uses less than the server's timeout is only more conservative
+/// (earlier heartbeats, an earlier lease end).
+const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The session timeout a welcome announces, as the client uses it.
+pub(crate) fn session_timeout(welcome: &Welcome) -> Duration {
+    Duration::from_millis(welcome.session_timeout_ms).min(SESSION_TIMEOUT_MAX)
+}
+
+pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+pub(crate) type ReplySender = oneshot::Sender<Result<OpResult, ClientError>>;
+
+/// What a handle asks of the session task.
+pub(crate) enum Command {
+    Request {
+        op: Op,
+        reply: ReplySender,
+        /// Register this waiter if the (watching) read succeeds.
+        watch: Option<WatchSender>,
+    },
+    Close {
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+}
+
+/// Who waits for an entry's reply.
+#[derive(Debug)]
+enum Origin {
+    User {
+        reply: ReplySender,
+        watch: Option<WatchSender>,
+    },
+    Ping,
+    SetWatches,
+    Close,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Assigned when first written; kept across a resume only by a write the
+    /// server already applied (its reply then comes from the server's cache).
+    xid: Option<Xid>,
+    op: Op,
+    /// When it was written on the current connection.
+    sent_at: Option<Instant>,
+    origin: Origin,
+}
+
+/// The requests of a session not yet answered, in the order they go (or
+/// went) on the wire. A prefix of `sent` entries is written on the current
+/// connection; the rest wait for a slot (at most `INFLIGHT_MAX` in flight) or
+/// for a connection.
+#[derive(Debug)]
+struct Queue {
+    entries: VecDeque<Entry>,
+    sent: usize,
+    next_xid: u64,
+}
+
+impl Queue {
+    fn new() -> Self {
+        Queue {
+            entries: VecDeque::new(),
+            sent: 0,
+            next_xid: 1,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn inflight(&self) -> usize {
+        self.sent
+    }
+
+    fn push(&mut self, op: Op, origin: Origin) {
+        self.entries.push_back(Entry {
+            xid: None,
+            op,
+            sent_at: None,
+            origin,
+        });
+    }
+
+    /// The next request to write, if one waits and a slot is free. Marks it
+    /// sent at `now` and gives it an xid if it has none.
+    fn next_to_send(&mut self, now: Instant) -> Option<Request> {
+        if self.sent >= limits::INFLIGHT_MAX {
+            return None;
+        }
+        let entry = self.entries.get_mut(self.sent)?;
+        let xid = match entry.xid {
+            Some(xid) => xid,
+            None => {
+                let xid = Xid(self.next_xid);
+                self.next_xid += 1;
+                entry.xid = Some(xid);
+                xid
+            }
+        };
+        entry.sent_at = Some(now);
+        self.sent += 1;
+        Some(Request {
+            xid,
+            op: entry.op.clone(),
+        })
+    }
+
+    /// Takes the entry a reply with `xid` answers: replies come in request
+    /// order, so it must be the front one. Anything else breaks the protocol.
+    fn on_reply(&mut self, xid: Xid) -> Result<Entry, String> {
+        if self.sent == 0 {
+            return Err(format!(
+                "a reply for xid {} with no request in flight",
+                xid.0
+            ));
+        }
+        let front = self.entries.front().and_then(|e| e.xid);
+        if front != Some(xid) {
+            return Err(format!(
+                "a reply for xid {} while xid {} was the oldest in flight",
+                xid.0,
+                front.map_or(0, |x| x.0)
+            ));
+        }
+        self.sent -= 1;
+        self.entries
+            .pop_front()
+            .ok_or_else(|| "reply queue out of step".to_string())
+    }
+
+    /// The ack to send: the highest xid received, but below any request
+    /// still waiting with a lower xid (one kept across a resume), so that
+    /// the server never forgets a reply the client still needs.
+    fn ack(&self, last_received: Xid) -> Xid {
+        match self.entries.iter().filter_map(|e| e.xid).min() {
+            Some(lowest) if lowest <= last_received => Xid(lowest.0.saturating_sub(1)),
+            _ => last_received,
+        }
+    }
+
+    /// Prepares the queue for a resumed connection.
+    ///
+    /// Heartbeats and old watch re-registrations are dropped. Writes the
+    /// server has applied (`xid <= last_xid_applied`) keep their xid so that
+    /// the server answers them from its reply cache. Everything else gets a
+    /// fresh xid when written: the server never applied those (`Welcome`
+    /// says so), and reads are safe to repeat. `set_watches` go first, so
+    /// every watch is registered again before any resent request's reply.
+    fn resume(&mut self, last_xid_applied: Xid, set_watches: Vec<Op>) {
+        let old = std::mem::take(&mut self.entries);
+        for op in set_watches {
+            self.push(op, Origin::SetWatches);
+        }
+        for mut entry in old {
+            if matches!(entry.origin, Origin::Ping | Origin::SetWatches) {
+                continue;
+            }
+            let applied = entry.xid.is_some_and(|x| x <= last_xid_applied);
+            if !(applied && entry.op.is_write()) {
+                entry.xid = None;
+            }
+            entry.sent_at = None;
+            self.entries.push_back(entry);
+        }
+        self.sent = 0;
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Entry> + '_ {
+        self.sent = 0;
+        self.entries.drain(..)
+    }
+}
+
+/// A completed handshake.
+pub(crate) struct Handshake {
+    pub(crate) conn: Conn,
+    pub(crate) welcome: Welcome,
+    /// When the hello went out: the server heard from the session no earlier.
+    pub(crate) hello_sent_at: Instant,
+}
+
+/// Connects to `addr` and performs the handshake, all within
+/// `connect_timeout` for the TCP connect and again for the answer.
+pub(crate) async fn handshake(
+    addr: String,
+    hello: Hello,
+    connect_timeout: Duration,
+) -> Result<Handshake, ClientError> {
+    let connect_error = |reason: String| ClientError::Connect {
+        addr: addr.clone(),
+        reason,
+    };
+    let stream = match timeout(connect_timeout, TcpStream::connect(addr.as_str())).await {
+        Err(_) => {
+            return Err(connect_error(format!(
+                "no connection within {}ms",
+                connect_timeout.as_millis()
+            )))
+        }
+        Ok(Err(e)) => return Err(connect_error(e.to_string())),
+        Ok(Ok(stream)) => stream,
+    };
+    // Requests are small and latency-bound; a lost ack must not wait 40ms.
+    let _ = stream.set_nodelay(true);
+    let mut conn = Framed::new(stream, protocol::codec(limits::REPLY_FRAME_BYTES_MAX));
+    let hello_sent_at = Instant::now();
+    let exchange = async {
+        conn.send(protocol::encode(&hello))
+            .await
+            .map_err(|e| connect_error(format!("sending the hello failed: {e}")))?;
+        match conn.next().await {
+            None => Err(connect_error(
+                "the server closed the connection during the handshake".into(),
+            )),
+            Some(Err(e)) => Err(connect_error(format!("reading the welcome failed: {e}"))),
+            Some(Ok(frame)) => serde_json::from_slice::<ServerMessage>(&frame)
+                .map_err(|e| ClientError::protocol(format!("undecodable welcome: {e}"))),
+        }
+    };
+    let message = match timeout(connect_timeout, exchange).await {
+        Err(_) => {
+            return Err(connect_error(format!(
+                "no answer to the hello within {}ms",
+                connect_timeout.as_millis()
+            )))
+        }
+        Ok(result) => result?,
+    };
+    match message {
+        ServerMessage::Welcome(welcome) => {
+            if welcome.protocol_version != PROTOCOL_VERSION {
+                return Err(ClientError::VersionMismatch {
+                    client_version: PROTOCOL_VERSION,
+                    server_version: Some(welcome.protocol_version),
+                    message: String::new(),
+                });
+            }
+            if welcome.session_timeout_ms == 0 {
+                return Err(ClientError::protocol(
+                    "a welcome with a zero session timeout",
+                ));
+            }
+            Ok(Handshake {
+                conn,
+                welcome,
+                hello_sent_at,
+            })
+        }
+        ServerMessage::Fatal(e) => Err(ClientError::from_reply(e)),
+        other => Err(ClientError::protocol(format!(
+            "expected a welcome, got {other:?}"
+        ))),
+    }
+}
+
+/// Why the session task stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The server ended the session (or surely has).
+    Expired,
+    /// The server answered `close_session`.
+    Closed,
+    /// Closing without the server: it will expire the session.
+    ClosedWhileDown,
+}
+
+/// How one connection ended.
+enum ConnEnd {
+    Lost(String),
+    Stop(Stop),
+}
+
+/// The session task's state.
+pub(crate) struct Session {
+    options: ClientOptions,
+    commands: mpsc::Receiver<Command>,
+    status: watch::Sender<SessionStatus>,
+    session_id: SessionId,
+    secret: Secret,
+    session_timeout: Duration,
+    frame_bytes_max: usize,
+    data_bytes_max: usize,
+    queue: Queue,
+    watches: WatchRegistry,
+    last_xid_received: Xid,
+    last_zxid: Zxid,
+    lease_end: Instant,
+    server_next: usize,
+    /// `close_session` is queued: accept no more commands.
+    closing: bool,
+    close_reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        options: ClientOptions,
+        commands: mpsc::Receiver<Command>,
+        status: watch::Sender<SessionStatus>,
+        handshake: &Handshake,
+        server_index: usize,
+    ) -> Self {
+        let welcome = &handshake.welcome;
+        let session_timeout = session_timeout(welcome);
+        let server_next = server_index.wrapping_add(1) % options.servers.len().max(1);
+        Session {
+            options,
+            commands,
+            status,
+            session_id: welcome.session_id,
+            secret: welcome.secret.clone(),
+            session_timeout,
+            frame_bytes_max: usize::try_from(welcome.frame_bytes_max).unwrap_or(usize::MAX),
+            data_bytes_max: usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX),
+            queue: Queue::new(),
+            watches: WatchRegistry::default(),
+            last_xid_received: Xid(0),
+            last_zxid: Zxid(0),
+            lease_end: handshake.hello_sent_at + session_timeout,
+            server_next,
+            closing: false,
+            close_reply: None,
+        }
+    }
+
+    /// Runs the session until it expires or closes, then fails whatever is
+    /// still waiting.
+    pub(crate) async fn run(mut self, mut conn: Conn) {
+        let stop = loop {
+            match self.drive(&mut conn).await {
+                ConnEnd::Stop(stop) => break stop,
+                ConnEnd::Lost(reason) => {
+                    if self.closing {
+                        break Stop::ClosedWhileDown;
+                    }
+                    tracing::warn!(session = %self.session_id, "connection lost: {reason}; reconnecting");
+                    self.publish(SessionState::Suspended);
+                    match self.reconnect().await {
+                        Ok(next) => conn = next,
+                        Err(stop) => break stop,
+                    }
+                }
+            }
+        };
+        drop(conn);
+        self.finish(stop);
+    }
+
+    fn publish(&self, state: SessionState) {
+        let lease_end = self.lease_end;
+        self.status.send_if_modified(|s| {
+            let changed = s.state != state || s.lease_end != lease_end;
+            s.state = state;
+            s.lease_end = lease_end;
+            changed
+        });
+    }
+
+    fn finish(&mut self, stop: Stop) {
+        let (state, err) = match stop {
+            Stop::Expired => (SessionState::Expired, ClientError::SessionExpired),
+            Stop::Closed | Stop::ClosedWhileDown => (SessionState::Closed, ClientError::Closed),
+        };
+        tracing::debug!(session = %self.session_id, ?stop, "session task ends");
+        self.publish(state);
+        for entry in self.queue.drain() {
+            if let Origin::User { reply, .. } = entry.origin {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        self.watches.fail_all(&err);
+        if let Some(reply) = self.close_reply.take() {
+            let result = match stop {
+                Stop::ClosedWhileDown => Err(ClientError::ConnectionLost),
+                // Expired or closed: the session is over either way.
+                Stop::Expired | Stop::Closed => Ok(()),
+            };
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Checks a request against the limits the server announced and queues
+    /// it, or fails it at once.
+    fn enqueue(&mut self, op: Op, reply: ReplySender, watch: Option<WatchSender>) {
+        if let Err(err) = self.check_size(&op) {
+            let _ = reply.send(Err(err));
+            return;
+        }
+        self.queue.push(op, Origin::User { reply, watch });
+    }
+
+    fn check_size(&self, op: &Op) -> Result<(), ClientError> {
+        let data_len = |data: &protocol::Data| data.0.len();
+        let mut datas: Vec<(Option<u32>, usize)> = Vec::new();
+        match op {
+            Op::Create(c) => datas.push((None, data_len(&c.data))),
+            Op::Set { data, .. } => datas.push((None, data_len(data))),
+            Op::Multi { ops } => {
+                for (i, m) in ops.iter().enumerate() {
+                    let index = u32::try_from(i).ok();
+                    match m {
+                        protocol::MultiOp::Create(c) => datas.push((index, data_len(&c.data))),
+                        protocol::MultiOp::Set { data, .. } => datas.push((index, data_len(data))),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        for (index, len) in datas {
+            if len > self.data_bytes_max {
+                return Err(ClientError::TooLarge {
+                    message: format!(
+                        "the data is {len} bytes; the server's limit is {}",
+                        self.data_bytes_max
+                    ),
+                    index,
+                });
+            }
+        }
+        let frame_len = protocol::encode(op)
+            .len()
+            .saturating_add(REQUEST_OVERHEAD_BYTES);
+        if frame_len > self.frame_bytes_max {
+            return Err(ClientError::TooLarge {
+                message: format!(
+                    "the request is about {frame_len} bytes on the wire; the server's limit is {}",
+                    self.frame_bytes_max
+                ),
+                index: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, command: Option<Command>) {
+        match command {
+            Some(Command::Request { op, reply, watch }) => self.enqueue(op, reply, watch),
+            Some(Command::Close { reply }) => {
+                self.close_reply = Some(reply);
+                self.closing = true;
+                self.queue.push(Op::CloseSession, Origin::Close);
+            }
+            // Every handle is gone: end the session now rather than leave
+            // its ephemeral nodes to the expiry.
+            None => {
+                self.closing = true;
+                self.queue.push(Op::CloseSession, Origin::Close);
+            }
+        }
+    }
+
+    /// Writes every queued request that has a slot.
+    async fn flush(&mut self, conn: &mut Conn) -> Result<bool, String> {
+        let deadline = self.session_timeout * 2 / 3;
+        let queue = &mut self.queue;
+        let write = async {
+            let mut wrote = false;
+            while let Some(request) = queue.next_to_send(Instant::now()) {
+                conn.feed(protocol::encode(&request))
+                    .await
+                    .map_err(|e| format!("write failed: {e}"))?;
+                wrote = true;
+            }
+            if wrote {
+                SinkExt::<bytes::Bytes>::flush(conn)
+                    .await
+                    .map_err(|e| format!("write failed: {e}"))?;
+            }
+            Ok(wrote)
+        };
+        timeout(deadline, write)
+            .await
+            .unwrap_or_else(|_| Err(format!("a write took over {}ms", deadline.as_millis())))
+    }
+
+    /// Serves one connection until it breaks or the session stops.
+    async fn drive(&mut self, conn: &mut Conn) -> ConnEnd {
+        let mut last_sent = Instant::now();
+        let mut last_received = Instant::now();
+        match self.flush(conn).await {
+            Ok(true) => last_sent = Instant::now(),
+            Ok(false) => {}
+            Err(reason) => return ConnEnd::Lost(reason),
+        }
+        self.publish(SessionState::Connected);
+        loop {
+            let accept = !self.closing && self.queue.len() < limits::INFLIGHT_MAX;
+            let can_ping = !self.closing && self.queue.inflight() < limits::INFLIGHT_MAX;
+            let ping_at = last_sent + self.session_timeout / 3;
+            let dead_at = last_received + self.session_timeout * 2 / 3;
+            tokio::select! {
+                frame = conn.next() => {
+                    let bytes = match frame {
+                        None => return ConnEnd::Lost("the server closed the connection".into()),
+                        Some(Err(e)) => return ConnEnd::Lost(format!("read failed: {e}")),
+                        Some(Ok(bytes)) => bytes,
+                    };
+                    last_received = Instant::now();
+                    if let Some(end) = self.on_frame(&bytes) {
+                        return end;
+                    }
+                }
+                command = self.commands.recv(), if accept => self.on_command(command),
+                () = sleep_until(ping_at), if can_ping => {
+                    let ack = self.queue.ack(self.last_xid_received);
+                    self.queue.push(Op::Ping { ack }, Origin::Ping);
+                }
+                () = sleep_until(dead_at) => {
+                    return ConnEnd::Lost(format!(
+                        "nothing received for {}ms (2/3 of the session timeout)",
+                        (self.session_timeout * 2 / 3).as_millis()
+                    ));
+                }
+            }
+            match self.flush(conn).await {
+                Ok(true) => last_sent = Instant::now(),
+                Ok(false) => {}
+                Err(reason) => return ConnEnd::Lost(reason),
+            }
+        }
+    }
+
+    /// Handles one frame; `Some` ends the connection.
+    fn on_frame(&mut self, bytes: &[u8]) -> Option<ConnEnd> {
+        let message = match serde_json::from_slice::<ServerMessage>(bytes) {
+            Ok(message) => message,
+            Err(e) => {
+                return Some(ConnEnd::Lost(format!(
+                    "undecodable frame from the server: {e}"
+                )))
+            }
+        };
+        match message {
+            ServerMessage::Reply(reply) => {
+                let entry = match self.queue.on_reply(reply.xid) {
+                    Ok(entry) => entry,
+                    Err(reason) => return Some(ConnEnd::Lost(reason)),
+                };
+                self.last_xid_received = self.last_xid_received.max(reply.xid);
+                self.last_zxid = self.last_zxid.max(reply.zxid);
+                if let Some(sent_at) = entry.sent_at {
+                    self.lease_end = self.lease_end.max(sent_at + self.session_timeout);
+                    self.publish(SessionState::Connected);
+                }
+                self.on_reply(entry, reply.result)
+            }
+            ServerMessage::Watch(event) => {
+                self.last_zxid = self.last_zxid.max(event.zxid);
+                self.watches.fire(&event);
+                None
+            }
+            ServerMessage::Session(SessionEvent::Expired) => Some(ConnEnd::Stop(Stop::Expired)),
+            ServerMessage::Session(SessionEvent::Moved) => Some(ConnEnd::Lost(
+                "the server says the session moved to another connection".into(),
+            )),
+            ServerMessage::Fatal(e) if e.code == ErrorCode::SessionExpired => {
+                Some(ConnEnd::Stop(Stop::Expired))
+            }
+            ServerMessage::Fatal(e) => Some(ConnEnd::Lost(format!(
+                "the server ended the connection: {e} ({:?})",
+                e.code
+            ))),
+            ServerMessage::Welcome(_) => Some(ConnEnd::Lost("an unexpected second welcome".into())),
+        }
+    }
+
+    fn on_reply(
+        &mut self,
+        entry: Entry,
+        result: Result<OpResult, protocol::ErrorReply>,
+    ) -> Option<ConnEnd> {
+        match entry.origin {
+            Origin::User { reply, watch } => {
+                let result = match result {
+                    Ok(ok) => {
+                        if let Some(tx) = watch {
+                            self.register_watch(&entry.op, &ok, tx);
+                        }
+                        Ok(ok)
+                    }
+                    Err(e) => Err(ClientError::from_reply(e)),
+                };
+                let _ = reply.send(result);
+                None
+            }
+            Origin::Ping => {
+                if let Err(e) = result {
+                    tracing::warn!(session = %self.session_id, "heartbeat refused: {e}");
+                }
+                None
+            }
+            Origin::SetWatches => {
+                if let Err(e) = result {
+                    // Those watches are not on the server: tell their waiters
+                    // rather than let them wait forever.
+                    tracing::warn!(session = %self.session_id, "re-registering watches failed: {e}");
+                    let err = ClientError::from_reply(e);
+                    self.watches.fail_keys(&set_watches_keys(&entry.op), &err);
+                }
+                None
+            }
+            Origin::Close => {
+                if let Err(e) = result {
+                    if e.code == ErrorCode::SessionExpired {
+                        return Some(ConnEnd::Stop(Stop::Expired));
+                    }
+                    if let Some(reply) = self.close_reply.take() {
+                        let _ = reply.send(Err(ClientError::from_reply(e)));
+                    }
+                }
+                Some(ConnEnd::Stop(Stop::Closed))
+            }
+        }
+    }
+
+    fn register_watch(&mut self, op: &Op, result: &OpResult, tx: WatchSender) {
+        let key = match (op, result) {
+            (Op::Get { path, .. }, OpResult::Data { .. }) => Some((path, WatchKind::Data)),
+            (Op::Exists { path, .. }, OpResult::Exists { stat: Some(_) }) => {
+                Some((path, WatchKind::Data))
+            }
+            (Op::Exists { path, .. }, OpResult::Exists { stat: None }) => {
+                Some((path, WatchKind::Exist))
+            }
+            (Op::Children { path, .. }, OpResult::Children { .. }) => {
+                Some((path, WatchKind::Child))
+            }
+            _ => None,
+        };
+        // A mismatched result drops `tx`; the caller reports the reply as a
+        // protocol error and never hands out the watch.
+        if let Some((path, kind)) = key {
+            self.watches.register(path.clone(), kind, tx);
+        }
+    }
+
+    /// Waits for `fut` while still taking commands, until the session is
+    /// surely expired on the server.
+    async fn while_suspended<F: std::future::Future>(&mut self, fut: F) -> Result<F::Output, Stop> {
+        tokio::pin!(fut);
+        // The server expires the session a timeout after it last heard from
+        // the client; past `lease_end` plus another timeout it surely has.
+        let give_up_at = self.lease_end + self.session_timeout;
+        loop {
+            let accept = self.queue.len() < limits::INFLIGHT_MAX;
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                command = self.commands.recv(), if accept => match command {
+                    Some(Command::Request { op, reply, watch }) => self.enqueue(op, reply, watch),
+                    Some(Command::Close { reply }) => {
+                        self.close_reply = Some(reply);
+                        return Err(Stop::ClosedWhileDown);
+                    }
+                    None => return Err(Stop::ClosedWhileDown),
+                },
+                () = sleep_until(give_up_at) => {
+                    tracing::warn!(session = %self.session_id, "no server reachable before the session timeout; the session is expired");
+                    return Err(Stop::Expired);
+                }
+            }
+        }
+    }
+
+    /// Reconnects with backoff over the servers and resumes the session.
+    async fn reconnect(&mut self) -> Result<Conn, Stop> {
+        let mut backoff = self.options.reconnect_backoff_min;
+        loop {
+            self.while_suspended(sleep(backoff)).await?;
+            backoff = backoff
+                .saturating_mul(2)
+                .min(self.options.reconnect_backoff_max);
+            let index = self.server_next;
+            self.server_next = (index + 1) % self.options.servers.len().max(1);
+            let Some(addr) = self.options.servers.get(index).cloned() else {
+                return Err(Stop::Expired);
+            };
+            let hello = Hello {
+                protocol_version: PROTOCOL_VERSION,
+                session_timeout_ms: self.options.session_timeout_ms(),
+                resume: Some(Resume {
+                    session_id: self.session_id,
+                    secret: self.secret.clone(),
+                    last_xid_received: self.queue.ack(self.last_xid_received),
+                }),
+            };
+            let attempt = handshake(addr.clone(), hello, self.options.connect_timeout);
+            match self.while_suspended(attempt).await? {
+                Ok(handshake) => {
+                    if handshake.welcome.session_id != self.session_id {
+                        tracing::warn!(
+                            "server {addr} resumed session {} instead of {}; treating ours as expired",
+                            handshake.welcome.session_id,
+                            self.session_id
+                        );
+                        return Err(Stop::Expired);
+                    }
+                    tracing::info!(session = %self.session_id, "resumed on {addr}");
+                    self.on_welcome(&handshake);
+                    return Ok(handshake.conn);
+                }
+                Err(ClientError::SessionExpired) => return Err(Stop::Expired),
+                Err(e) => tracing::warn!(session = %self.session_id, "reconnect failed: {e}"),
+            }
+        }
+    }
+
+    fn on_welcome(&mut self, handshake: &Handshake) {
+        let welcome = &handshake.welcome;
+        self.secret = welcome.secret.clone();
+        self.session_timeout = session_timeout(welcome);
+        self.frame_bytes_max = usize::try_from(welcome.frame_bytes_max).unwrap_or(usize::MAX);
+        self.data_bytes_max = usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX);
+        self.lease_end = self
+            .lease_end
+            .max(handshake.hello_sent_at + self.session_timeout);
+        let keys = self.watches.live_keys();
+        let batches = set_watches_batches(&keys, self.last_zxid);
+        self.queue.resume(welcome.last_xid_applied, batches);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Create;
+
+    fn user() -> Origin {
+        let (reply, _rx) = oneshot::channel();
+        Origin::User { reply, watch: None }
+    }
+
+    fn create(path: &str) -> Op {
+        Op::Create(Create {
+            path: path.into(),
+            ..Create::default()
+        })
+    }
+
+    fn get(path: &str) -> Op {
+        Op::Get {
+            path: path.into(),
+            watch: false,
+        }
+    }
+
+    #[test]
+    fn xids_increase_and_replies_match_the_front() {
+        let mut q = Queue::new();
+        let now = Instant::now();
+        q.push(get("/a"), user());
+        q.push(get("/b"), user());
+        assert_eq!(q.next_to_send(now).map(|r| r.xid), Some(Xid(1)));
+        assert_eq!(q.next_to_send(now).map(|r| r.xid), Some(Xid(2)));
+        assert!(q.next_to_send(now).is_none());
+        assert!(q.on_reply(Xid(2)).is_err(), "out of order");
+        assert_eq!(q.on_reply(Xid(1)).unwrap().op, get("/a"));
+        assert_eq!(q.on_reply(Xid(2)).unwrap().op, get("/b"));
+        assert!(q.on_reply(Xid(3)).is_err(), "nothing in flight");
+    }
+
+    #[test]
+    fn no_more_than_inflight_max_are_sent() {
+        let mut q = Queue::new();
+        let now = Instant::now();
+        for _ in 0..limits::INFLIGHT_MAX + 5 {
+            q.push(get("/a"), user());
+        }
+        let mut sent = 0;
+        while q.next_to_send(now).is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, limits::INFLIGHT_MAX);
+        q.on_reply(Xid(1)).unwrap();
+        assert_eq!(q.next_to_send(now).map(|r| r.xid.0), Some(129));
+        assert!(q.next_to_send(now).is_none());
+    }
+
+    #[test]
+    fn resume_keeps_applied_writes_and_renumbers_the_rest() {
+        let mut q = Queue::new();
+        let now = Instant::now();
+        q.push(create("/w1"), user()); // xid 1, applied
+        q.push(get("/r2"), user()); // xid 2, applied read
+        q.push(Op::Ping { ack: Xid(0) }, Origin::Ping); // xid 3
+        q.push(create("/w4"), user()); // xid 4, not applied
+        while q.next_to_send(now).is_some() {}
+        q.push(create("/w5"), user()); // never sent
+        assert_eq!(q.ack(Xid(0)), Xid(0));
+
+        let sw = set_watches_batches(&[("/x".into(), WatchKind::Data)], Zxid(7));
+        q.resume(Xid(3), sw);
+        let order: Vec<(Xid, Op)> = std::iter::from_fn(|| q.next_to_send(now))
+            .map(|r| (r.xid, r.op))
+            .collect();
+        let xids: Vec<u64> = order.iter().map(|(x, _)| x.0).collect();
+        // set_watches first with a fresh xid, then the applied write with its
+        // own xid, then the rest renumbered in order; the ping is gone.
+        assert_eq!(xids, vec![5, 1, 6, 7, 8]);
+        assert!(matches!(order[0].1, Op::SetWatches { .. }));
+        assert_eq!(order[1].1, create("/w1"));
+        assert_eq!(order[2].1, get("/r2"));
+        assert_eq!(order[3].1, create("/w4"));
+        assert_eq!(order[4].1, create("/w5"));
+
+        // Once set_watches (xid 5) is answered, the ack must stay below the
+        // kept xid 1 so the server keeps its cached reply.
+        q.on_reply(Xid(5)).unwrap();
+        assert_eq!(q.ack(Xid(5)), Xid(0));
+        q.on_reply(Xid(1)).unwrap();
+        assert_eq!(q.ack(Xid(5)), Xid(5));
+    }
+}
