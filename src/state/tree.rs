@@ -263,6 +263,14 @@ impl Tree {
         None
     }
 
+    /// Moves a node's sequence counter, so tests can reach
+    /// `limits::SEQUENCE_MAX` without creating ten billion nodes.
+    #[cfg(test)]
+    pub(crate) fn set_next_seq_for_test(&mut self, path: &str, next_seq: u64) {
+        let key = self.key(path).expect("test names a live node");
+        self.nodes[key].next_seq = next_seq;
+    }
+
     /// Keys of all nodes in slab order (deterministic).
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &Node)> {
         self.nodes.iter()
