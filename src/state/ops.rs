@@ -1,0 +1,801 @@
+//! Requests: the retry cache, reads and their watches, and writes.
+//!
+//! Every write (a lone create, set or delete is a one-step multi) runs in two
+//! phases. First each step is checked against a `Draft`: a small overlay of
+//! the pending steps' effects over the tree, so later steps see earlier ones
+//! and nothing in the tree is touched. Only if every step passes are the
+//! planned actions applied for real; they cannot fail, so a multi is all or
+//! nothing without cloning the tree or undoing anything.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use latchkey_client::protocol::{
+    self, limits, Create, ErrorCode, ErrorReply, MultiOp, MultiResult, NodeKind, Op, OpResult,
+    Reply, SessionId, WatchEvent, WatchEventKind, WatchKind, Xid, Zxid,
+};
+
+use super::tree::{NewNode, Node, Tree};
+use super::{session_expired, Config, Coordinator, Effects, SessionEnd};
+
+impl Coordinator {
+    /// Answers one request, applying it at most once per xid.
+    pub(super) fn request(
+        &mut self,
+        session: SessionId,
+        xid: Xid,
+        op: Op,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Reply {
+        let Some(s) = self.sessions.get(session) else {
+            return Reply {
+                xid,
+                zxid: self.zxid,
+                result: Err(session_expired(session)),
+            };
+        };
+        let last = s.last_xid_applied;
+        let cached = if xid <= last {
+            s.cached(xid).cloned()
+        } else {
+            None
+        };
+        self.sessions.touch(session, now_ms);
+        let result = if xid > last {
+            if let Some(s) = self.sessions.get_mut(session) {
+                s.last_xid_applied = xid;
+            }
+            let is_write = op.is_write();
+            let result = self.execute(session, op, now_ms, fx);
+            // A closed session is gone, and so is its cache.
+            if is_write {
+                if let Some(s) = self.sessions.get_mut(session) {
+                    s.remember(xid, result.clone());
+                }
+            }
+            result
+        } else if let Some(cached) = cached {
+            cached
+        } else if !op.is_write() {
+            self.execute(session, op, now_ms, fx)
+        } else {
+            Err(ErrorReply::new(
+                ErrorCode::RetryUnknown,
+                format!(
+                    "write {} of session {session} is at or below the last applied xid {} and its \
+                     reply is no longer kept (acknowledged, or more than {} requests old); read \
+                     the nodes it touches to learn whether it took effect",
+                    xid.0,
+                    last.0,
+                    limits::INFLIGHT_MAX
+                ),
+            ))
+        };
+        Reply {
+            xid,
+            zxid: self.zxid,
+            result,
+        }
+    }
+
+    fn execute(
+        &mut self,
+        session: SessionId,
+        op: Op,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Result<OpResult, ErrorReply> {
+        match op {
+            Op::Create(create) => self
+                .write(session, vec![MultiOp::Create(create)], false, now_ms, fx)
+                .map(single_result),
+            Op::Delete { path, version } => self
+                .write(
+                    session,
+                    vec![MultiOp::Delete { path, version }],
+                    false,
+                    now_ms,
+                    fx,
+                )
+                .map(single_result),
+            Op::Set {
+                path,
+                data,
+                version,
+            } => self
+                .write(
+                    session,
+                    vec![MultiOp::Set {
+                        path,
+                        data,
+                        version,
+                    }],
+                    false,
+                    now_ms,
+                    fx,
+                )
+                .map(single_result),
+            Op::Multi { ops } => {
+                if ops.len() > limits::MULTI_OPS_MAX {
+                    return Err(ErrorReply::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "the multi has {} operations; the limit is {} (split it into several multis)",
+                            ops.len(),
+                            limits::MULTI_OPS_MAX
+                        ),
+                    ));
+                }
+                self.write(session, ops, true, now_ms, fx)
+                    .map(|results| OpResult::Multi { results })
+            }
+            Op::Get { path, watch } => self.get(session, &path, watch),
+            Op::Exists { path, watch } => self.exists(session, &path, watch),
+            Op::Children { path, watch } => self.children(session, &path, watch),
+            Op::Ping { ack } => {
+                if let Some(s) = self.sessions.get_mut(session) {
+                    s.forget_through(ack);
+                }
+                Ok(OpResult::Pong)
+            }
+            Op::SetWatches {
+                last_zxid,
+                data,
+                exist,
+                child,
+            } => self.set_watches(session, last_zxid, &data, &exist, &child, fx),
+            Op::CloseSession => {
+                self.end_session(session, SessionEnd::Closed, fx);
+                Ok(OpResult::Done)
+            }
+        }
+    }
+
+    /// Checks every step against a draft, then applies them all.
+    fn write(
+        &mut self,
+        session: SessionId,
+        ops: Vec<MultiOp>,
+        in_multi: bool,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Result<Vec<MultiResult>, ErrorReply> {
+        let mut draft = Draft::new(&self.tree);
+        let mut plan = Vec::with_capacity(ops.len());
+        for (i, op) in ops.into_iter().enumerate() {
+            match plan_step(&mut draft, &self.config, session, op) {
+                Ok(step) => plan.push(step),
+                Err(mut error) => {
+                    if in_multi {
+                        error.index = Some(u32::try_from(i).unwrap_or(u32::MAX));
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(self.apply_plan(plan, now_ms, fx))
+    }
+
+    /// Applies checked steps; one zxid per action (a create with
+    /// make_parents has one action per created node; a check has one).
+    fn apply_plan(&mut self, plan: Vec<Step>, now_ms: u64, fx: &mut Effects) -> Vec<MultiResult> {
+        let mut results = Vec::with_capacity(plan.len());
+        for step in plan {
+            let mut touched = None;
+            for action in step.actions {
+                let zxid = self.next_zxid();
+                match action {
+                    Action::Create(new) => touched = Some(self.create_node(new, zxid, now_ms, fx)),
+                    Action::Delete(path) => {
+                        let key = self
+                            .tree
+                            .key(&path)
+                            .expect("a planned delete names a live node");
+                        self.delete_node(key, zxid, fx);
+                    }
+                    Action::Set(path, data) => {
+                        let key = self
+                            .tree
+                            .key(&path)
+                            .expect("a planned set names a live node");
+                        self.tree.set_data(key, data, zxid, now_ms);
+                        let fired = self.watches.fire(
+                            &[(&path, WatchKind::Data, WatchEventKind::NodeDataChanged)],
+                            zxid,
+                        );
+                        fx.events.extend(fired);
+                        touched = Some(key);
+                    }
+                    Action::Check => {}
+                }
+            }
+            let node = || {
+                self.tree
+                    .node(touched.expect("a create or set step touches a node"))
+            };
+            results.push(match step.answer {
+                Answer::Checked => MultiResult::Checked,
+                Answer::Deleted => MultiResult::Deleted,
+                Answer::Created => MultiResult::Created {
+                    path: node().path.clone(),
+                    stat: node().stat(),
+                },
+                Answer::Stat => MultiResult::Stat {
+                    stat: node().stat(),
+                },
+            });
+        }
+        results
+    }
+
+    /// Registers a watch for a read, unless the session holds it already.
+    /// Fails, registering nothing, if the session is at its watch bound.
+    fn watch_for_read(
+        &mut self,
+        session: SessionId,
+        path: &str,
+        kind: WatchKind,
+    ) -> Result<(), ErrorReply> {
+        if self.watches.holds(session, path, kind) {
+            return Ok(());
+        }
+        let held = self.watches.count(session);
+        if held >= self.config.watches_per_session_max {
+            return Err(too_many_watches(
+                session,
+                held,
+                self.config.watches_per_session_max,
+            ));
+        }
+        self.watches.add(session, path, kind);
+        Ok(())
+    }
+
+    fn get(&mut self, session: SessionId, path: &str, watch: bool) -> Result<OpResult, ErrorReply> {
+        check_path(path)?;
+        if self.tree.get(path).is_none() {
+            return Err(no_node(
+                path,
+                "check the path, or use exists with a watch to wait for it",
+            ));
+        }
+        if watch {
+            self.watch_for_read(session, path, WatchKind::Data)?;
+        }
+        let node = self.tree.get(path).expect("checked above");
+        Ok(OpResult::Data {
+            data: node.data.clone().into(),
+            stat: node.stat(),
+        })
+    }
+
+    fn exists(
+        &mut self,
+        session: SessionId,
+        path: &str,
+        watch: bool,
+    ) -> Result<OpResult, ErrorReply> {
+        check_path(path)?;
+        let stat = self.tree.get(path).map(Node::stat);
+        if watch {
+            let kind = if stat.is_some() {
+                WatchKind::Data
+            } else {
+                WatchKind::Exist
+            };
+            self.watch_for_read(session, path, kind)?;
+        }
+        Ok(OpResult::Exists { stat })
+    }
+
+    fn children(
+        &mut self,
+        session: SessionId,
+        path: &str,
+        watch: bool,
+    ) -> Result<OpResult, ErrorReply> {
+        check_path(path)?;
+        if self.tree.get(path).is_none() {
+            return Err(no_node(path, "check the path, or create it first"));
+        }
+        if watch {
+            self.watch_for_read(session, path, WatchKind::Child)?;
+        }
+        let node = self.tree.get(path).expect("checked above");
+        Ok(OpResult::Children {
+            children: node.children.iter().cloned().collect(),
+            stat: node.stat(),
+        })
+    }
+
+    /// Re-registers a resumed session's watches; fires at once, with the
+    /// current zxid, those whose node changed after `last_zxid`.
+    fn set_watches(
+        &mut self,
+        session: SessionId,
+        last_zxid: Zxid,
+        data: &[String],
+        exist: &[String],
+        child: &[String],
+        fx: &mut Effects,
+    ) -> Result<OpResult, ErrorReply> {
+        let total = data
+            .len()
+            .saturating_add(exist.len())
+            .saturating_add(child.len());
+        if total > limits::SET_WATCHES_PATHS_MAX {
+            return Err(ErrorReply::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "set_watches names {total} paths; the limit is {} (send them in batches)",
+                    limits::SET_WATCHES_PATHS_MAX
+                ),
+            ));
+        }
+        for path in data.iter().chain(exist).chain(child) {
+            check_path(path)?;
+        }
+        let mut fire: Vec<(WatchEventKind, &str)> = Vec::new();
+        let mut register: BTreeSet<(&str, WatchKind)> = BTreeSet::new();
+        for path in data {
+            match self.tree.get(path) {
+                None => fire.push((WatchEventKind::NodeDeleted, path)),
+                Some(n) if n.mzxid > last_zxid => {
+                    fire.push((WatchEventKind::NodeDataChanged, path))
+                }
+                Some(_) => {
+                    register.insert((path, WatchKind::Data));
+                }
+            }
+        }
+        for path in exist {
+            match self.tree.get(path) {
+                Some(_) => fire.push((WatchEventKind::NodeCreated, path)),
+                None => {
+                    register.insert((path, WatchKind::Exist));
+                }
+            }
+        }
+        for path in child {
+            match self.tree.get(path) {
+                None => fire.push((WatchEventKind::NodeDeleted, path)),
+                Some(n) if n.pzxid > last_zxid => {
+                    fire.push((WatchEventKind::NodeChildrenChanged, path))
+                }
+                Some(_) => {
+                    register.insert((path, WatchKind::Child));
+                }
+            }
+        }
+        let held = self.watches.count(session);
+        let new = register
+            .iter()
+            .filter(|(path, kind)| !self.watches.holds(session, path, *kind))
+            .count();
+        if held.saturating_add(new) > self.config.watches_per_session_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "session {session} holds {held} watches and set_watches adds {new}; the limit \
+                     is {} (watch fewer nodes)",
+                    self.config.watches_per_session_max
+                ),
+            ));
+        }
+        for (path, kind) in register {
+            self.watches.add(session, path, kind);
+        }
+        // Lookup only: the events keep the order of `fire`.
+        let mut seen: HashSet<(WatchEventKind, &str)> = HashSet::new();
+        for (kind, path) in fire {
+            if seen.insert((kind, path)) {
+                fx.events.push((
+                    session,
+                    WatchEvent {
+                        kind,
+                        path: path.to_owned(),
+                        zxid: self.zxid,
+                    },
+                ));
+            }
+        }
+        Ok(OpResult::Done)
+    }
+}
+
+/// Turns the one result of a lone create, set or delete into its reply.
+fn single_result(mut results: Vec<MultiResult>) -> OpResult {
+    match results.pop() {
+        Some(MultiResult::Created { path, stat }) => OpResult::Created { path, stat },
+        Some(MultiResult::Stat { stat }) => OpResult::Stat { stat },
+        Some(MultiResult::Deleted) => OpResult::Deleted,
+        // Lone checks do not exist on the wire.
+        Some(MultiResult::Checked) | None => OpResult::Done,
+    }
+}
+
+/// One checked step of a write.
+struct Step {
+    actions: Vec<Action>,
+    answer: Answer,
+}
+
+/// One change to make; each takes one zxid.
+enum Action {
+    Create(NewNode),
+    Delete(String),
+    Set(String, Vec<u8>),
+    Check,
+}
+
+/// What a step answers once applied.
+enum Answer {
+    Checked,
+    Created,
+    Stat,
+    Deleted,
+}
+
+/// What validation needs to know about a node.
+#[derive(Clone, Copy)]
+struct View {
+    kind: NodeKind,
+    version: u64,
+    num_children: usize,
+    next_seq: u64,
+}
+
+impl View {
+    fn of(node: &Node) -> View {
+        View {
+            kind: node.kind,
+            version: node.version,
+            num_children: node.children.len(),
+            next_seq: node.next_seq,
+        }
+    }
+}
+
+/// The tree as it will be after the steps checked so far: an overlay of
+/// touched paths (`None` = deleted) over the real tree. Lookup only.
+struct Draft<'t> {
+    tree: &'t Tree,
+    overlay: HashMap<String, Option<View>>,
+    node_count: usize,
+}
+
+impl<'t> Draft<'t> {
+    fn new(tree: &'t Tree) -> Self {
+        Draft {
+            tree,
+            overlay: HashMap::new(),
+            node_count: tree.len(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<View> {
+        match self.overlay.get(path) {
+            Some(view) => *view,
+            None => self.tree.get(path).map(View::of),
+        }
+    }
+
+    fn update(&mut self, path: &str, change: impl FnOnce(&mut View)) {
+        if let Some(mut view) = self.get(path) {
+            change(&mut view);
+            self.overlay.insert(path.to_owned(), Some(view));
+        }
+    }
+
+    fn create(&mut self, path: &str, kind: NodeKind, bump_parent_seq: bool) {
+        if let Some(parent) = protocol::parent_path(path) {
+            self.update(parent, |v| {
+                v.num_children = v.num_children.saturating_add(1);
+                if bump_parent_seq {
+                    v.next_seq = v.next_seq.saturating_add(1);
+                }
+            });
+        }
+        self.overlay.insert(
+            path.to_owned(),
+            Some(View {
+                kind,
+                version: 0,
+                num_children: 0,
+                next_seq: 0,
+            }),
+        );
+        self.node_count = self.node_count.saturating_add(1);
+    }
+
+    fn delete(&mut self, path: &str) {
+        if let Some(parent) = protocol::parent_path(path) {
+            self.update(parent, |v| {
+                v.num_children = v.num_children.saturating_sub(1)
+            });
+        }
+        self.overlay.insert(path.to_owned(), None);
+        self.node_count = self.node_count.saturating_sub(1);
+    }
+
+    /// Fails unless `parent` can take one more child and the tree one more
+    /// node.
+    fn check_room(&self, parent: &str, config: &Config) -> Result<(), ErrorReply> {
+        let children = self.get(parent).map_or(0, |v| v.num_children);
+        if children >= config.children_per_node_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{parent} has {children} children; the limit is {} (spread the children over \
+                     more parents)",
+                    config.children_per_node_max
+                ),
+            ));
+        }
+        if self.node_count >= config.nodes_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the tree has {} nodes; the limit is {} (delete nodes you no longer need)",
+                    self.node_count, config.nodes_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks one step against the draft and records its effects there.
+fn plan_step(
+    draft: &mut Draft<'_>,
+    config: &Config,
+    session: SessionId,
+    op: MultiOp,
+) -> Result<Step, ErrorReply> {
+    match op {
+        MultiOp::Create(create) => plan_create(draft, config, session, create),
+        MultiOp::Delete { path, version } => {
+            check_path(&path)?;
+            if path == "/" {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    "the root / cannot be deleted (delete its children instead)",
+                ));
+            }
+            let view = draft
+                .get(&path)
+                .ok_or_else(|| no_node(&path, "it may have been deleted already"))?;
+            check_version(&path, version, view.version)?;
+            if view.num_children > 0 {
+                return Err(ErrorReply::new(
+                    ErrorCode::NotEmpty,
+                    format!(
+                        "{path} has {} children (delete them first)",
+                        view.num_children
+                    ),
+                ));
+            }
+            draft.delete(&path);
+            Ok(Step {
+                actions: vec![Action::Delete(path)],
+                answer: Answer::Deleted,
+            })
+        }
+        MultiOp::Set {
+            path,
+            data,
+            version,
+        } => {
+            check_path(&path)?;
+            let view = draft
+                .get(&path)
+                .ok_or_else(|| no_node(&path, "create it first"))?;
+            check_version(&path, version, view.version)?;
+            check_data(&data.0, config)?;
+            draft.update(&path, |v| v.version = v.version.saturating_add(1));
+            Ok(Step {
+                actions: vec![Action::Set(path, data.0)],
+                answer: Answer::Stat,
+            })
+        }
+        MultiOp::Check { path, version } => {
+            check_path(&path)?;
+            let view = draft
+                .get(&path)
+                .ok_or_else(|| no_node(&path, "create it first, or check another node"))?;
+            check_version(&path, Some(version), view.version)?;
+            Ok(Step {
+                actions: vec![Action::Check],
+                answer: Answer::Checked,
+            })
+        }
+    }
+}
+
+fn plan_create(
+    draft: &mut Draft<'_>,
+    config: &Config,
+    session: SessionId,
+    create: Create,
+) -> Result<Step, ErrorReply> {
+    let Create {
+        path,
+        data,
+        kind,
+        sequential,
+        ttl_ms,
+        make_parents,
+    } = create;
+    check_path(&path)?;
+    if path == "/" {
+        return Err(ErrorReply::new(
+            ErrorCode::NodeExists,
+            "the root / always exists (create nodes below it)",
+        ));
+    }
+    if ttl_ms.is_some() && kind != NodeKind::Persistent {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "ttl_ms is set for a {kind:?} node; only persistent nodes take a TTL (drop ttl_ms, \
+                 or make the node persistent)"
+            ),
+        ));
+    }
+    if ttl_ms == Some(0) {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "ttl_ms is 0; a TTL must be at least 1 ms (omit ttl_ms for a node without TTL)",
+        ));
+    }
+    if kind == NodeKind::Container && sequential {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "a container node cannot be sequential (create the container, then sequential \
+             children under it)",
+        ));
+    }
+    check_data(&data.0, config)?;
+    let parent = protocol::parent_path(&path)
+        .expect("a valid path other than / has a parent")
+        .to_owned();
+
+    let mut actions = Vec::new();
+    match draft.get(&parent) {
+        Some(view) if view.kind == NodeKind::Ephemeral => {
+            return Err(ephemeral_parent(&parent, &path));
+        }
+        Some(_) => {}
+        None if !make_parents => {
+            return Err(no_node(&parent, "create it first, or pass make_parents"));
+        }
+        None => {
+            // Every ancestor from the top; the existing ones come first, and
+            // only the deepest existing one can be ephemeral.
+            let mut ancestors = Vec::new();
+            let mut at = parent.as_str();
+            while at != "/" {
+                ancestors.push(at.to_owned());
+                at = protocol::parent_path(at).expect("a path other than / has a parent");
+            }
+            for ancestor in ancestors.into_iter().rev() {
+                match draft.get(&ancestor) {
+                    Some(view) if view.kind == NodeKind::Ephemeral => {
+                        return Err(ephemeral_parent(&ancestor, &path));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let above = protocol::parent_path(&ancestor).unwrap_or("/");
+                        draft.check_room(above, config)?;
+                        draft.create(&ancestor, NodeKind::Container, false);
+                        actions.push(Action::Create(NewNode {
+                            path: ancestor,
+                            data: Vec::new(),
+                            kind: NodeKind::Container,
+                            ttl_ms: None,
+                            owner: None,
+                            bump_parent_seq: false,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    let path = if sequential {
+        let next_seq = draft.get(&parent).map_or(0, |v| v.next_seq);
+        if next_seq > limits::SEQUENCE_MAX {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the sequence counter of {parent} is at {next_seq}, past {} (the largest that \
+                     fits {} digits); use a new parent",
+                    limits::SEQUENCE_MAX,
+                    limits::SEQUENCE_DIGITS
+                ),
+            ));
+        }
+        let name = format!("{path}{next_seq:010}");
+        check_path(&name)?;
+        name
+    } else {
+        path
+    };
+    if draft.get(&path).is_some() {
+        return Err(ErrorReply::new(
+            ErrorCode::NodeExists,
+            format!("a node already exists at {path} (delete it first, or pick another name)"),
+        ));
+    }
+    draft.check_room(&parent, config)?;
+    draft.create(&path, kind, sequential);
+    actions.push(Action::Create(NewNode {
+        path,
+        data: data.0,
+        kind,
+        ttl_ms,
+        owner: (kind == NodeKind::Ephemeral).then_some(session),
+        bump_parent_seq: sequential,
+    }));
+    Ok(Step {
+        actions,
+        answer: Answer::Created,
+    })
+}
+
+fn check_path(path: &str) -> Result<(), ErrorReply> {
+    protocol::validate_path(path)
+        .map_err(|e| ErrorReply::new(ErrorCode::InvalidPath, e.to_string()))
+}
+
+fn check_version(path: &str, expected: Option<u64>, actual: u64) -> Result<(), ErrorReply> {
+    match expected {
+        Some(expected) if expected != actual => Err(ErrorReply::new(
+            ErrorCode::BadVersion,
+            format!(
+                "version mismatch at {path}: expected {expected}, the node is at {actual} (read \
+                 it again and retry)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_data(data: &[u8], config: &Config) -> Result<(), ErrorReply> {
+    if data.len() > config.data_bytes_max {
+        return Err(ErrorReply::new(
+            ErrorCode::TooLarge,
+            format!(
+                "data is {} bytes; the limit is {} (store large values elsewhere and keep a \
+                 reference here)",
+                data.len(),
+                config.data_bytes_max
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn no_node(path: &str, fix: &str) -> ErrorReply {
+    ErrorReply::new(ErrorCode::NoNode, format!("no node at {path} ({fix})"))
+}
+
+fn ephemeral_parent(parent: &str, path: &str) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::NoChildrenForEphemerals,
+        format!(
+            "{parent} is ephemeral and cannot have children (create {path} under a persistent or \
+             container node)"
+        ),
+    )
+}
+
+fn too_many_watches(session: SessionId, held: usize, max: usize) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::LimitExceeded,
+        format!(
+            "session {session} holds {held} watches; the limit is {max} (read without a watch, or \
+             wait for some to fire)"
+        ),
+    )
+}

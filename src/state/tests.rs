@@ -1,0 +1,1452 @@
+//! Unit tests of the state machine: every op, every error code, every
+//! limit, and the timing rules, driven by choosing `now_ms`.
+
+use std::collections::BTreeMap;
+
+use latchkey_client::protocol::{
+    limits, Create, Data, ErrorCode, ErrorReply, MultiOp, MultiResult, NodeKind, Op, OpResult,
+    Secret, SessionId, Stat, WatchEvent, WatchEventKind, Xid, Zxid,
+};
+
+use super::{Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
+
+const START: Zxid = Zxid(1_000);
+
+pub(super) fn config() -> Config {
+    Config {
+        session_timeout_ms_min: 100,
+        session_timeout_ms_max: 60_000,
+        data_bytes_max: limits::DATA_BYTES_MAX,
+        sessions_max: 64,
+        nodes_max: 10_000,
+        children_per_node_max: 1_000,
+        watches_per_session_max: 1_000,
+    }
+}
+
+/// A coordinator, a clock, and each session's next xid. Every apply checks
+/// the invariants.
+pub(super) struct Harness {
+    pub(super) c: Coordinator,
+    pub(super) now_ms: u64,
+    xids: BTreeMap<SessionId, u64>,
+}
+
+impl Harness {
+    pub(super) fn new() -> Self {
+        Self::with(config())
+    }
+
+    pub(super) fn with(config: Config) -> Self {
+        Harness {
+            c: Coordinator::new(config, START),
+            now_ms: 0,
+            xids: BTreeMap::new(),
+        }
+    }
+
+    /// `apply`, then `check_invariants`.
+    pub(super) fn apply_checked(&mut self, command: Command) -> Output {
+        let out = self.c.apply(command.clone(), self.now_ms);
+        if let Err(broken) = self.c.check_invariants() {
+            panic!("invariant broken after {command:?}: {broken}");
+        }
+        out
+    }
+
+    fn open_with(&mut self, timeout_ms: u64, secret: &str) -> Result<SessionGrant, ErrorReply> {
+        let out = self.apply_checked(Command::OpenSession {
+            timeout_ms,
+            secret: Secret(secret.into()),
+        });
+        assert!(out.events.is_empty() && out.ended.is_empty());
+        match out.outcome {
+            Outcome::Session(result) => result,
+            other => panic!("open answered {other:?}"),
+        }
+    }
+
+    pub(super) fn open(&mut self) -> SessionId {
+        self.open_with(10_000, "s3cret").expect("open").session
+    }
+
+    fn resume(
+        &mut self,
+        session: SessionId,
+        secret: &str,
+        last: u64,
+    ) -> Result<SessionGrant, ErrorReply> {
+        match self
+            .apply_checked(Command::ResumeSession {
+                session,
+                secret: Secret(secret.into()),
+                last_xid_received: Xid(last),
+            })
+            .outcome
+        {
+            Outcome::Session(result) => result,
+            other => panic!("resume answered {other:?}"),
+        }
+    }
+
+    /// Sends `op` with the session's next xid.
+    pub(super) fn send(&mut self, session: SessionId, op: Op) -> Output {
+        let xid = self.xids.entry(session).or_insert(0);
+        *xid += 1;
+        let xid = Xid(*xid);
+        self.send_xid(session, xid, op)
+    }
+
+    /// Sends `op` with an explicit xid (a retry, or a jump ahead).
+    fn send_xid(&mut self, session: SessionId, xid: Xid, op: Op) -> Output {
+        let counter = self.xids.entry(session).or_insert(0);
+        *counter = (*counter).max(xid.0);
+        let out = self.apply_checked(Command::Request { session, xid, op });
+        match &out.outcome {
+            Outcome::Reply(reply) => {
+                assert_eq!(reply.xid, xid);
+                assert_eq!(reply.zxid, self.c.zxid());
+            }
+            other => panic!("request answered {other:?}"),
+        }
+        out
+    }
+
+    pub(super) fn ok(&mut self, session: SessionId, op: Op) -> OpResult {
+        result(&self.send(session, op))
+            .clone()
+            .expect("request should succeed")
+    }
+
+    pub(super) fn err(&mut self, session: SessionId, op: Op) -> ErrorReply {
+        let zxid = self.c.zxid();
+        let nodes = self.c.node_count();
+        let out = self.send(session, op);
+        assert!(
+            out.events.is_empty(),
+            "a failed request fired {:?}",
+            out.events
+        );
+        assert_eq!(self.c.zxid(), zxid, "a failed request consumed a zxid");
+        assert_eq!(
+            self.c.node_count(),
+            nodes,
+            "a failed request changed the tree"
+        );
+        let error = result(&out).clone().expect_err("request should fail");
+        assert!(!error.message.is_empty());
+        error
+    }
+
+    fn tick(&mut self, now_ms: u64) -> Output {
+        self.now_ms = now_ms;
+        let out = self.apply_checked(Command::Tick);
+        assert_eq!(out.outcome, Outcome::Ticked);
+        out
+    }
+
+    pub(super) fn create(&mut self, session: SessionId, path: &str) -> String {
+        self.create_with(session, mk(path))
+    }
+
+    fn create_with(&mut self, session: SessionId, create: Create) -> String {
+        match self.ok(session, Op::Create(create)) {
+            OpResult::Created { path, .. } => path,
+            other => panic!("create answered {other:?}"),
+        }
+    }
+
+    fn stat(&mut self, session: SessionId, path: &str) -> Option<Stat> {
+        match self.ok(session, exists(path, false)) {
+            OpResult::Exists { stat } => stat,
+            other => panic!("exists answered {other:?}"),
+        }
+    }
+
+    fn present(&mut self, session: SessionId, path: &str) -> bool {
+        self.stat(session, path).is_some()
+    }
+
+    fn children(&mut self, session: SessionId, path: &str) -> Vec<String> {
+        match self.ok(session, children(path, false)) {
+            OpResult::Children { children, .. } => children,
+            other => panic!("children answered {other:?}"),
+        }
+    }
+}
+
+fn result(out: &Output) -> &Result<OpResult, ErrorReply> {
+    match &out.outcome {
+        Outcome::Reply(reply) => &reply.result,
+        other => panic!("not a reply: {other:?}"),
+    }
+}
+
+pub(super) fn mk(path: &str) -> Create {
+    Create {
+        path: path.into(),
+        ..Create::default()
+    }
+}
+
+fn kind(path: &str, kind: NodeKind) -> Create {
+    Create { kind, ..mk(path) }
+}
+
+fn seq(path: &str, kind: NodeKind) -> Create {
+    Create {
+        sequential: true,
+        kind,
+        ..mk(path)
+    }
+}
+
+fn create(c: Create) -> Op {
+    Op::Create(c)
+}
+
+pub(super) fn set(path: &str, data: &str, version: Option<u64>) -> Op {
+    Op::Set {
+        path: path.into(),
+        data: Data::from(data),
+        version,
+    }
+}
+
+pub(super) fn delete(path: &str, version: Option<u64>) -> Op {
+    Op::Delete {
+        path: path.into(),
+        version,
+    }
+}
+
+pub(super) fn get(path: &str, watch: bool) -> Op {
+    Op::Get {
+        path: path.into(),
+        watch,
+    }
+}
+
+fn exists(path: &str, watch: bool) -> Op {
+    Op::Exists {
+        path: path.into(),
+        watch,
+    }
+}
+
+fn children(path: &str, watch: bool) -> Op {
+    Op::Children {
+        path: path.into(),
+        watch,
+    }
+}
+
+fn event(
+    session: SessionId,
+    kind: WatchEventKind,
+    path: &str,
+    zxid: Zxid,
+) -> (SessionId, WatchEvent) {
+    (
+        session,
+        WatchEvent {
+            kind,
+            path: path.into(),
+            zxid,
+        },
+    )
+}
+
+fn next(z: Zxid, by: u64) -> Zxid {
+    Zxid(z.0 + by)
+}
+
+// ---- the root and the zxid rule ----
+
+#[test]
+fn the_root_always_exists_and_cannot_be_created_or_deleted() {
+    let mut h = Harness::new();
+    assert_eq!(h.c.node_count(), 1);
+    assert_eq!(h.c.zxid(), START);
+    let s = h.open();
+    let stat = h.stat(s, "/").expect("root");
+    assert_eq!(stat.czxid, START);
+    assert_eq!(stat.kind, NodeKind::Persistent);
+    let e = h.err(s, create(mk("/")));
+    assert_eq!(e.code, ErrorCode::NodeExists);
+    let e = h.err(s, delete("/", None));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("root"), "{e:?}");
+    // The root's data can be set like any node's.
+    assert!(matches!(
+        h.ok(s, set("/", "x", Some(0))),
+        OpResult::Stat { .. }
+    ));
+}
+
+#[test]
+fn every_state_change_takes_exactly_one_zxid() {
+    let mut h = Harness::new();
+    let s = h.open();
+    assert_eq!(
+        s,
+        SessionId(START.0 + 1),
+        "a session id is the zxid of its open"
+    );
+    assert_eq!(h.c.zxid(), next(START, 1));
+    h.create(s, "/a");
+    assert_eq!(h.c.zxid(), next(START, 2));
+    h.ok(s, set("/a", "x", None));
+    assert_eq!(h.c.zxid(), next(START, 3));
+    // Reads, pings and set_watches take none.
+    h.ok(s, get("/a", true));
+    h.ok(s, exists("/b", true));
+    h.ok(s, children("/", true));
+    h.ok(s, Op::Ping { ack: Xid(0) });
+    h.ok(
+        s,
+        Op::SetWatches {
+            last_zxid: h.c.zxid(),
+            data: vec![],
+            exist: vec![],
+            child: vec![],
+        },
+    );
+    assert_eq!(h.c.zxid(), next(START, 3));
+    h.ok(s, delete("/a", None));
+    assert_eq!(h.c.zxid(), next(START, 4));
+    // A resume takes none.
+    h.resume(s, "s3cret", 0).expect("resume");
+    assert_eq!(h.c.zxid(), next(START, 4));
+    // A close with two ephemerals: one per delete, one for the close.
+    h.create_with(s, kind("/e1", NodeKind::Ephemeral));
+    h.create_with(s, kind("/e2", NodeKind::Ephemeral));
+    let before = h.c.zxid();
+    h.ok(s, Op::CloseSession);
+    assert_eq!(h.c.zxid(), next(before, 3));
+}
+
+#[test]
+fn create_get_set_delete_keep_stats() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.now_ms = 500;
+    let created = h.ok(
+        s,
+        create(Create {
+            data: Data::from("hello"),
+            ..mk("/a")
+        }),
+    );
+    let z = h.c.zxid();
+    let OpResult::Created { path, stat } = created else {
+        panic!("{created:?}")
+    };
+    assert_eq!(path, "/a");
+    assert_eq!((stat.czxid, stat.mzxid, stat.pzxid), (z, z, z));
+    assert_eq!((stat.ctime_ms, stat.mtime_ms), (500, 500));
+    assert_eq!((stat.version, stat.cversion, stat.data_length), (0, 0, 5));
+    assert_eq!(stat.ephemeral_owner, None);
+    let root = h.stat(s, "/").expect("root");
+    assert_eq!((root.cversion, root.pzxid, root.num_children), (1, z, 1));
+
+    h.now_ms = 700;
+    let OpResult::Stat { stat } = h.ok(s, set("/a", "bye", Some(0))) else {
+        panic!()
+    };
+    let z2 = h.c.zxid();
+    assert_eq!(
+        (stat.version, stat.mzxid, stat.czxid, stat.mtime_ms),
+        (1, z2, z, 700)
+    );
+    assert_eq!(stat.ctime_ms, 500);
+    assert_eq!(stat.data_length, 3);
+
+    let OpResult::Data { data, stat: got } = h.ok(s, get("/a", false)) else {
+        panic!()
+    };
+    assert_eq!(data, Data::from("bye"));
+    assert_eq!(got, stat);
+
+    h.create(s, "/a/x");
+    h.create(s, "/a/b");
+    assert_eq!(h.children(s, "/a"), vec!["b".to_string(), "x".to_string()]);
+    let OpResult::Children { stat, .. } = h.ok(s, children("/a", false)) else {
+        panic!()
+    };
+    assert_eq!(
+        (stat.num_children, stat.cversion, stat.pzxid),
+        (2, 2, h.c.zxid())
+    );
+
+    assert_eq!(h.ok(s, delete("/a/x", Some(0))), OpResult::Deleted);
+    let a = h.stat(s, "/a").expect("a");
+    assert_eq!((a.cversion, a.pzxid, a.num_children), (3, h.c.zxid(), 1));
+    assert_eq!(h.ok(s, delete("/a/b", None)), OpResult::Deleted);
+    assert_eq!(h.ok(s, delete("/a", None)), OpResult::Deleted);
+    assert_eq!(h.c.node_count(), 1);
+}
+
+#[test]
+fn ephemeral_nodes_are_owned_by_the_creating_session() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create_with(s, kind("/e", NodeKind::Ephemeral));
+    assert_eq!(h.stat(s, "/e").expect("e").ephemeral_owner, Some(s));
+    assert_eq!(h.stat(s, "/e").expect("e").kind, NodeKind::Ephemeral);
+}
+
+// ---- error codes ----
+
+#[test]
+fn no_node_for_every_op_on_a_missing_path() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let e = h.err(s, create(mk("/a/b")));
+    assert_eq!(e.code, ErrorCode::NoNode);
+    assert_eq!(
+        e.message,
+        "no node at /a (create it first, or pass make_parents)"
+    );
+    for op in [
+        get("/x", false),
+        set("/x", "d", None),
+        delete("/x", None),
+        children("/x", false),
+    ] {
+        let e = h.err(s, op.clone());
+        assert_eq!(e.code, ErrorCode::NoNode, "{op:?}");
+        assert!(e.message.contains("/x"), "{e:?}");
+    }
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![MultiOp::Check {
+                path: "/x".into(),
+                version: 0,
+            }],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::NoNode, Some(0)));
+    // A get of a missing node sets no watch.
+    h.err(s, get("/x", true));
+    assert_eq!(h.c.watch_count(s), 0);
+}
+
+#[test]
+fn node_exists() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/a");
+    let e = h.err(s, create(mk("/a")));
+    assert_eq!(e.code, ErrorCode::NodeExists);
+    assert!(e.message.contains("/a"));
+}
+
+#[test]
+fn bad_version_on_set_delete_and_check() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/a");
+    h.ok(s, set("/a", "1", None));
+    h.ok(s, set("/a", "2", None));
+    h.ok(s, set("/a", "3", None));
+    h.ok(s, set("/a", "4", None));
+    h.ok(s, set("/a", "5", None));
+    let e = h.err(s, set("/a", "x", Some(3)));
+    assert_eq!(e.code, ErrorCode::BadVersion);
+    assert_eq!(
+        e.message,
+        "version mismatch at /a: expected 3, the node is at 5 (read it again and retry)"
+    );
+    assert_eq!(h.err(s, delete("/a", Some(4))).code, ErrorCode::BadVersion);
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![MultiOp::Check {
+                path: "/a".into(),
+                version: 0,
+            }],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::BadVersion, Some(0)));
+    h.ok(s, set("/a", "6", Some(5)));
+    h.ok(s, delete("/a", Some(6)));
+}
+
+#[test]
+fn not_empty() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/a");
+    h.create(s, "/a/b");
+    let e = h.err(s, delete("/a", None));
+    assert_eq!(e.code, ErrorCode::NotEmpty);
+    assert!(e.message.contains("/a has 1 children"), "{e:?}");
+}
+
+#[test]
+fn ephemerals_cannot_have_children() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create_with(s, kind("/e", NodeKind::Ephemeral));
+    let e = h.err(s, create(mk("/e/c")));
+    assert_eq!(e.code, ErrorCode::NoChildrenForEphemerals);
+    let e = h.err(
+        s,
+        create(Create {
+            make_parents: true,
+            ..mk("/e/x/y")
+        }),
+    );
+    assert_eq!(e.code, ErrorCode::NoChildrenForEphemerals);
+    assert!(e.message.contains("/e is ephemeral"), "{e:?}");
+}
+
+#[test]
+fn non_canonical_paths_are_invalid_for_every_op() {
+    let mut h = Harness::new();
+    let s = h.open();
+    for bad in ["", "a", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b"] {
+        for op in [
+            create(mk(bad)),
+            get(bad, false),
+            exists(bad, true),
+            children(bad, true),
+            set(bad, "x", None),
+            delete(bad, None),
+            Op::SetWatches {
+                last_zxid: Zxid(0),
+                data: vec!["/ok".into()],
+                exist: vec![bad.into()],
+                child: vec![],
+            },
+        ] {
+            let e = h.err(s, op.clone());
+            assert_eq!(e.code, ErrorCode::InvalidPath, "{bad:?} {op:?}");
+        }
+    }
+    // set_watches registered nothing even for its valid path.
+    assert_eq!(h.c.watch_count(s), 0);
+}
+
+#[test]
+fn too_large_data_multi_and_set_watches() {
+    let mut h = Harness::with(Config {
+        data_bytes_max: 10,
+        ..config()
+    });
+    let s = h.open();
+    let e = h.err(
+        s,
+        create(Create {
+            data: Data(vec![0; 11]),
+            ..mk("/a")
+        }),
+    );
+    assert_eq!(e.code, ErrorCode::TooLarge);
+    assert_eq!(
+        e.message,
+        "data is 11 bytes; the limit is 10 (store large values elsewhere and keep a reference here)"
+    );
+    h.create_with(
+        s,
+        Create {
+            data: Data(vec![0; 10]),
+            ..mk("/a")
+        },
+    );
+    assert_eq!(
+        h.err(s, set("/a", "01234567890", None)).code,
+        ErrorCode::TooLarge
+    );
+
+    let ops = vec![
+        MultiOp::Check {
+            path: "/a".into(),
+            version: 0
+        };
+        limits::MULTI_OPS_MAX + 1
+    ];
+    let e = h.err(s, Op::Multi { ops });
+    assert_eq!((e.code, e.index), (ErrorCode::TooLarge, None));
+    let ops = vec![
+        MultiOp::Check {
+            path: "/a".into(),
+            version: 0
+        };
+        limits::MULTI_OPS_MAX
+    ];
+    assert!(matches!(h.ok(s, Op::Multi { ops }), OpResult::Multi { .. }));
+
+    let e = h.err(
+        s,
+        Op::SetWatches {
+            last_zxid: Zxid(0),
+            data: vec!["/a".into(); limits::SET_WATCHES_PATHS_MAX],
+            exist: vec!["/b".into()],
+            child: vec![],
+        },
+    );
+    assert_eq!(e.code, ErrorCode::TooLarge);
+}
+
+#[test]
+fn invalid_arguments() {
+    let mut h = Harness::new();
+    let s = h.open();
+    for bad in [
+        Create {
+            ttl_ms: Some(10),
+            ..kind("/a", NodeKind::Ephemeral)
+        },
+        Create {
+            ttl_ms: Some(10),
+            ..kind("/a", NodeKind::Container)
+        },
+        Create {
+            ttl_ms: Some(0),
+            ..mk("/a")
+        },
+        seq("/a", NodeKind::Container),
+    ] {
+        let e = h.err(s, create(bad.clone()));
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad:?}");
+    }
+}
+
+#[test]
+fn limit_on_sessions() {
+    let mut h = Harness::with(Config {
+        sessions_max: 2,
+        ..config()
+    });
+    h.open();
+    let s2 = h.open();
+    let zxid = h.c.zxid();
+    let e = h.open_with(1000, "x").expect_err("third session");
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("the limit is 2"), "{e:?}");
+    assert_eq!(h.c.zxid(), zxid);
+    assert_eq!(h.c.session_count(), 2);
+    h.ok(s2, Op::CloseSession);
+    h.open();
+}
+
+#[test]
+fn limit_on_nodes_counts_the_root_and_made_parents() {
+    let mut h = Harness::with(Config {
+        nodes_max: 3,
+        ..config()
+    });
+    let s = h.open();
+    h.create(s, "/a");
+    let e = h.err(
+        s,
+        create(Create {
+            make_parents: true,
+            ..mk("/b/c")
+        }),
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("3 nodes"), "{e:?}");
+    h.create(s, "/b");
+    assert_eq!(h.err(s, create(mk("/c"))).code, ErrorCode::LimitExceeded);
+    h.ok(s, delete("/b", None));
+    h.create(s, "/c");
+}
+
+#[test]
+fn limit_on_children_per_node() {
+    let mut h = Harness::with(Config {
+        children_per_node_max: 2,
+        ..config()
+    });
+    let s = h.open();
+    h.create(s, "/a");
+    h.create(s, "/a/1");
+    h.create(s, "/a/2");
+    let e = h.err(s, create(mk("/a/3")));
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("/a has 2 children"), "{e:?}");
+    // The root has one child, so it takes one more.
+    h.create(s, "/b");
+    assert_eq!(h.err(s, create(mk("/c"))).code, ErrorCode::LimitExceeded);
+}
+
+#[test]
+fn limit_on_watches_per_session() {
+    let mut h = Harness::with(Config {
+        watches_per_session_max: 2,
+        ..config()
+    });
+    let s = h.open();
+    h.create(s, "/a");
+    h.ok(s, get("/a", true));
+    h.ok(s, children("/a", true));
+    // Setting a watch already held is a no-op, so not over the bound.
+    h.ok(s, get("/a", true));
+    h.ok(s, exists("/a", true));
+    for op in [
+        exists("/b", true),
+        children("/", true),
+        get("/", true),
+        Op::SetWatches {
+            last_zxid: h.c.zxid(),
+            data: vec!["/".into()],
+            exist: vec![],
+            child: vec![],
+        },
+    ] {
+        let e = h.err(s, op);
+        assert_eq!(e.code, ErrorCode::LimitExceeded);
+    }
+    assert_eq!(h.c.watch_count(s), 2);
+    // Reads without a watch still work.
+    h.ok(s, get("/", false));
+    // A fired watch frees a slot.
+    h.ok(s, set("/a", "x", None));
+    h.ok(s, exists("/b", true));
+}
+
+#[test]
+fn limit_on_the_sequence_counter() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/q");
+    h.c.tree.set_next_seq_for_test("/q", limits::SEQUENCE_MAX);
+    assert_eq!(
+        h.create_with(s, seq("/q/n-", NodeKind::Persistent)),
+        "/q/n-9999999999"
+    );
+    let e = h.err(s, create(seq("/q/n-", NodeKind::Persistent)));
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("sequence counter of /q"), "{e:?}");
+}
+
+#[test]
+fn a_sequential_name_over_the_name_limit_is_an_invalid_path() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let prefix = format!("/{}", "n".repeat(limits::NAME_BYTES_MAX - 5));
+    let e = h.err(s, create(seq(&prefix, NodeKind::Persistent)));
+    assert_eq!(e.code, ErrorCode::InvalidPath);
+}
+
+#[test]
+fn unknown_sessions_get_session_expired_and_nothing_else() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let ghost = SessionId(42);
+    let out = h.apply_checked(Command::Request {
+        session: ghost,
+        xid: Xid(1),
+        op: create(mk("/a")),
+    });
+    let e = result(&out).clone().expect_err("ghost");
+    assert_eq!(e.code, ErrorCode::SessionExpired);
+    assert_eq!(
+        e.message,
+        "session 0x2a has expired or never existed; open a new session"
+    );
+    assert!(!h.present(s, "/a"));
+    let unknown = h.resume(ghost, "s3cret", 0).expect_err("unknown");
+    let wrong = h.resume(s, "guess", 0).expect_err("wrong secret");
+    assert_eq!(unknown.code, ErrorCode::SessionExpired);
+    assert_eq!(wrong.code, ErrorCode::SessionExpired);
+    assert_eq!(
+        wrong.message.replace(&s.to_string(), "ID"),
+        unknown.message.replace(&ghost.to_string(), "ID"),
+        "a wrong secret and an unknown session look the same"
+    );
+}
+
+#[test]
+fn timeouts_are_clamped() {
+    let mut h = Harness::new();
+    assert_eq!(h.open_with(1, "a").expect("open").timeout_ms, 100);
+    assert_eq!(h.open_with(u64::MAX, "a").expect("open").timeout_ms, 60_000);
+    let g = h.open_with(5_000, "a").expect("open");
+    assert_eq!(g.timeout_ms, 5_000);
+    assert_eq!(g.zxid, h.c.zxid());
+    assert_eq!(g.last_xid_applied, Xid(0));
+    assert_eq!(g.secret, Secret("a".into()));
+}
+
+// ---- sequential nodes ----
+
+#[test]
+fn sequential_names_strictly_increase_and_never_repeat() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/q");
+    let mut seen = Vec::new();
+    for round in 0..5 {
+        let a = h.create_with(s, seq("/q/lock-", NodeKind::Ephemeral));
+        let b = h.create_with(s, seq("/q/other-", NodeKind::Persistent));
+        seen.push(a.clone());
+        seen.push(b.clone());
+        if round % 2 == 0 {
+            h.ok(s, delete(&a, None));
+            h.ok(s, delete(&b, None));
+        }
+    }
+    assert_eq!(seen[0], "/q/lock-0000000000");
+    assert_eq!(seen[1], "/q/other-0000000001");
+    let counters: Vec<u64> = seen
+        .iter()
+        .map(|p| p[p.len() - 10..].parse().expect("digits"))
+        .collect();
+    assert!(counters.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    // A failed sequential create does not consume the counter.
+    h.err(
+        s,
+        create(Create {
+            data: Data(vec![0; limits::DATA_BYTES_MAX + 1]),
+            ..seq("/q/lock-", NodeKind::Persistent)
+        }),
+    );
+    assert_eq!(
+        h.create_with(s, seq("/q/lock-", NodeKind::Persistent)),
+        "/q/lock-0000000010"
+    );
+    // Sequential children of the root work too.
+    // Each parent has its own counter.
+    assert_eq!(
+        h.create_with(s, seq("/r-", NodeKind::Persistent)),
+        "/r-0000000000"
+    );
+}
+
+// ---- multi ----
+
+#[test]
+fn a_failing_last_step_leaves_everything_unchanged() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.create(s, "/q");
+    h.create(s, "/keep");
+    h.ok(w, children("/q", true));
+    h.ok(w, exists("/new", true));
+    let zxid = h.c.zxid();
+    let nodes = h.c.node_count();
+    let before = h.ok(s, children("/q", false));
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Create(seq("/q/n-", NodeKind::Persistent)),
+                MultiOp::Create(mk("/new")),
+                MultiOp::Set {
+                    path: "/keep".into(),
+                    data: Data::from("x"),
+                    version: None,
+                },
+                MultiOp::Delete {
+                    path: "/keep".into(),
+                    version: None,
+                },
+                MultiOp::Check {
+                    path: "/keep".into(),
+                    version: 0,
+                },
+            ],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::NoNode, Some(4)));
+    assert_eq!(h.c.zxid(), zxid);
+    assert_eq!(h.c.node_count(), nodes);
+    assert_eq!(h.ok(s, children("/q", false)), before);
+    assert_eq!(h.stat(s, "/keep").expect("keep").version, 0);
+    // The counter was not consumed and the watches are still armed.
+    assert_eq!(
+        h.create_with(s, seq("/q/n-", NodeKind::Persistent)),
+        "/q/n-0000000000"
+    );
+    let out = h.send(s, create(mk("/new")));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/new", h.c.zxid())]
+    );
+}
+
+#[test]
+fn later_steps_see_earlier_ones() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/old");
+    let zxid = h.c.zxid();
+    let OpResult::Multi { results } = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Create(mk("/a")),
+                MultiOp::Create(mk("/a/b")),
+                MultiOp::Set {
+                    path: "/a/b".into(),
+                    data: Data::from("v1"),
+                    version: Some(0),
+                },
+                MultiOp::Check {
+                    path: "/a/b".into(),
+                    version: 1,
+                },
+                MultiOp::Create(seq("/a/s-", NodeKind::Persistent)),
+                MultiOp::Create(seq("/a/s-", NodeKind::Persistent)),
+                MultiOp::Delete {
+                    path: "/old".into(),
+                    version: Some(0),
+                },
+                MultiOp::Create(mk("/old")),
+            ],
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(h.c.zxid(), next(zxid, 8), "one zxid per step");
+    assert!(
+        matches!(&results[0], MultiResult::Created { path, stat } if path == "/a" && stat.czxid == next(zxid, 1))
+    );
+    assert!(matches!(&results[1], MultiResult::Created { path, .. } if path == "/a/b"));
+    assert!(
+        matches!(&results[2], MultiResult::Stat { stat } if stat.version == 1 && stat.mzxid == next(zxid, 3))
+    );
+    assert_eq!(results[3], MultiResult::Checked);
+    assert!(matches!(&results[4], MultiResult::Created { path, .. } if path == "/a/s-0000000000"));
+    assert!(matches!(&results[5], MultiResult::Created { path, .. } if path == "/a/s-0000000001"));
+    assert_eq!(results[6], MultiResult::Deleted);
+    assert!(
+        matches!(&results[7], MultiResult::Created { stat, .. } if stat.czxid == next(zxid, 8))
+    );
+    assert_eq!(
+        h.children(s, "/a"),
+        vec!["b", "s-0000000000", "s-0000000001"]
+    );
+    // A step that fails only because of an earlier step fails the multi.
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Delete {
+                    path: "/old".into(),
+                    version: None,
+                },
+                MultiOp::Set {
+                    path: "/old".into(),
+                    data: Data::from("x"),
+                    version: None,
+                },
+            ],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::NoNode, Some(1)));
+    // An empty multi is a no-op.
+    let zxid = h.c.zxid();
+    assert_eq!(
+        h.ok(s, Op::Multi { ops: vec![] }),
+        OpResult::Multi { results: vec![] }
+    );
+    assert_eq!(h.c.zxid(), zxid);
+}
+
+// ---- make_parents and containers ----
+
+#[test]
+fn make_parents_creates_containers_from_the_top_with_their_own_zxids_and_events() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.ok(w, children("/", true));
+    h.ok(w, exists("/a/b", true));
+    let zxid = h.c.zxid();
+    let out = h.send(
+        s,
+        create(Create {
+            make_parents: true,
+            data: Data::from("leaf"),
+            ..mk("/a/b/c")
+        }),
+    );
+    let Ok(OpResult::Created { stat, .. }) = result(&out) else {
+        panic!("{out:?}")
+    };
+    assert_eq!(stat.czxid, next(zxid, 3));
+    assert_eq!(
+        out.events,
+        vec![
+            event(w, WatchEventKind::NodeChildrenChanged, "/", next(zxid, 1)),
+            event(w, WatchEventKind::NodeCreated, "/a/b", next(zxid, 2)),
+        ]
+    );
+    for (path, z) in [("/a", 1), ("/a/b", 2)] {
+        let st = h.stat(s, path).expect("made");
+        assert_eq!(
+            (st.kind, st.czxid, st.data_length),
+            (NodeKind::Container, next(zxid, z), 0)
+        );
+    }
+    // Existing ancestors are kept as they are.
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            ..mk("/a/x/y")
+        },
+    );
+    assert_eq!(h.stat(s, "/a/x").expect("x").kind, NodeKind::Container);
+    assert_eq!(h.c.node_count(), 6);
+}
+
+#[test]
+fn empty_containers_are_reaped_in_chains_but_fresh_ones_are_kept() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.create_with(s, kind("/fresh", NodeKind::Container));
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            kind: NodeKind::Ephemeral,
+            ..mk("/c1/c2/c3/lock")
+        },
+    );
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            ..mk("/c1/keep/leaf")
+        },
+    );
+    h.tick(1);
+    assert_eq!(h.c.node_count(), 8);
+    h.ok(w, exists("/c1/c2", true));
+    h.ok(s, delete("/c1/c2/c3/lock", None));
+    let zxid = h.c.zxid();
+    let out = h.tick(2);
+    assert!(!h.present(s, "/c1/c2/c3"));
+    assert!(!h.present(s, "/c1/c2"));
+    // /c1 still has /c1/keep, whose child is persistent; /fresh never had one.
+    assert!(h.present(s, "/c1"));
+    assert!(h.present(s, "/c1/keep"));
+    assert!(h.present(s, "/fresh"));
+    assert_eq!(h.c.zxid(), next(zxid, 2));
+    assert_eq!(
+        out.events,
+        vec![event(
+            w,
+            WatchEventKind::NodeDeleted,
+            "/c1/c2",
+            next(zxid, 2)
+        )]
+    );
+    h.ok(s, delete("/c1/keep/leaf", None));
+    h.tick(3);
+    assert!(!h.present(s, "/c1"));
+    assert!(h.present(s, "/fresh"));
+    assert_eq!(h.c.node_count(), 2);
+    // A container that gains a child again before the tick is kept.
+    h.create(s, "/fresh/x");
+    h.ok(s, delete("/fresh/x", None));
+    h.create(s, "/fresh/y");
+    h.tick(4);
+    assert!(h.present(s, "/fresh"));
+}
+
+// ---- TTL ----
+
+#[test]
+fn ttl_nodes_expire_exactly_at_their_deadline_and_sets_renew_them() {
+    let mut h = Harness::new();
+    let s = h.open_with(60_000, "x").expect("open").session;
+    h.now_ms = 100;
+    h.create_with(
+        s,
+        Create {
+            ttl_ms: Some(1_000),
+            ..mk("/hold")
+        },
+    );
+    assert_eq!(h.stat(s, "/hold").expect("hold").ttl_ms, Some(1_000));
+    assert_eq!(h.c.next_deadline_ms(), Some(1_100));
+    h.tick(1_099);
+    assert!(h.present(s, "/hold"));
+    h.tick(1_100);
+    assert!(!h.present(s, "/hold"));
+
+    h.now_ms = 2_000;
+    h.create_with(
+        s,
+        Create {
+            ttl_ms: Some(1_000),
+            ..mk("/hold")
+        },
+    );
+    h.now_ms = 2_600;
+    h.ok(s, set("/hold", "renew", None));
+    assert_eq!(h.c.next_deadline_ms(), Some(3_600));
+    h.tick(3_000);
+    assert!(h.present(s, "/hold"));
+    h.tick(3_599);
+    assert!(h.present(s, "/hold"));
+    // With a child it stays past its deadline, and goes once it is empty.
+    h.create(s, "/hold/child");
+    h.tick(3_700);
+    assert!(h.present(s, "/hold"));
+    h.ok(s, delete("/hold/child", None));
+    h.tick(3_701);
+    assert!(!h.present(s, "/hold"));
+}
+
+// ---- sessions ----
+
+#[test]
+fn sessions_expire_just_after_their_timeout_and_take_their_ephemerals() {
+    let mut h = Harness::new();
+    let holder = h.open_with(1_000, "h").expect("open").session;
+    let watcher = h.open_with(60_000, "w").expect("open").session;
+    h.create_with(holder, kind("/lock", NodeKind::Ephemeral));
+    h.create_with(holder, kind("/lock2", NodeKind::Ephemeral));
+    h.ok(watcher, exists("/lock", true));
+    h.ok(watcher, children("/", true));
+    assert_eq!(h.c.next_deadline_ms(), Some(1_001));
+    h.tick(1_000);
+    assert!(h.c.session_alive(holder));
+    let zxid = h.c.zxid();
+    let out = h.tick(1_001);
+    assert!(!h.c.session_alive(holder));
+    assert_eq!(out.ended, vec![(holder, SessionEnd::Expired)]);
+    assert_eq!(
+        out.events,
+        vec![
+            event(watcher, WatchEventKind::NodeDeleted, "/lock", next(zxid, 1)),
+            event(
+                watcher,
+                WatchEventKind::NodeChildrenChanged,
+                "/",
+                next(zxid, 1)
+            ),
+        ]
+    );
+    assert_eq!(h.c.zxid(), next(zxid, 3));
+    assert!(!h.present(watcher, "/lock"));
+    assert!(!h.present(watcher, "/lock2"));
+    let e = h.err(holder, get("/", false));
+    assert_eq!(e.code, ErrorCode::SessionExpired);
+}
+
+#[test]
+fn any_request_keeps_a_session_alive() {
+    let mut h = Harness::new();
+    let s = h.open_with(1_000, "x").expect("open").session;
+    h.now_ms = 900;
+    h.ok(s, Op::Ping { ack: Xid(0) });
+    h.tick(1_500);
+    assert!(h.c.session_alive(s));
+    h.now_ms = 1_900;
+    h.ok(s, get("/", false));
+    assert_eq!(h.c.next_deadline_ms(), Some(2_901));
+    h.tick(2_900);
+    assert!(h.c.session_alive(s));
+    h.tick(2_901);
+    assert!(!h.c.session_alive(s));
+    assert_eq!(h.c.next_deadline_ms(), None);
+}
+
+#[test]
+fn sessions_expire_in_id_order() {
+    let mut h = Harness::new();
+    let a = h.open_with(2_000, "a").expect("open").session;
+    let b = h.open_with(1_000, "b").expect("open").session;
+    let out = h.tick(5_000);
+    assert_eq!(
+        out.ended,
+        vec![(a, SessionEnd::Expired), (b, SessionEnd::Expired)]
+    );
+}
+
+#[test]
+fn close_deletes_ephemerals_at_once() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.create(s, "/q");
+    h.create_with(s, seq("/q/lock-", NodeKind::Ephemeral));
+    h.create_with(s, seq("/q/lock-", NodeKind::Ephemeral));
+    h.ok(w, children("/q", true));
+    let zxid = h.c.zxid();
+    let out = h.send(s, Op::CloseSession);
+    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(out.ended, vec![(s, SessionEnd::Closed)]);
+    assert_eq!(
+        out.events,
+        vec![event(
+            w,
+            WatchEventKind::NodeChildrenChanged,
+            "/q",
+            next(zxid, 1)
+        )]
+    );
+    assert_eq!(h.c.zxid(), next(zxid, 3));
+    assert!(h.children(w, "/q").is_empty());
+    assert!(!h.c.session_alive(s));
+    // Its persistent nodes stay.
+    assert!(h.present(w, "/q"));
+}
+
+#[test]
+fn resume_keeps_nodes_clears_watches_and_needs_the_secret() {
+    let mut h = Harness::new();
+    let s = h.open_with(1_000, "right").expect("open").session;
+    h.create_with(s, kind("/e", NodeKind::Ephemeral));
+    h.ok(s, get("/e", true));
+    h.ok(s, exists("/nope", true));
+    assert_eq!(h.c.watch_count(s), 2);
+    let e = h.resume(s, "wrong", 0).expect_err("wrong secret");
+    assert_eq!(e.code, ErrorCode::SessionExpired);
+    assert_eq!(h.c.watch_count(s), 2, "a failed resume changes nothing");
+    h.now_ms = 800;
+    let g = h.resume(s, "right", 0).expect("resume");
+    assert_eq!(g.session, s);
+    assert_eq!(g.last_xid_applied, Xid(3));
+    assert_eq!(g.timeout_ms, 1_000);
+    assert_eq!(g.zxid, h.c.zxid());
+    assert_eq!(h.c.watch_count(s), 0);
+    // The resume refreshed the deadline.
+    h.tick(1_500);
+    assert!(h.c.session_alive(s));
+    // A cleared watch no longer fires.
+    let other = h.open();
+    let out = h.send(other, set("/e", "x", None));
+    assert!(out.events.is_empty());
+}
+
+// ---- watches ----
+
+#[test]
+fn watches_fire_once_with_the_right_kinds() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.create(s, "/a");
+    h.ok(w, get("/a", true));
+    let out = h.send(s, set("/a", "1", None));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeDataChanged, "/a", h.c.zxid())]
+    );
+    let out = h.send(s, set("/a", "2", None));
+    assert!(out.events.is_empty(), "one-shot");
+
+    h.ok(w, exists("/b", true));
+    let out = h.send(s, create(mk("/b")));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/b", h.c.zxid())]
+    );
+
+    h.ok(w, children("/a", true));
+    let out = h.send(s, create(mk("/a/x")));
+    assert_eq!(
+        out.events,
+        vec![event(
+            w,
+            WatchEventKind::NodeChildrenChanged,
+            "/a",
+            h.c.zxid()
+        )]
+    );
+    h.ok(w, children("/a", true));
+    let out = h.send(s, delete("/a/x", None));
+    assert_eq!(
+        out.events,
+        vec![event(
+            w,
+            WatchEventKind::NodeChildrenChanged,
+            "/a",
+            h.c.zxid()
+        )]
+    );
+
+    // Delete fires data and child watches on the node (once per session)
+    // and child watches on the parent.
+    h.ok(w, exists("/a", true));
+    h.ok(w, children("/a", true));
+    h.ok(w, children("/", true));
+    let out = h.send(s, delete("/a", None));
+    let z = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![
+            event(w, WatchEventKind::NodeDeleted, "/a", z),
+            event(w, WatchEventKind::NodeChildrenChanged, "/", z),
+        ]
+    );
+    assert_eq!(h.c.watch_count(w), 0);
+    // A set does not fire exist or child watches.
+    h.ok(w, children("/b", true));
+    let out = h.send(s, set("/b", "x", None));
+    assert!(out.events.is_empty());
+}
+
+#[test]
+fn the_changing_session_gets_its_own_events_and_sessions_go_in_id_order() {
+    let mut h = Harness::new();
+    let first = h.open();
+    let second = h.open();
+    let third = h.open();
+    h.create(first, "/a");
+    for s in [third, first, second] {
+        h.ok(s, get("/a", true));
+    }
+    let out = h.send(second, set("/a", "x", None));
+    let z = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![
+            event(first, WatchEventKind::NodeDataChanged, "/a", z),
+            event(second, WatchEventKind::NodeDataChanged, "/a", z),
+            event(third, WatchEventKind::NodeDataChanged, "/a", z),
+        ]
+    );
+}
+
+#[test]
+fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.create(s, "/same");
+    h.create(s, "/changed");
+    h.create(s, "/kids");
+    h.create(s, "/quiet");
+    let last = h.c.zxid();
+    h.ok(s, set("/changed", "x", None));
+    h.create(s, "/kids/k");
+    h.create(s, "/born");
+    let now = h.c.zxid();
+    let out = h.send(
+        w,
+        Op::SetWatches {
+            last_zxid: last,
+            data: vec!["/same".into(), "/changed".into(), "/gone".into()],
+            exist: vec!["/born".into(), "/unborn".into()],
+            child: vec!["/kids".into(), "/quiet".into(), "/gone".into()],
+        },
+    );
+    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(
+        out.events,
+        vec![
+            event(w, WatchEventKind::NodeDataChanged, "/changed", now),
+            event(w, WatchEventKind::NodeDeleted, "/gone", now),
+            event(w, WatchEventKind::NodeCreated, "/born", now),
+            event(w, WatchEventKind::NodeChildrenChanged, "/kids", now),
+        ]
+    );
+    assert_eq!(h.c.watch_count(w), 3);
+    let out = h.send(s, set("/same", "x", None));
+    assert_eq!(out.events.len(), 1);
+    let out = h.send(s, create(mk("/unborn")));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/unborn", h.c.zxid())]
+    );
+    let out = h.send(s, create(mk("/quiet/k")));
+    assert_eq!(out.events.len(), 1);
+    assert_eq!(h.c.watch_count(w), 0);
+}
+
+// ---- retries ----
+
+#[test]
+fn a_retried_sequential_create_returns_the_same_node() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/q");
+    let op = create(seq("/q/lock-", NodeKind::Ephemeral));
+    let first = h.send_xid(s, Xid(10), op.clone());
+    let nodes = h.c.node_count();
+    let zxid = h.c.zxid();
+    h.resume(s, "s3cret", 0).expect("resume");
+    let again = h.send_xid(s, Xid(10), op.clone());
+    assert_eq!(result(&again), result(&first));
+    assert!(
+        matches!(result(&again), Ok(OpResult::Created { path, .. }) if path == "/q/lock-0000000000")
+    );
+    assert_eq!(h.c.node_count(), nodes);
+    assert_eq!(h.c.zxid(), zxid);
+    // A cached failure is replayed too.
+    let failed = h.send_xid(s, Xid(11), delete("/missing", None));
+    h.create(s, "/missing");
+    assert_eq!(
+        result(&h.send_xid(s, Xid(11), delete("/missing", None))),
+        result(&failed)
+    );
+    assert!(h.present(s, "/missing"));
+    // Acknowledged replies are forgotten: then the retry is unknown.
+    h.ok(s, Op::Ping { ack: Xid(10) });
+    let e = result(&h.send_xid(s, Xid(10), op.clone()))
+        .clone()
+        .expect_err("acked");
+    assert_eq!(e.code, ErrorCode::RetryUnknown);
+    assert!(e.message.contains("write 10"), "{e:?}");
+    // Xid 11 is still kept; a resume's last_xid_received forgets it.
+    assert!(result(&h.send_xid(s, Xid(11), delete("/missing", None))).is_err());
+    h.resume(s, "s3cret", 11).expect("resume");
+    let e = result(&h.send_xid(s, Xid(11), delete("/missing", None)))
+        .clone()
+        .expect_err("forgotten");
+    assert_eq!(e.code, ErrorCode::RetryUnknown);
+    assert!(h.present(s, "/missing"));
+    // An old read is simply executed.
+    assert!(matches!(
+        result(&h.send_xid(s, Xid(1), get("/q", false))),
+        Ok(OpResult::Data { .. })
+    ));
+}
+
+#[test]
+fn the_reply_cache_keeps_only_the_inflight_window() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let window = u64::try_from(limits::INFLIGHT_MAX).expect("small");
+    for xid in 1..=window + 5 {
+        h.send_xid(s, Xid(xid), create(mk(&format!("/n{xid}"))));
+    }
+    let e = result(&h.send_xid(s, Xid(5), create(mk("/n5"))))
+        .clone()
+        .expect_err("out of the window");
+    assert_eq!(e.code, ErrorCode::RetryUnknown);
+    let kept = h.send_xid(s, Xid(6), create(mk("/n6")));
+    assert!(matches!(result(&kept), Ok(OpResult::Created { path, .. }) if path == "/n6"));
+    assert_eq!(
+        h.c.sessions.get(s).expect("live").replies.len(),
+        limits::INFLIGHT_MAX
+    );
+}
+
+// ---- invariants ----
+
+#[test]
+fn check_invariants_catches_a_broken_state() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create_with(s, kind("/e", NodeKind::Ephemeral));
+    // Forget the session without deleting its ephemeral.
+    h.c.sessions.remove(s);
+    let broken = h.c.check_invariants().expect_err("orphan ephemeral");
+    assert!(broken.contains("not a live session"), "{broken}");
+
+    let h2 = Harness::new();
+    h2.c.check_invariants().expect("fresh");
+    let mut h3 = Harness::new();
+    h3.c.check_invariants().expect("fresh");
+    h3.c.zxid = Zxid(START.0 - 1);
+    assert!(h3
+        .c
+        .check_invariants()
+        .expect_err("went back")
+        .contains("went back"));
+}

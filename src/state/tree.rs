@@ -1,0 +1,383 @@
+//! The node tree: a slab of nodes, a path index, and the two indexes a tick
+//! needs (TTL deadlines and empty containers) so that it never scans the tree.
+//!
+//! The tree's mutators are infallible: requests are validated against a
+//! draft (see `ops.rs`) before any of them runs, so a failed `expect` here is
+//! a bug in that validation, never bad input.
+
+use std::collections::{BTreeSet, HashMap};
+
+use latchkey_client::protocol::{self, NodeKind, SessionId, Stat, Zxid};
+use slab::Slab;
+
+/// One node. `data_length` and `num_children` are derived from `data` and
+/// `children` so that they cannot disagree with them.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) path: String,
+    pub(crate) data: Vec<u8>,
+    pub(crate) kind: NodeKind,
+    pub(crate) ttl_ms: Option<u64>,
+    pub(crate) owner: Option<SessionId>,
+    /// Child names, sorted by bytes (the order `children` replies use).
+    pub(crate) children: BTreeSet<String>,
+    /// The next sequence number for a sequential child; only ever grows.
+    pub(crate) next_seq: u64,
+    pub(crate) czxid: Zxid,
+    pub(crate) mzxid: Zxid,
+    pub(crate) pzxid: Zxid,
+    pub(crate) ctime_ms: u64,
+    pub(crate) mtime_ms: u64,
+    pub(crate) version: u64,
+    pub(crate) cversion: u64,
+}
+
+impl Node {
+    pub(crate) fn stat(&self) -> Stat {
+        Stat {
+            czxid: self.czxid,
+            mzxid: self.mzxid,
+            pzxid: self.pzxid,
+            ctime_ms: self.ctime_ms,
+            mtime_ms: self.mtime_ms,
+            version: self.version,
+            cversion: self.cversion,
+            ephemeral_owner: self.owner,
+            data_length: u64::try_from(self.data.len()).unwrap_or(u64::MAX),
+            num_children: u64::try_from(self.children.len()).unwrap_or(u64::MAX),
+            kind: self.kind,
+            ttl_ms: self.ttl_ms,
+        }
+    }
+
+    /// When a TTL node becomes due for deletion (if it has no children then).
+    pub(crate) fn ttl_deadline_ms(&self) -> Option<u64> {
+        self.ttl_ms.map(|ttl| self.mtime_ms.saturating_add(ttl))
+    }
+}
+
+/// A node to insert; its path, parent and limits were already checked.
+pub(crate) struct NewNode {
+    pub(crate) path: String,
+    pub(crate) data: Vec<u8>,
+    pub(crate) kind: NodeKind,
+    pub(crate) ttl_ms: Option<u64>,
+    pub(crate) owner: Option<SessionId>,
+    /// A sequential create consumes its parent's counter.
+    pub(crate) bump_parent_seq: bool,
+}
+
+pub(crate) struct Tree {
+    nodes: Slab<Node>,
+    /// Lookup only; never iterated where order could leak into output.
+    index: HashMap<String, usize>,
+    /// `(deadline_ms, czxid, key)` of TTL nodes. Holds every childless TTL
+    /// node; may also hold TTL nodes with children (dropped when a tick meets
+    /// them, re-added when their last child goes).
+    ttl_deadlines: BTreeSet<(u64, Zxid, usize)>,
+    /// `(czxid, key)` of containers that lost their last child.
+    empty_containers: BTreeSet<(Zxid, usize)>,
+}
+
+impl Tree {
+    /// A tree holding only the root, created at `zxid_start`.
+    pub(crate) fn new(zxid_start: Zxid) -> Self {
+        let mut nodes = Slab::new();
+        let root = nodes.insert(Node {
+            path: "/".to_owned(),
+            data: Vec::new(),
+            kind: NodeKind::Persistent,
+            ttl_ms: None,
+            owner: None,
+            children: BTreeSet::new(),
+            next_seq: 0,
+            czxid: zxid_start,
+            mzxid: zxid_start,
+            pzxid: zxid_start,
+            ctime_ms: 0,
+            mtime_ms: 0,
+            version: 0,
+            cversion: 0,
+        });
+        let mut index = HashMap::new();
+        index.insert("/".to_owned(), root);
+        Tree {
+            nodes,
+            index,
+            ttl_deadlines: BTreeSet::new(),
+            empty_containers: BTreeSet::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub(crate) fn key(&self, path: &str) -> Option<usize> {
+        self.index.get(path).copied()
+    }
+
+    pub(crate) fn get(&self, path: &str) -> Option<&Node> {
+        self.key(path).and_then(|key| self.nodes.get(key))
+    }
+
+    /// The node at `key`, if that key is live.
+    pub(crate) fn node_at(&self, key: usize) -> Option<&Node> {
+        self.nodes.get(key)
+    }
+
+    /// The node at `key`; the key must come from this tree and be live.
+    pub(crate) fn node(&self, key: usize) -> &Node {
+        self.nodes
+            .get(key)
+            .expect("keys handed out by the tree stay valid until removed")
+    }
+
+    /// Inserts a node under its existing parent and returns its key.
+    pub(crate) fn insert(&mut self, new: NewNode, zxid: Zxid, now_ms: u64) -> usize {
+        let parent_key = {
+            let parent = protocol::parent_path(&new.path).expect("the root is never inserted");
+            self.key(parent)
+                .expect("a create is planned only under an existing parent")
+        };
+        let name = protocol::node_name(&new.path).to_owned();
+        let node = Node {
+            path: new.path.clone(),
+            data: new.data,
+            kind: new.kind,
+            ttl_ms: new.ttl_ms,
+            owner: new.owner,
+            children: BTreeSet::new(),
+            next_seq: 0,
+            czxid: zxid,
+            mzxid: zxid,
+            pzxid: zxid,
+            ctime_ms: now_ms,
+            mtime_ms: now_ms,
+            version: 0,
+            cversion: 0,
+        };
+        let deadline = node.ttl_deadline_ms();
+        let key = self.nodes.insert(node);
+        self.index.insert(new.path, key);
+        if let Some(deadline_ms) = deadline {
+            self.ttl_deadlines.insert((deadline_ms, zxid, key));
+        }
+        let parent = &mut self.nodes[parent_key];
+        parent.children.insert(name);
+        parent.cversion = parent.cversion.saturating_add(1);
+        parent.pzxid = zxid;
+        if new.bump_parent_seq {
+            parent.next_seq = parent.next_seq.saturating_add(1);
+        }
+        let parent_czxid = parent.czxid;
+        self.empty_containers.remove(&(parent_czxid, parent_key));
+        key
+    }
+
+    /// Removes a childless node, updates its parent, and returns it.
+    pub(crate) fn remove(&mut self, key: usize, zxid: Zxid) -> Node {
+        let node = self
+            .nodes
+            .try_remove(key)
+            .expect("a delete is planned only for a live node");
+        debug_assert!(node.children.is_empty(), "removed a node with children");
+        self.index.remove(&node.path);
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
+        }
+        self.empty_containers.remove(&(node.czxid, key));
+        let parent_key = {
+            let parent = protocol::parent_path(&node.path).expect("the root is never removed");
+            self.key(parent).expect("a live node's parent is live")
+        };
+        let parent = &mut self.nodes[parent_key];
+        parent.children.remove(protocol::node_name(&node.path));
+        parent.cversion = parent.cversion.saturating_add(1);
+        parent.pzxid = zxid;
+        if parent.children.is_empty() {
+            if parent.kind == NodeKind::Container {
+                self.empty_containers.insert((parent.czxid, parent_key));
+            }
+            if let Some(deadline_ms) = parent.ttl_deadline_ms() {
+                self.ttl_deadlines
+                    .insert((deadline_ms, parent.czxid, parent_key));
+            }
+        }
+        node
+    }
+
+    /// Replaces a node's data; renews its TTL.
+    pub(crate) fn set_data(&mut self, key: usize, data: Vec<u8>, zxid: Zxid, now_ms: u64) {
+        let node = self
+            .nodes
+            .get_mut(key)
+            .expect("a set is planned only for a live node");
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
+        }
+        node.data = data;
+        node.version = node.version.saturating_add(1);
+        node.mzxid = zxid;
+        node.mtime_ms = now_ms;
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.insert((deadline_ms, node.czxid, key));
+        }
+    }
+
+    /// The earliest TTL deadline in the index.
+    pub(crate) fn next_ttl_deadline_ms(&self) -> Option<u64> {
+        self.ttl_deadlines
+            .first()
+            .map(|&(deadline_ms, _, _)| deadline_ms)
+    }
+
+    /// The next childless TTL node due at `now_ms`, in (deadline, czxid)
+    /// order. The caller must remove it. Due nodes that still have children
+    /// leave the index until their last child goes.
+    pub(crate) fn pop_expired_ttl(&mut self, now_ms: u64) -> Option<usize> {
+        // Bounded: every iteration takes one entry out of the index.
+        while let Some(&(deadline_ms, _, key)) = self.ttl_deadlines.first() {
+            if deadline_ms > now_ms {
+                return None;
+            }
+            self.ttl_deadlines.pop_first();
+            if self.nodes.get(key).is_some_and(|n| n.children.is_empty()) {
+                return Some(key);
+            }
+        }
+        None
+    }
+
+    /// The next container that had children and has none, in czxid order.
+    /// The caller must remove it.
+    pub(crate) fn pop_empty_container(&mut self) -> Option<usize> {
+        while let Some((_, key)) = self.empty_containers.pop_first() {
+            let due = self.nodes.get(key).is_some_and(|n| {
+                n.kind == NodeKind::Container && n.children.is_empty() && n.cversion > 0
+            });
+            if due {
+                return Some(key);
+            }
+        }
+        None
+    }
+
+    /// Moves a node's sequence counter, so tests can reach
+    /// `limits::SEQUENCE_MAX` without creating ten billion nodes.
+    #[cfg(test)]
+    pub(crate) fn set_next_seq_for_test(&mut self, path: &str, next_seq: u64) {
+        let key = self.key(path).expect("test names a live node");
+        self.nodes[key].next_seq = next_seq;
+    }
+
+    /// Keys of all nodes in slab order (deterministic).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &Node)> {
+        self.nodes.iter()
+    }
+
+    /// Checks the tree's own invariants against the latest zxid.
+    pub(crate) fn check(&self, zxid: Zxid) -> Result<(), String> {
+        if self.index.len() != self.nodes.len() {
+            return Err(format!(
+                "path index has {} entries but the tree has {} nodes",
+                self.index.len(),
+                self.nodes.len()
+            ));
+        }
+        let mut child_links = 0usize;
+        for (key, node) in self.nodes.iter() {
+            if self.index.get(&node.path) != Some(&key) {
+                return Err(format!(
+                    "path index does not map {} to key {key}",
+                    node.path
+                ));
+            }
+            if node.czxid > zxid || node.mzxid > zxid || node.pzxid > zxid {
+                return Err(format!(
+                    "{} has czxid {}, mzxid {}, pzxid {} above the latest zxid {zxid}",
+                    node.path, node.czxid, node.mzxid, node.pzxid
+                ));
+            }
+            if node.kind == NodeKind::Ephemeral && !node.children.is_empty() {
+                return Err(format!("ephemeral {} has children", node.path));
+            }
+            if (node.kind == NodeKind::Ephemeral) != node.owner.is_some() {
+                return Err(format!(
+                    "{} has kind {:?} but owner {:?}",
+                    node.path, node.kind, node.owner
+                ));
+            }
+            for name in &node.children {
+                let child = protocol::child_path(&node.path, name);
+                if self.get(&child).is_none() {
+                    return Err(format!(
+                        "{} lists child {name} but {child} is not in the tree",
+                        node.path
+                    ));
+                }
+            }
+            if node.kind == NodeKind::Container
+                && node.children.is_empty()
+                && node.cversion > 0
+                && !self.empty_containers.contains(&(node.czxid, key))
+            {
+                return Err(format!(
+                    "empty container {} is not queued for reaping",
+                    node.path
+                ));
+            }
+            child_links += node.children.len();
+            match protocol::parent_path(&node.path) {
+                None if key_is_root(&node.path) => {}
+                None => return Err(format!("{} has no parent path", node.path)),
+                Some(parent) => match self.get(parent) {
+                    Some(p) if p.children.contains(protocol::node_name(&node.path)) => {}
+                    _ => {
+                        return Err(format!(
+                            "{} is not listed by its parent {parent}",
+                            node.path
+                        ))
+                    }
+                },
+            }
+            if let Some(deadline_ms) = node.ttl_deadline_ms() {
+                if node.children.is_empty()
+                    && !self.ttl_deadlines.contains(&(deadline_ms, node.czxid, key))
+                {
+                    return Err(format!(
+                        "childless TTL node {} is missing from the TTL index",
+                        node.path
+                    ));
+                }
+            }
+        }
+        if child_links + 1 != self.nodes.len() {
+            return Err(format!(
+                "parents list {child_links} children in total but there are {} non-root nodes",
+                self.nodes.len().saturating_sub(1)
+            ));
+        }
+        for &(deadline_ms, czxid, key) in &self.ttl_deadlines {
+            match self.nodes.get(key) {
+                Some(n) if n.czxid == czxid && n.ttl_deadline_ms() == Some(deadline_ms) => {}
+                _ => {
+                    return Err(format!(
+                        "TTL index entry ({deadline_ms}, {czxid}, {key}) is stale"
+                    ))
+                }
+            }
+        }
+        for &(czxid, key) in &self.empty_containers {
+            match self.nodes.get(key) {
+                Some(n) if n.czxid == czxid && n.kind == NodeKind::Container => {}
+                _ => return Err(format!("empty-container entry ({czxid}, {key}) is stale")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn key_is_root(path: &str) -> bool {
+    path == "/"
+}
