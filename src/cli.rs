@@ -1,0 +1,525 @@
+//! Argument parsing and the client-side commands of the `latchkey` binary.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use latchkey::server::{Config, Server};
+use latchkey_client::protocol::{NodeKind, Stat, WatchEvent, WatchEventKind};
+use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// latchkey: a lock coordinator with sessions, queued locks, watches and
+/// fencing tokens.
+#[derive(Parser, Debug)]
+#[command(name = "latchkey", version, about, long_about = None)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator (in memory) until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Create a node and print its path (with the sequence suffix, if any).
+    Create {
+        #[command(flatten)]
+        common: Common,
+        /// The node's path, e.g. /config/db.
+        path: String,
+        /// The node's data (UTF-8 text; empty if left out).
+        data: Option<String>,
+        /// Delete the node when this command's session ends. The command
+        /// then keeps its session open until interrupted (Ctrl-C).
+        #[arg(long, conflicts_with = "container")]
+        ephemeral: bool,
+        /// Append a 10-digit counter from the parent to the name.
+        #[arg(long)]
+        sequential: bool,
+        /// A container: deleted once it has had children and has none left.
+        #[arg(long)]
+        container: bool,
+        /// Delete the node when it has not been set for this long, e.g. 10m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Create missing parents (as containers).
+        #[arg(long, short = 'p')]
+        parents: bool,
+    },
+    /// Print a node's data.
+    Get {
+        #[command(flatten)]
+        common: Common,
+        path: String,
+    },
+    /// Replace a node's data.
+    Set {
+        #[command(flatten)]
+        common: Common,
+        path: String,
+        data: String,
+        /// Only if the node is at this version (optimistic update).
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Delete a node (it must have no children).
+    Delete {
+        #[command(flatten)]
+        common: Common,
+        path: String,
+        /// Only if the node is at this version.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List a node's children, sorted.
+    Ls {
+        #[command(flatten)]
+        common: Common,
+        /// The parent node (default the root).
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Print a node's metadata: versions, zxids (czxid is the fencing
+    /// token), owner, times.
+    Stat {
+        #[command(flatten)]
+        common: Common,
+        path: String,
+    },
+    /// Print changes to a node (created, data changed, children changed,
+    /// deleted) as they happen, until interrupted.
+    Watch {
+        #[command(flatten)]
+        common: Common,
+        path: String,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// Options every client command takes.
+#[derive(ClapArgs, Debug, Clone)]
+struct Common {
+    /// The server's address.
+    #[arg(
+        long,
+        env = "LATCHKEY_SERVER",
+        default_value = "127.0.0.1:7878",
+        global = true
+    )]
+    server: String,
+    /// Print JSON (one object per line) for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(ClapArgs, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Smallest session timeout granted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    session_timeout_min: Duration,
+    /// Largest session timeout granted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    session_timeout_max: Duration,
+    /// Most open connections.
+    #[arg(long, default_value_t = Config::default().connections_max)]
+    connections_max: usize,
+    /// Largest frame a client may send, in bytes.
+    #[arg(long, default_value_t = Config::default().frame_bytes_max)]
+    frame_bytes_max: usize,
+    /// Largest node data, in bytes.
+    #[arg(long, default_value_t = Config::default().data_bytes_max)]
+    data_bytes_max: usize,
+    /// Bytes that may wait unread for one client before it is disconnected.
+    #[arg(long, default_value_t = Config::default().outbound_bytes_max)]
+    outbound_bytes_max: usize,
+    /// Most live sessions.
+    #[arg(long, default_value_t = Config::default().sessions_max)]
+    sessions_max: usize,
+    /// Most nodes in the tree.
+    #[arg(long, default_value_t = Config::default().nodes_max)]
+    nodes_max: usize,
+}
+
+/// Runs the parsed command; returns the exit code, or an error message for
+/// stderr.
+pub async fn run(args: Args) -> Result<ExitCode, String> {
+    match args.command {
+        Command::Serve(serve_args) => serve(serve_args).await,
+        command => client_command(command).await,
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config {
+        listen: args.listen,
+        session_timeout_ms_min: millis(args.session_timeout_min),
+        session_timeout_ms_max: millis(args.session_timeout_max),
+        connections_max: args.connections_max,
+        frame_bytes_max: args.frame_bytes_max,
+        data_bytes_max: args.data_bytes_max,
+        outbound_bytes_max: args.outbound_bytes_max,
+        sessions_max: args.sessions_max,
+        nodes_max: args.nodes_max,
+        ..Config::default()
+    };
+    let server = Server::bind(config).await.map_err(|e| e.to_string())?;
+    let addr = server.local_addr();
+    println!("latchkey listening on {addr}");
+    // Scripts wait for this line; make sure it is out even when piped.
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, "serving (in-memory state)");
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        signals.cancel();
+    });
+    server.run(shutdown).await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn connect(common: &Common) -> Result<Client, String> {
+    // Commands are short; a short session timeout means an interrupted
+    // command's ephemeral nodes do not linger.
+    let options = ClientOptions::new(common.server.clone()).session_timeout(Duration::from_secs(5));
+    Client::connect(options).await.map_err(|e| e.to_string())
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+fn stat_json(stat: &Stat) -> serde_json::Value {
+    serde_json::to_value(stat).unwrap_or(serde_json::Value::Null)
+}
+
+fn kind_name(kind: NodeKind) -> &'static str {
+    match kind {
+        NodeKind::Persistent => "persistent",
+        NodeKind::Ephemeral => "ephemeral",
+        NodeKind::Container => "container",
+    }
+}
+
+fn print_stat(stat: &Stat) {
+    println!("czxid (fencing token): {}", stat.czxid);
+    println!("mzxid:                 {}", stat.mzxid);
+    println!("pzxid:                 {}", stat.pzxid);
+    println!("created:               {}", format_time(stat.ctime_ms));
+    println!("modified:              {}", format_time(stat.mtime_ms));
+    println!("version:               {}", stat.version);
+    println!("cversion:              {}", stat.cversion);
+    println!("kind:                  {}", kind_name(stat.kind));
+    if let Some(owner) = stat.ephemeral_owner {
+        println!("ephemeral owner:       {owner}");
+    }
+    if let Some(ttl) = stat.ttl_ms {
+        println!(
+            "ttl:                   {}",
+            humantime::format_duration(Duration::from_millis(ttl))
+        );
+    }
+    println!("data length:           {}", stat.data_length);
+    println!("children:              {}", stat.num_children);
+}
+
+fn format_time(unix_ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Runs one client command on its own session and closes it.
+async fn client_command(command: Command) -> Result<ExitCode, String> {
+    let common = match &command {
+        Command::Serve(_) => unreachable!("serve is handled by run"),
+        Command::Create { common, .. }
+        | Command::Get { common, .. }
+        | Command::Set { common, .. }
+        | Command::Delete { common, .. }
+        | Command::Ls { common, .. }
+        | Command::Stat { common, .. }
+        | Command::Watch { common, .. } => common.clone(),
+    };
+    let client = connect(&common).await?;
+    let result = execute(&client, &common, command).await;
+    // The session's ephemeral nodes go with it; a failed close only means
+    // they go at the session timeout instead.
+    let _ = client.close().await;
+    result.map_err(|e| e.to_string())
+}
+
+async fn execute(
+    client: &Client,
+    common: &Common,
+    command: Command,
+) -> Result<ExitCode, ClientError> {
+    let json = common.json;
+    match command {
+        Command::Serve(_) => unreachable!("serve is handled by run"),
+        Command::Create {
+            path,
+            data,
+            ephemeral,
+            sequential,
+            container,
+            ttl,
+            parents,
+            ..
+        } => {
+            let mut options = if ephemeral {
+                CreateOptions::ephemeral()
+            } else if container {
+                CreateOptions::container()
+            } else {
+                CreateOptions::persistent()
+            };
+            if sequential {
+                options = options.sequential();
+            }
+            if let Some(ttl) = ttl {
+                options = options.ttl(ttl);
+            }
+            if parents {
+                options = options.make_parents();
+            }
+            let data = data.unwrap_or_default();
+            let created = client.create(&path, data.as_bytes(), options).await?;
+            if json {
+                print_json(&json!({ "path": created.path, "stat": stat_json(&created.stat) }));
+            } else {
+                println!("{}", created.path);
+            }
+            if ephemeral {
+                let _ = std::io::stdout().flush();
+                eprintln!(
+                    "holding ephemeral node {} until interrupted (Ctrl-C); it is deleted when this session ends",
+                    created.path
+                );
+                let mut status = client.session_status();
+                tokio::select! {
+                    _ = wait_for_signal() => {}
+                    _ = async {
+                        loop {
+                            if status.changed().await.is_err() { break; }
+                            let state = status.borrow().state;
+                            if matches!(state, latchkey_client::SessionState::Expired | latchkey_client::SessionState::Closed) {
+                                break;
+                            }
+                        }
+                    } => {
+                        return Err(ClientError::SessionExpired);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get { path, .. } => {
+            let (data, stat) = client.get(&path).await?;
+            if json {
+                print_json(&json!({
+                    "path": path,
+                    "data": String::from_utf8(data.clone()).ok(),
+                    "data_base64": base64_of(&data),
+                    "stat": stat_json(&stat),
+                }));
+            } else {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&data);
+                if out.is_terminal() && !data.ends_with(b"\n") && !data.is_empty() {
+                    let _ = out.write_all(b"\n");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Set {
+            path,
+            data,
+            version,
+            ..
+        } => {
+            let stat = client.set(&path, data.as_bytes(), version).await?;
+            if json {
+                print_json(&json!({ "path": path, "stat": stat_json(&stat) }));
+            } else {
+                println!("version {}", stat.version);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete { path, version, .. } => {
+            client.delete(&path, version).await?;
+            if json {
+                print_json(&json!({ "path": path, "deleted": true }));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls { path, .. } => {
+            let (children, stat) = client.children(&path).await?;
+            if json {
+                print_json(
+                    &json!({ "path": path, "children": children, "stat": stat_json(&stat) }),
+                );
+            } else {
+                for child in children {
+                    println!("{child}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stat { path, .. } => {
+            let stat = client
+                .exists(&path)
+                .await?
+                .ok_or_else(|| ClientError::NoNode {
+                    message: format!("no node at {path}"),
+                    index: None,
+                })?;
+            if json {
+                print_json(&json!({ "path": path, "stat": stat_json(&stat) }));
+            } else {
+                print_stat(&stat);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { path, count, .. } => watch(client, &path, count, json).await,
+    }
+}
+
+fn base64_of(data: &[u8]) -> String {
+    serde_json::to_value(latchkey_client::protocol::Data(data.to_vec()))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// One change `watch` reports.
+struct Change {
+    kind: WatchEventKind,
+    zxid: u64,
+}
+
+/// The changes between two reads of a node's stat. Reading the stat at
+/// every re-arm, rather than trusting the one-shot event alone, means a
+/// change made between an event and the re-arm is still reported.
+fn changes(before: Option<&Stat>, after: Option<&Stat>, event_zxid: u64) -> Vec<Change> {
+    let change = |kind, zxid| Change { kind, zxid };
+    match (before, after) {
+        (None, None) => Vec::new(),
+        (None, Some(now)) => vec![change(WatchEventKind::NodeCreated, now.czxid.0)],
+        (Some(_), None) => vec![change(WatchEventKind::NodeDeleted, event_zxid)],
+        (Some(was), Some(now)) if was.czxid != now.czxid => vec![
+            change(WatchEventKind::NodeDeleted, event_zxid.min(now.czxid.0)),
+            change(WatchEventKind::NodeCreated, now.czxid.0),
+        ],
+        (Some(was), Some(now)) => {
+            let mut found = Vec::new();
+            if now.mzxid != was.mzxid {
+                found.push(change(WatchEventKind::NodeDataChanged, now.mzxid.0));
+            }
+            if now.pzxid != was.pzxid {
+                found.push(change(WatchEventKind::NodeChildrenChanged, now.pzxid.0));
+            }
+            found
+        }
+    }
+}
+
+/// Prints every change to `path` until interrupted or `count` changes.
+/// Changes in quick succession may be reported as one, as with any
+/// one-shot watch; none is missed.
+async fn watch(
+    client: &Client,
+    path: &str,
+    count: Option<u64>,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    let mut reported: u64 = 0;
+    let mut last: Option<Stat> = None;
+    let mut event_zxid: u64 = 0;
+    let mut first = true;
+    loop {
+        let (stat, node_watch) = client.exists_watch(path).await?;
+        let child_watch = match stat {
+            Some(_) => match client.children_watch(path).await {
+                Ok((_, _, watch)) => Some(watch),
+                // Deleted between the two reads: the node watch reports it.
+                Err(ClientError::NoNode { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        if first {
+            first = false;
+            eprintln!("watching {path}; Ctrl-C to stop");
+        } else {
+            for change in changes(last.as_ref(), stat.as_ref(), event_zxid) {
+                if json {
+                    print_json(&json!({ "event": change.kind, "path": path, "zxid": change.zxid }));
+                } else {
+                    println!("{} {path} (zxid {})", change.kind, change.zxid);
+                }
+                let _ = std::io::stdout().flush();
+                reported += 1;
+                if count.is_some_and(|n| reported >= n) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        last = stat;
+        let event: WatchEvent = tokio::select! {
+            _ = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+            event = node_watch => event?,
+            event = async {
+                match child_watch {
+                    Some(watch) => watch.await,
+                    None => std::future::pending().await,
+                }
+            } => event?,
+        };
+        event_zxid = event.zxid.0;
+    }
+}

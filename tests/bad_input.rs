@@ -1,0 +1,351 @@
+//! Bad input through real sockets: each gets a clear error or a closed
+//! connection, the server keeps serving others, and nothing else changes.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use common::{start_server, start_server_with, test_config, within};
+use futures_util::{SinkExt, StreamExt};
+use latchkey_client::protocol::{
+    self, limits, ErrorCode, Hello, OpResult, Reply, ServerMessage, SessionEvent, Xid,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// A client that speaks raw frames.
+struct Raw {
+    framed: Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+}
+
+impl Raw {
+    async fn open(addr: SocketAddr) -> Raw {
+        let socket = TcpStream::connect(addr).await.expect("connect");
+        Raw {
+            framed: Framed::new(socket, protocol::codec(limits::REPLY_FRAME_BYTES_MAX)),
+        }
+    }
+
+    /// Opens a connection and a session.
+    async fn session(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::open(addr).await;
+        raw.send_json(&json!(Hello {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            session_timeout_ms: 10_000,
+            resume: None,
+        }))
+        .await;
+        match raw.recv().await {
+            Some(ServerMessage::Welcome(_)) => raw,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    async fn send_json(&mut self, value: &serde_json::Value) {
+        self.send_bytes(Bytes::from(value.to_string())).await;
+    }
+
+    async fn send_bytes(&mut self, body: Bytes) {
+        self.framed.send(body).await.expect("send frame");
+    }
+
+    /// The next message, or None at end of stream.
+    async fn recv(&mut self) -> Option<ServerMessage> {
+        let frame = within("a frame from the server", self.framed.next()).await?;
+        let frame = frame.ok()?;
+        Some(serde_json::from_slice(&frame).expect("the server sends valid messages"))
+    }
+
+    async fn request(&mut self, xid: u64, op: serde_json::Value) -> Reply {
+        self.send_json(&json!({ "xid": xid, "op": op })).await;
+        match self.recv().await {
+            Some(ServerMessage::Reply(reply)) => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// Expects a fatal error with this code, then the end of the stream.
+    async fn expect_fatal(&mut self, code: ErrorCode) -> String {
+        let message = match self.recv().await {
+            Some(ServerMessage::Fatal(error)) => {
+                assert_eq!(error.code, code, "{}", error.message);
+                error.message
+            }
+            other => panic!("expected a fatal {code:?}, got {other:?}"),
+        };
+        assert!(
+            self.recv().await.is_none(),
+            "the server closes after a fatal error"
+        );
+        message
+    }
+}
+
+/// The root's children and child version, seen by a fresh session: proof
+/// that nothing changed.
+async fn root_state(addr: SocketAddr) -> (Vec<String>, u64) {
+    let mut raw = Raw::session(addr).await;
+    let reply = raw.request(1, json!({"children": {"path": "/"}})).await;
+    match reply.result {
+        Ok(OpResult::Children { children, stat }) => (children, stat.cversion),
+        other => panic!("children of / failed: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn garbage_bytes_close_the_connection_and_others_are_served() {
+    let server = start_server().await;
+    let before = root_state(server.addr()).await;
+    let mut socket = TcpStream::connect(server.addr()).await.unwrap();
+    // An HTTP request: its first four bytes announce a 1.2 GB frame.
+    socket
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    within("the server closing", socket.read_to_end(&mut rest))
+        .await
+        .expect("read until close");
+    // What came back, if anything, is one fatal frame.
+    if !rest.is_empty() {
+        let body = &rest[4..];
+        let message: ServerMessage = serde_json::from_slice(body).unwrap();
+        assert!(matches!(message, ServerMessage::Fatal(_)), "{message:?}");
+    }
+    assert_eq!(root_state(server.addr()).await, before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_huge_length_header_is_refused_without_allocating_it() {
+    let server = start_server().await;
+    let mut raw = Raw::session(server.addr()).await;
+    // Announce 1 GiB and send a few bytes of it: the codec rejects the
+    // length from the header alone.
+    let mut frame = BytesMut::new();
+    frame.put_u32(1 << 30);
+    frame.put_slice(b"{\"xid\":1");
+    raw.framed.get_mut().write_all(&frame).await.unwrap();
+    let message = raw.expect_fatal(ErrorCode::TooLarge).await;
+    assert!(message.contains("frame"), "{message}");
+    // The server still serves.
+    let _ = root_state(server.addr()).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_and_nothing_changes() {
+    let mut config = test_config();
+    config.frame_bytes_max = 64 * 1024;
+    config.data_bytes_max = 16 * 1024;
+    let server = start_server_with(config).await;
+    let before = root_state(server.addr()).await;
+    let mut raw = Raw::session(server.addr()).await;
+    let big = "x".repeat(100 * 1024);
+    raw.send_json(&json!({"xid": 1, "op": {"create": {"path": "/big", "data": big}}}))
+        .await;
+    raw.expect_fatal(ErrorCode::TooLarge).await;
+    assert_eq!(root_state(server.addr()).await, before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_json_closes_the_connection_with_a_reason() {
+    let server = start_server().await;
+    let before = root_state(server.addr()).await;
+    let mut raw = Raw::session(server.addr()).await;
+    raw.send_bytes(Bytes::from_static(b"{\"xid\": 1, \"op\": {\"create\""))
+        .await;
+    let message = raw.expect_fatal(ErrorCode::Malformed).await;
+    assert!(message.contains("not a valid request"), "{message}");
+    assert_eq!(root_state(server.addr()).await, before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_first_frame_that_is_not_a_handshake_is_refused() {
+    let server = start_server().await;
+    let mut raw = Raw::open(server.addr()).await;
+    raw.send_json(&json!({"xid": 1, "op": "close_session"}))
+        .await;
+    let message = raw.expect_fatal(ErrorCode::Malformed).await;
+    assert!(message.contains("handshake"), "{message}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_protocol_version_mismatch_names_both_versions() {
+    let server = start_server().await;
+    let mut raw = Raw::open(server.addr()).await;
+    raw.send_json(&json!({"protocol_version": 999, "session_timeout_ms": 5000}))
+        .await;
+    let message = raw.expect_fatal(ErrorCode::ProtocolVersion).await;
+    assert!(message.contains("999"), "{message}");
+    assert!(
+        message.contains(&protocol::PROTOCOL_VERSION.to_string()),
+        "{message}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resuming_with_a_wrong_secret_is_refused() {
+    let server = start_server().await;
+    let mut first = Raw::open(server.addr()).await;
+    first
+        .send_json(
+            &json!({"protocol_version": protocol::PROTOCOL_VERSION, "session_timeout_ms": 5000}),
+        )
+        .await;
+    let Some(ServerMessage::Welcome(welcome)) = first.recv().await else {
+        panic!("no welcome");
+    };
+    let mut thief = Raw::open(server.addr()).await;
+    thief
+        .send_json(&json!({
+            "protocol_version": protocol::PROTOCOL_VERSION,
+            "session_timeout_ms": 5000,
+            "resume": {"session_id": welcome.session_id, "secret": "guess", "last_xid_received": 0}
+        }))
+        .await;
+    thief.expect_fatal(ErrorCode::SessionExpired).await;
+    // The owner's connection is untouched.
+    let reply = first.request(1, json!({"exists": {"path": "/"}})).await;
+    assert!(reply.result.is_ok());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_operation_gets_an_error_reply_and_the_connection_stays() {
+    let server = start_server().await;
+    let mut raw = Raw::session(server.addr()).await;
+    let reply = raw.request(1, json!({"explode": {"path": "/"}})).await;
+    assert_eq!(reply.xid, Xid(1));
+    let error = reply.result.expect_err("unknown op fails");
+    assert_eq!(error.code, ErrorCode::UnknownOperation);
+    assert!(error.message.contains("explode"), "{}", error.message);
+    // A malformed but identifiable request is answered too.
+    let reply = raw.request(2, json!({"create": {"data": "AA=="}})).await;
+    assert_eq!(
+        reply.result.expect_err("no path").code,
+        ErrorCode::Malformed
+    );
+    let reply = raw.request(3, json!({"exists": {"path": "/"}})).await;
+    assert!(reply.result.is_ok(), "the connection still works");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn non_canonical_paths_are_refused_and_nothing_is_created() {
+    let server = start_server().await;
+    let before = root_state(server.addr()).await;
+    let mut raw = Raw::session(server.addr()).await;
+    let paths = [
+        "", "a", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b", "/a\u{1}b",
+    ];
+    for (i, path) in paths.iter().enumerate() {
+        let xid = u64::try_from(i).unwrap() + 1;
+        let reply = raw
+            .request(xid, json!({"create": {"path": path, "make_parents": true}}))
+            .await;
+        let error = reply.result.expect_err("a bad path fails");
+        assert_eq!(
+            error.code,
+            ErrorCode::InvalidPath,
+            "{path:?}: {}",
+            error.message
+        );
+        assert!(!error.message.is_empty());
+    }
+    let reply = raw.request(100, json!({"get": {"path": "/a/"}})).await;
+    assert_eq!(reply.result.unwrap_err().code, ErrorCode::InvalidPath);
+    assert_eq!(root_state(server.addr()).await, before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn data_over_the_limit_is_refused_with_the_limit_named() {
+    let mut config = test_config();
+    config.data_bytes_max = 1000;
+    let server = start_server_with(config).await;
+    let before = root_state(server.addr()).await;
+    let mut raw = Raw::session(server.addr()).await;
+    let data = protocol::Data(vec![7u8; 1001]);
+    let reply = raw
+        .request(1, json!({"create": {"path": "/a", "data": data}}))
+        .await;
+    let error = reply.result.expect_err("too large");
+    assert_eq!(error.code, ErrorCode::TooLarge);
+    assert!(error.message.contains("1000"), "{}", error.message);
+    assert_eq!(root_state(server.addr()).await, before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_and_others_are_served() {
+    let mut config = test_config();
+    config.outbound_bytes_max = 64 * 1024;
+    let server = start_server_with(config).await;
+    let mut writer = Raw::session(server.addr()).await;
+    let data = protocol::Data(vec![b'x'; 32 * 1024]);
+    let reply = writer
+        .request(1, json!({"create": {"path": "/big", "data": data}}))
+        .await;
+    assert!(reply.result.is_ok());
+
+    // Ask for the 32 KiB node over and over without reading: far more than
+    // the socket buffers and the 64 KiB queue hold.
+    let mut sluggard = Raw::session(server.addr()).await;
+    let requests = 4000u64;
+    let mut send_failed = false;
+    for xid in 1..=requests {
+        let frame = Bytes::from(json!({"xid": xid, "op": {"get": {"path": "/big"}}}).to_string());
+        if sluggard.framed.send(frame).await.is_err() {
+            send_failed = true;
+            break;
+        }
+    }
+    // Now read: the stream ends before all replies arrived.
+    let mut replies = 0u64;
+    while let Some(message) = sluggard.recv().await {
+        if matches!(message, ServerMessage::Reply(_)) {
+            replies += 1;
+        }
+    }
+    assert!(
+        send_failed || replies < requests,
+        "the server kept queueing for a client that does not read ({replies} replies)"
+    );
+    // Everyone else is served.
+    let reply = writer.request(2, json!({"exists": {"path": "/big"}})).await;
+    assert!(reply.result.is_ok());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_with_a_reason() {
+    let mut config = test_config();
+    config.connections_max = 2;
+    let server = start_server_with(config).await;
+    let _a = Raw::session(server.addr()).await;
+    let _b = Raw::session(server.addr()).await;
+    let mut c = Raw::open(server.addr()).await;
+    let message = c.expect_fatal(ErrorCode::TooManyConnections).await;
+    assert!(message.contains('2'), "{message}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_connected_clients_their_session_ended() {
+    let server = start_server().await;
+    let mut raw = Raw::session(server.addr()).await;
+    server.stop().await;
+    assert_eq!(
+        raw.recv().await,
+        Some(ServerMessage::Session(SessionEvent::Expired))
+    );
+    assert!(raw.recv().await.is_none());
+}
