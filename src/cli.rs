@@ -169,6 +169,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = Config {
         listen: args.listen,

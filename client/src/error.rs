@@ -17,19 +17,19 @@ use crate::protocol::{ErrorCode, ErrorReply, PathError};
 #[non_exhaustive]
 pub enum ClientError {
     /// The node (or, for a create, its parent) does not exist.
-    #[error("{}{message} (no such node: check the path, or create the parent first or pass make_parents)", at(.index))]
+    #[error("{}{message}", at(.index))]
     NoNode { message: String, index: Option<u32> },
     /// A node already exists at the path.
-    #[error("{}{message} (the node already exists: pick another name, or use a sequential node)", at(.index))]
+    #[error("{}{message}", at(.index))]
     NodeExists { message: String, index: Option<u32> },
     /// The node's version is not the one the request expected.
-    #[error("{}{message} (the node changed since you read it: read it again and retry)", at(.index))]
+    #[error("{}{message}", at(.index))]
     BadVersion { message: String, index: Option<u32> },
     /// The node to delete has children.
-    #[error("{}{message} (the node has children: delete them first)", at(.index))]
+    #[error("{}{message}", at(.index))]
     NotEmpty { message: String, index: Option<u32> },
     /// The create's parent is an ephemeral node.
-    #[error("{}{message} (ephemeral nodes cannot have children: make the parent persistent or a container)", at(.index))]
+    #[error("{}{message}", at(.index))]
     NoChildrenForEphemerals { message: String, index: Option<u32> },
     /// A path is not canonical. Checked locally before any round trip, so
     /// the server never sees the request.
@@ -37,10 +37,10 @@ pub enum ClientError {
     InvalidPath { message: String, index: Option<u32> },
     /// Data or the whole request is over a limit. Checked locally against the
     /// limits the server announced, and by the server.
-    #[error("{}{message} (send less data, or split the request)", at(.index))]
+    #[error("{}{message}", at(.index))]
     TooLarge { message: String, index: Option<u32> },
     /// A bound on nodes, children, watches or sessions was reached.
-    #[error("{}{message} (remove nodes or watches you no longer need, or raise the server's limit)", at(.index))]
+    #[error("{}{message}", at(.index))]
     LimitExceeded { message: String, index: Option<u32> },
     /// An argument is not allowed (the message names it).
     #[error("{}{message}", at(.index))]
@@ -78,7 +78,7 @@ pub enum ClientError {
     /// Any other error the server reported (`UnknownOperation`, `Malformed`,
     /// `RetryUnknown`, `SessionMoved`, `ShuttingDown`,
     /// `TooManyConnections`, ...).
-    #[error("{}{message} ({code}: {})", at(.index), advice(*.code))]
+    #[error("{}{message}{}", at(.index), advice(*.code))]
     Server {
         code: ErrorCode,
         message: String,
@@ -100,18 +100,17 @@ fn server_side(server_version: &Option<u32>, message: &str) -> String {
     }
 }
 
+/// Advice the server's message may lack, for codes the client does not
+/// give a variant of their own.
 fn advice(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::RetryUnknown => {
-            "the outcome of the retried request is unknown: read the node to find out"
+            " (the outcome of the retried request is unknown: read the node to find out)"
         }
-        ErrorCode::ShuttingDown => "retry; the client reconnects, to another server if it has one",
-        ErrorCode::TooManyConnections => "retry later, or raise the server's connection limit",
-        ErrorCode::SessionMoved => "another connection resumed this session",
         ErrorCode::UnknownOperation | ErrorCode::Malformed | ErrorCode::ProtocolVersion => {
-            "client and server disagree on the protocol: upgrade the older side"
+            " (client and server disagree on the protocol: upgrade the older side)"
         }
-        _ => "see the server's message",
+        _ => "",
     }
 }
 
