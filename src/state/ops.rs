@@ -48,10 +48,11 @@ impl Coordinator {
             let is_write = op.is_write();
             let result = self.execute(session, op, now_ms, fx);
             // A closed session is gone, and so is its cache.
-            if is_write {
-                if let Some(s) = self.sessions.get_mut(session) {
+            if let Some(s) = self.sessions.get_mut(session) {
+                if is_write {
                     s.remember(xid, result.clone());
                 }
+                s.forget_outside_window(xid);
             }
             result
         } else if let Some(cached) = cached {

@@ -86,7 +86,8 @@ fn random_path(rng: &mut XorShift) -> String {
     let mut path = String::new();
     for _ in 0..depth {
         path.push('/');
-        path.push_str(*rng.pick(&NAMES));
+        let name: &&str = rng.pick(&NAMES);
+        path.push_str(name);
     }
     path
 }
