@@ -1446,6 +1446,12 @@ fn a_read_far_ahead_also_moves_the_cache_window() {
 // ---- invariants ----
 
 #[test]
+fn the_coordinator_can_be_shared_behind_a_lock() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Coordinator>();
+}
+
+#[test]
 fn check_invariants_catches_a_broken_state() {
     let mut h = Harness::new();
     let s = h.open();
