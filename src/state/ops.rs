@@ -48,10 +48,11 @@ impl Coordinator {
             let is_write = op.is_write();
             let result = self.execute(session, op, now_ms, fx);
             // A closed session is gone, and so is its cache.
-            if is_write {
-                if let Some(s) = self.sessions.get_mut(session) {
+            if let Some(s) = self.sessions.get_mut(session) {
+                if is_write {
                     s.remember(xid, result.clone());
                 }
+                s.forget_outside_window(xid);
             }
             result
         } else if let Some(cached) = cached {
@@ -253,20 +254,20 @@ impl Coordinator {
 
     fn get(&mut self, session: SessionId, path: &str, watch: bool) -> Result<OpResult, ErrorReply> {
         check_path(path)?;
-        if self.tree.get(path).is_none() {
+        let Some(node) = self.tree.get(path) else {
             return Err(no_node(
                 path,
                 "check the path, or use exists with a watch to wait for it",
             ));
-        }
+        };
+        let answer = OpResult::Data {
+            data: node.data.clone().into(),
+            stat: node.stat(),
+        };
         if watch {
             self.watch_for_read(session, path, WatchKind::Data)?;
         }
-        let node = self.tree.get(path).expect("checked above");
-        Ok(OpResult::Data {
-            data: node.data.clone().into(),
-            stat: node.stat(),
-        })
+        Ok(answer)
     }
 
     fn exists(
@@ -295,17 +296,17 @@ impl Coordinator {
         watch: bool,
     ) -> Result<OpResult, ErrorReply> {
         check_path(path)?;
-        if self.tree.get(path).is_none() {
+        let Some(node) = self.tree.get(path) else {
             return Err(no_node(path, "check the path, or create it first"));
-        }
+        };
+        let answer = OpResult::Children {
+            children: node.children.iter().cloned().collect(),
+            stat: node.stat(),
+        };
         if watch {
             self.watch_for_read(session, path, WatchKind::Child)?;
         }
-        let node = self.tree.get(path).expect("checked above");
-        Ok(OpResult::Children {
-            children: node.children.iter().cloned().collect(),
-            stat: node.stat(),
-        })
+        Ok(answer)
     }
 
     /// Re-registers a resumed session's watches; fires at once, with the

@@ -46,10 +46,15 @@ impl Session {
         self.replies.retain(|(xid, _)| *xid > ack);
     }
 
-    /// Caches the reply to write `xid` and drops replies too old to be
-    /// retried by a client that respects `limits::INFLIGHT_MAX`.
+    /// Caches the reply to write `xid`.
     pub(crate) fn remember(&mut self, xid: Xid, result: Result<OpResult, ErrorReply>) {
         self.replies.push_back((xid, result));
+    }
+
+    /// Drops replies too old to be retried by a client that keeps at most
+    /// `limits::INFLIGHT_MAX` requests in flight: those with xid <= `xid -
+    /// INFLIGHT_MAX`, where `xid` is the newest applied.
+    pub(crate) fn forget_outside_window(&mut self, xid: Xid) {
         let window = u64::try_from(limits::INFLIGHT_MAX).unwrap_or(u64::MAX);
         let floor = xid.0.saturating_sub(window);
         self.replies.retain(|(cached, _)| cached.0 > floor);

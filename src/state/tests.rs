@@ -1427,7 +1427,29 @@ fn the_reply_cache_keeps_only_the_inflight_window() {
     );
 }
 
+#[test]
+fn a_read_far_ahead_also_moves_the_cache_window() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.send_xid(s, Xid(1), create(mk("/a")));
+    h.send_xid(s, Xid(2), create(mk("/b")));
+    let window = u64::try_from(limits::INFLIGHT_MAX).expect("small");
+    // xid - INFLIGHT_MAX = 2: xid 1 and 2 drop out, nothing newer exists.
+    h.send_xid(s, Xid(window + 2), get("/", false));
+    assert!(h.c.sessions.get(s).expect("live").replies.is_empty());
+    let e = result(&h.send_xid(s, Xid(2), create(mk("/b"))))
+        .clone()
+        .expect_err("out of the window");
+    assert_eq!(e.code, ErrorCode::RetryUnknown);
+}
+
 // ---- invariants ----
+
+#[test]
+fn the_coordinator_can_be_shared_behind_a_lock() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Coordinator>();
+}
 
 #[test]
 fn check_invariants_catches_a_broken_state() {
