@@ -638,8 +638,13 @@ fn plan_create(
         return Err(ErrorReply::new(
             ErrorCode::InvalidArgument,
             format!(
-                "ttl_ms is set for a {kind:?} node; only persistent nodes take a TTL (drop ttl_ms, \
-                 or make the node persistent)"
+                "a TTL was given for {} node; only persistent nodes take a TTL (drop the TTL, \
+                 or make the node persistent)",
+                match kind {
+                    NodeKind::Ephemeral => "an ephemeral",
+                    NodeKind::Container => "a container",
+                    NodeKind::Persistent => "a persistent",
+                }
             ),
         ));
     }
