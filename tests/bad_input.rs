@@ -349,3 +349,80 @@ async fn shutdown_tells_connected_clients_their_session_ended() {
     );
     assert!(raw.recv().await.is_none());
 }
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_is_closed_after_the_handshake_timeout() {
+    let mut config = test_config();
+    config.handshake_timeout = std::time::Duration::from_millis(300);
+    let server = start_server_with(config).await;
+    let mut silent = TcpStream::connect(server.addr()).await.unwrap();
+    let mut rest = Vec::new();
+    let read = within(
+        "the server closing a silent connection",
+        silent.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        read.is_ok() && rest.is_empty(),
+        "closed without a word: {read:?}"
+    );
+    // A connection stalled inside its first frame is closed the same way.
+    let mut stalled = TcpStream::connect(server.addr()).await.unwrap();
+    stalled.write_all(&[0, 0, 0, 50, b'{']).await.unwrap();
+    let read = within(
+        "the server closing a stalled connection",
+        stalled.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(read.is_ok());
+    let _ = root_state(server.addr()).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resuming_on_a_new_connection_moves_the_session_and_closes_the_old_one() {
+    let server = start_server().await;
+    let mut first = Raw::open(server.addr()).await;
+    first
+        .send_json(
+            &json!({"protocol_version": protocol::PROTOCOL_VERSION, "session_timeout_ms": 5000}),
+        )
+        .await;
+    let Some(ServerMessage::Welcome(welcome)) = first.recv().await else {
+        panic!("no welcome");
+    };
+    let created = first
+        .request(1, json!({"create": {"path": "/mine", "kind": "ephemeral"}}))
+        .await;
+    assert!(created.result.is_ok());
+
+    let mut second = Raw::open(server.addr()).await;
+    second
+        .send_json(&json!({
+            "protocol_version": protocol::PROTOCOL_VERSION,
+            "session_timeout_ms": 5000,
+            "resume": {"session_id": welcome.session_id, "secret": welcome.secret, "last_xid_received": 1}
+        }))
+        .await;
+    let Some(ServerMessage::Welcome(resumed)) = second.recv().await else {
+        panic!("no welcome on resume");
+    };
+    assert_eq!(resumed.session_id, welcome.session_id);
+    assert_eq!(resumed.last_xid_applied, Xid(1));
+    assert_eq!(
+        first.recv().await,
+        Some(ServerMessage::Session(SessionEvent::Moved))
+    );
+    assert!(first.recv().await.is_none(), "the old connection is closed");
+    // The session, and its ephemeral node, carry on on the new connection.
+    let reply = second
+        .request(2, json!({"exists": {"path": "/mine"}}))
+        .await;
+    match reply.result {
+        Ok(OpResult::Exists { stat: Some(stat) }) => {
+            assert_eq!(stat.ephemeral_owner, Some(welcome.session_id));
+        }
+        other => panic!("the ephemeral should survive the move: {other:?}"),
+    }
+    server.stop().await;
+}

@@ -76,8 +76,7 @@ pub enum ClientError {
     #[error("the server sent an unexpected message: {message} (a client/server bug: report it with both versions)")]
     Protocol { message: String },
     /// Any other error the server reported (`UnknownOperation`, `Malformed`,
-    /// `RetryUnknown`, `SessionMoved`, `ShuttingDown`,
-    /// `TooManyConnections`, ...).
+    /// `RetryUnknown`, `TooManyConnections`, ...).
     #[error("{}{message}{}", at(.index), advice(*.code))]
     Server {
         code: ErrorCode,
@@ -250,11 +249,9 @@ mod tests {
             UnknownOperation,
             Malformed,
             SessionExpired,
-            SessionMoved,
             ProtocolVersion,
             RetryUnknown,
             TooManyConnections,
-            ShuttingDown,
         ] {
             let err = ClientError::from_reply(ErrorReply::new(code, "m"));
             assert_eq!(err.code(), Some(code), "{err}");

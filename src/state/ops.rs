@@ -178,7 +178,8 @@ impl Coordinator {
     }
 
     /// Applies checked steps; one zxid per action (a create with
-    /// make_parents has one action per created node; a check has one).
+    /// make_parents has one action per created node; a check has none, as it
+    /// writes nothing).
     fn apply_plan(&mut self, plan: Vec<Step>, now_ms: u64, fx: &mut Effects) -> Vec<MultiResult> {
         let mut results = Vec::with_capacity(plan.len());
         for step in plan {
@@ -207,7 +208,6 @@ impl Coordinator {
                         fx.events.extend(fired);
                         touched = Some(key);
                     }
-                    Action::Check => {}
                 }
             }
             let node = || {
@@ -426,7 +426,6 @@ enum Action {
     Create(NewNode),
     Delete(String),
     Set(String, Vec<u8>),
-    Check,
 }
 
 /// What a step answers once applied.
@@ -606,7 +605,7 @@ fn plan_step(
                 .ok_or_else(|| no_node(&path, "create it first, or check another node"))?;
             check_version(&path, Some(version), view.version)?;
             Ok(Step {
-                actions: vec![Action::Check],
+                actions: Vec::new(),
                 answer: Answer::Checked,
             })
         }
