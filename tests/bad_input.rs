@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use common::{start_server, start_server_with, test_config, within};
 use futures_util::{SinkExt, StreamExt};
 use latchkey_client::protocol::{
-    self, limits, ErrorCode, Hello, OpResult, Reply, ServerMessage, SessionEvent, Xid,
+    self, limits, ErrorCode, Hello, OpResult, Reply, ServerMessage, SessionEvent, Welcome, Xid,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +31,11 @@ impl Raw {
 
     /// Opens a connection and a session.
     async fn session(addr: SocketAddr) -> Raw {
+        Raw::session_welcome(addr).await.0
+    }
+
+    /// Opens a connection and a session; returns the server's welcome too.
+    async fn session_welcome(addr: SocketAddr) -> (Raw, Welcome) {
         let mut raw = Raw::open(addr).await;
         raw.send_json(&json!(Hello {
             protocol_version: protocol::PROTOCOL_VERSION,
@@ -39,7 +44,7 @@ impl Raw {
         }))
         .await;
         match raw.recv().await {
-            Some(ServerMessage::Welcome(_)) => raw,
+            Some(ServerMessage::Welcome(welcome)) => (raw, welcome),
             other => panic!("expected a welcome, got {other:?}"),
         }
     }
@@ -194,15 +199,7 @@ async fn a_protocol_version_mismatch_names_both_versions() {
 #[tokio::test]
 async fn resuming_with_a_wrong_secret_is_refused() {
     let server = start_server().await;
-    let mut first = Raw::open(server.addr()).await;
-    first
-        .send_json(
-            &json!({"protocol_version": protocol::PROTOCOL_VERSION, "session_timeout_ms": 5000}),
-        )
-        .await;
-    let Some(ServerMessage::Welcome(welcome)) = first.recv().await else {
-        panic!("no welcome");
-    };
+    let (mut first, welcome) = Raw::session_welcome(server.addr()).await;
     let mut thief = Raw::open(server.addr()).await;
     thief
         .send_json(&json!({
@@ -382,15 +379,7 @@ async fn a_connection_that_never_says_hello_is_closed_after_the_handshake_timeou
 #[tokio::test]
 async fn resuming_on_a_new_connection_moves_the_session_and_closes_the_old_one() {
     let server = start_server().await;
-    let mut first = Raw::open(server.addr()).await;
-    first
-        .send_json(
-            &json!({"protocol_version": protocol::PROTOCOL_VERSION, "session_timeout_ms": 5000}),
-        )
-        .await;
-    let Some(ServerMessage::Welcome(welcome)) = first.recv().await else {
-        panic!("no welcome");
-    };
+    let (mut first, welcome) = Raw::session_welcome(server.addr()).await;
     let created = first
         .request(1, json!({"create": {"path": "/mine", "kind": "ephemeral"}}))
         .await;

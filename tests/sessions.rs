@@ -5,9 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, connect_with, start_server, within, Proxy};
+use common::{connect, connect_via_proxy, start_server, within};
 use latchkey_client::protocol::{node_name, WatchEventKind};
-use latchkey_client::{ClientError, ClientOptions, CreateOptions, SessionState};
+use latchkey_client::{ClientError, CreateOptions, SessionState};
 
 /// Waits until the client's session reaches `state`.
 async fn wait_for_state(client: &latchkey_client::Client, state: SessionState) {
@@ -28,10 +28,8 @@ async fn wait_for_state(client: &latchkey_client::Client, state: SessionState) {
 #[tokio::test]
 async fn ephemerals_vanish_when_the_session_expires_and_not_before_its_timeout() {
     let server = start_server().await;
-    let proxy = Proxy::start(server.addr()).await;
     let timeout = Duration::from_millis(1500);
-    let holder =
-        connect_with(ClientOptions::new(proxy.addr().to_string()).session_timeout(timeout)).await;
+    let (proxy, holder) = connect_via_proxy(server.addr(), timeout).await;
     let observer = connect(server.addr()).await;
 
     let sent = Instant::now();
@@ -77,11 +75,7 @@ async fn ephemerals_vanish_when_the_session_expires_and_not_before_its_timeout()
 #[tokio::test]
 async fn a_cut_connection_resumes_its_session_keeps_ephemerals_and_gets_missed_events() {
     let server = start_server().await;
-    let proxy = Proxy::start(server.addr()).await;
-    let client = connect_with(
-        ClientOptions::new(proxy.addr().to_string()).session_timeout(Duration::from_secs(10)),
-    )
-    .await;
+    let (proxy, client) = connect_via_proxy(server.addr(), Duration::from_secs(10)).await;
     let other = connect(server.addr()).await;
     let session = client.session_id();
 
@@ -138,11 +132,7 @@ async fn close_deletes_ephemerals_at_once() {
 #[tokio::test]
 async fn a_retried_create_after_a_cut_leaves_no_orphan() {
     let server = start_server().await;
-    let proxy = Proxy::start(server.addr()).await;
-    let client = connect_with(
-        ClientOptions::new(proxy.addr().to_string()).session_timeout(Duration::from_secs(10)),
-    )
-    .await;
+    let (proxy, client) = connect_via_proxy(server.addr(), Duration::from_secs(10)).await;
     let observer = connect(server.addr()).await;
     observer
         .create("/q", "", CreateOptions::persistent())

@@ -49,6 +49,15 @@ pub async fn connect_with(options: ClientOptions) -> Client {
         .expect("connect succeeded")
 }
 
+/// A proxy in front of `server` and a client connected through it.
+pub async fn connect_via_proxy(server: SocketAddr, session_timeout: Duration) -> (Proxy, Client) {
+    let proxy = Proxy::start(server).await;
+    let client =
+        connect_with(ClientOptions::new(proxy.addr().to_string()).session_timeout(session_timeout))
+            .await;
+    (proxy, client)
+}
+
 /// Awaits `future` or fails the test after [`WAIT`].
 pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
     match tokio::time::timeout(WAIT, future).await {
