@@ -12,7 +12,7 @@ use latchkey_client::protocol::{
 };
 use latchkey_client::{ClientError, CreateOptions};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_names_strictly_increase_and_never_repeat_after_deletes() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -47,7 +47,7 @@ async fn sequential_names_strictly_increase_and_never_repeat_after_deletes() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_expected_version_gets_bad_version() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -68,7 +68,7 @@ async fn a_stale_expected_version_gets_bad_version() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_name_the_case_the_caller_must_handle() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -109,7 +109,7 @@ async fn errors_name_the_case_the_caller_must_handle() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_is_all_or_nothing() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -161,7 +161,7 @@ async fn multi_is_all_or_nothing() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_parents_vanish_with_their_last_child() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -192,7 +192,7 @@ async fn container_parents_vanish_with_their_last_child() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_nodes_expire_and_a_set_renews_them() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -217,7 +217,7 @@ async fn ttl_nodes_expire_and_a_set_renews_them() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_event_arrives_before_any_later_reply_reflecting_the_change() {
     let server = start_server().await;
     let watcher = connect(server.addr()).await;
@@ -243,7 +243,7 @@ async fn a_watch_event_arrives_before_any_later_reply_reflecting_the_change() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_are_one_shot_and_report_children_and_creation() {
     let server = start_server().await;
     let client = connect(server.addr()).await;

@@ -25,7 +25,7 @@ async fn wait_for_state(client: &latchkey_client::Client, state: SessionState) {
     .await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemerals_vanish_when_the_session_expires_and_not_before_its_timeout() {
     let server = start_server().await;
     let timeout = Duration::from_millis(1500);
@@ -72,7 +72,7 @@ async fn ephemerals_vanish_when_the_session_expires_and_not_before_its_timeout()
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_resumes_its_session_keeps_ephemerals_and_gets_missed_events() {
     let server = start_server().await;
     let (proxy, client) = connect_via_proxy(server.addr(), Duration::from_secs(10)).await;
@@ -109,7 +109,7 @@ async fn a_cut_connection_resumes_its_session_keeps_ephemerals_and_gets_missed_e
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_deletes_ephemerals_at_once() {
     let server = start_server().await;
     let client = connect(server.addr()).await;
@@ -129,7 +129,7 @@ async fn close_deletes_ephemerals_at_once() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_create_after_a_cut_leaves_no_orphan() {
     let server = start_server().await;
     let (proxy, client) = connect_via_proxy(server.addr(), Duration::from_secs(10)).await;
@@ -175,7 +175,7 @@ async fn a_retried_create_after_a_cut_leaves_no_orphan() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_strictly_increase_across_a_server_restart() {
     let first = start_server().await;
     let client = connect(first.addr()).await;
@@ -214,7 +214,7 @@ async fn fencing_tokens_strictly_increase_across_a_server_restart() {
     second.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ended_by_shutdown_is_reported_expired() {
     let server = start_server().await;
     let client = connect(server.addr()).await;

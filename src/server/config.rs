@@ -49,6 +49,10 @@ pub struct Config {
     /// How often session expiry, TTLs and empty containers are checked.
     /// Default 50 ms: the slack added to every expiry.
     pub tick_interval: Duration,
+    /// How long one batch of replies may take to write before the server
+    /// decides the client is not reading and drops the connection (its
+    /// session lives on). Default 10 s: 4 MiB at 400 KB/s.
+    pub write_timeout: Duration,
     /// How long shutdown waits for connections to flush. Default 5 s.
     pub shutdown_grace: Duration,
     /// Check the coordinator's invariants after every step and stop on the
@@ -73,6 +77,7 @@ impl Default for Config {
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
             handshake_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(50),
+            write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             check_invariants: cfg!(debug_assertions),
         }
@@ -120,6 +125,9 @@ impl Config {
                 "at most {} children per node are supported",
                 limits::CHILDREN_PER_NODE_MAX
             ));
+        }
+        if self.write_timeout.is_zero() || self.handshake_timeout.is_zero() {
+            return Err("the write and handshake timeouts must be above 0".into());
         }
         if self.tick_interval.is_zero() {
             return Err("the tick interval must be above 0".into());

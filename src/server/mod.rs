@@ -103,6 +103,10 @@ struct Core {
     /// Run `check_invariants` after every apply (a bug then stops the server
     /// at once instead of corrupting state quietly).
     check_invariants: bool,
+    /// The latest `now_ms` applied. Callers read the clock before taking the
+    /// lock, so under contention their readings arrive out of order; the
+    /// state machine is promised time that never goes back.
+    last_now_ms: u64,
 }
 
 struct Attached {
@@ -111,9 +115,18 @@ struct Attached {
 }
 
 impl Core {
+    /// Whether `connection` is the one attached to `session` now.
+    fn is_current(&self, session: SessionId, connection: u64) -> bool {
+        self.connections
+            .get(&session)
+            .is_some_and(|attached| attached.connection == connection)
+    }
+
     /// Applies a command, checks invariants in debug builds, and queues the
     /// events it produced and the end of any session it ended.
     fn apply(&mut self, command: Command, now_ms: u64) -> Outcome {
+        let now_ms = now_ms.max(self.last_now_ms);
+        self.last_now_ms = now_ms;
         let Output {
             outcome,
             events,
@@ -121,7 +134,11 @@ impl Core {
         } = self.coordinator.apply(command, now_ms);
         if self.check_invariants {
             if let Err(broken) = self.coordinator.check_invariants() {
-                panic!("coordinator invariant broken: {broken}");
+                // A panic would unwind this task only and leave the others
+                // serving a broken state; a coordinator must stop instead.
+                tracing::error!("coordinator invariant broken: {broken}; aborting");
+                eprintln!("latchkey: coordinator invariant broken: {broken}; aborting");
+                std::process::abort();
             }
         }
         for (session, event) in events {
@@ -188,6 +205,7 @@ impl Server {
                 connections: HashMap::new(),
                 next_connection: 0,
                 check_invariants: config.check_invariants,
+                last_now_ms: 0,
             }),
             connection_slots: Arc::new(Semaphore::new(config.connections_max)),
             config,
@@ -242,14 +260,11 @@ impl Server {
             "shutting down: stopped accepting; sessions end with the server (state is in memory)"
         );
         tracker.close();
-        if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                "some connections did not finish within {:?}; closing them",
-                shared.config.shutdown_grace
-            );
+        // Every connection task ends within the grace: readers stop at once,
+        // writers get the grace to flush and then drop their sockets.
+        let bound = shared.config.shutdown_grace + Duration::from_secs(1);
+        if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
+            warn!("some connection tasks did not end within {bound:?}; leaving them behind");
         }
     }
 }
@@ -433,7 +448,13 @@ impl Connection {
                 return;
             }
         };
-        let writer_task = writer_loop(writer, connection.outbound.clone(), peer);
+        let writer_task = writer_loop(
+            writer,
+            connection.outbound.clone(),
+            peer,
+            shared.config.write_timeout,
+            hard_stop(&shutdown, shared.config.shutdown_grace),
+        );
         let reader_task = connection.read_loop(&mut reader, &shutdown);
         let ((), ()) = tokio::join!(writer_task, reader_task);
     }
@@ -510,6 +531,10 @@ impl Connection {
     ) {
         loop {
             let frame = tokio::select! {
+                // A closed queue (session moved, expired, client not reading)
+                // wins over a frame that is already readable.
+                biased;
+                _ = self.outbound.closed() => break,
                 _ = shutdown.cancelled() => {
                     self.outbound.push_last(
                         protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
@@ -517,7 +542,6 @@ impl Connection {
                     );
                     break;
                 }
-                _ = self.outbound.closed() => break,
                 frame = reader.next() => frame,
             };
             match frame {
@@ -525,9 +549,21 @@ impl Connection {
                     debug!(peer = %self.peer, session = %self.session, "client closed the connection");
                     break;
                 }
+                // The codec reports a frame over the limit as invalid data,
+                // before reading or allocating its body.
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    warn!(peer = %self.peer, session = %self.session, "closing connection: {e}");
+                    self.fatal(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "frame refused: {e}; the limit is {} bytes",
+                            self.shared.config.frame_bytes_max
+                        ),
+                    );
+                    break;
+                }
                 Some(Err(e)) => {
-                    warn!(peer = %self.peer, session = %self.session, "closing connection: broken frame: {e}");
-                    self.fatal(ErrorCode::TooLarge, format!("broken frame: {e}"));
+                    debug!(peer = %self.peer, session = %self.session, "connection failed: {e}");
                     break;
                 }
                 Some(Ok(frame)) => {
@@ -550,6 +586,12 @@ impl Connection {
         let close_after = matches!(request.op, Op::CloseSession);
         let now_ms = self.shared.clock.now_ms();
         let mut core = self.shared.core.lock();
+        // Once the session has moved to another connection, a frame still
+        // buffered on this one must not be applied: the new connection's
+        // welcome already told the client which xids were applied.
+        if !core.is_current(self.session, self.id) {
+            return false;
+        }
         let outcome = core.apply(
             Command::Request {
                 session: self.session,
@@ -591,7 +633,24 @@ impl Connection {
             ErrorCode::Malformed
         };
         debug!(peer = %self.peer, session = %self.session, ?code, "rejected request: {text}");
-        let zxid = self.shared.core.lock().coordinator.zxid();
+        let now_ms = self.shared.clock.now_ms();
+        let mut core = self.shared.core.lock();
+        if !core.is_current(self.session, self.id) {
+            return false;
+        }
+        // The client was heard from, as with any request: its lease
+        // estimate moves on this reply, so the server's deadline must too.
+        // A heartbeat with no ack applies exactly that.
+        let Outcome::Reply(Reply { zxid, .. }) = core.apply(
+            Command::Request {
+                session: self.session,
+                xid,
+                op: Op::Ping { ack: Xid(0) },
+            },
+            now_ms,
+        ) else {
+            unreachable!("a request is answered with a reply");
+        };
         let reply = Reply {
             xid,
             zxid,
@@ -615,11 +674,7 @@ impl Connection {
     /// lets the writer finish. The session itself lives on until it expires.
     fn detach(&self) {
         let mut core = self.shared.core.lock();
-        if core
-            .connections
-            .get(&self.session)
-            .is_some_and(|attached| attached.connection == self.id)
-        {
+        if core.is_current(self.session, self.id) {
             core.connections.remove(&self.session);
         }
         drop(core);
@@ -627,7 +682,26 @@ impl Connection {
     }
 }
 
-/// Writes every batch of ready frames with one flush, until the queue closes.
+fn log_overflow(peer: SocketAddr, bytes_max: usize) {
+    warn!(
+        %peer,
+        "closing connection: the client is not reading its replies \
+         (over {bytes_max} bytes queued); its session can resume"
+    );
+}
+
+/// Resolves `grace` after shutdown begins: the moment writers give up
+/// flushing to clients that do not read.
+async fn hard_stop(shutdown: &CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
+/// Writes every batch of ready frames with one flush, until the queue
+/// closes. Drops the connection at once when the queue overflows, when a
+/// batch takes longer than `write_timeout` (the client is not reading), or
+/// when `hard_stop` resolves, so a stalled client never holds its task,
+/// socket and connection slot.
 async fn writer_loop(
     mut writer: FramedWrite<
         tokio::net::tcp::OwnedWriteHalf,
@@ -635,37 +709,66 @@ async fn writer_loop(
     >,
     outbound: Arc<Outbound>,
     peer: SocketAddr,
+    write_timeout: Duration,
+    hard_stop: impl std::future::Future<Output = ()>,
 ) {
+    tokio::pin!(hard_stop);
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
-        match outbound.next_batch(&mut batch).await {
+        let next = tokio::select! {
+            biased;
+            () = &mut hard_stop => return,
+            next = outbound.next_batch(&mut batch) => next,
+        };
+        match next {
             Ok(()) => {
-                for frame in batch.drain(..) {
-                    if let Err(e) = writer.feed(frame).await {
-                        debug!(%peer, "write failed: {e}");
+                let write = async {
+                    for frame in batch.drain(..) {
+                        writer.feed(frame).await?;
+                    }
+                    SinkExt::<Bytes>::flush(&mut writer).await
+                };
+                let written = tokio::select! {
+                    biased;
+                    () = outbound.overflowed() => Err(true),
+                    () = &mut hard_stop => Err(false),
+                    written = tokio::time::timeout(write_timeout, write) => match written {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            debug!(%peer, "write failed: {e}");
+                            Err(false)
+                        }
+                        Err(_) => {
+                            warn!(
+                                %peer,
+                                "closing connection: a write took over {write_timeout:?}; \
+                                 the client is not reading (its session can resume)"
+                            );
+                            Err(false)
+                        }
+                    },
+                };
+                match written {
+                    Ok(()) => {}
+                    Err(overflowed) => {
+                        if overflowed {
+                            log_overflow(peer, outbound.bytes_max());
+                        }
                         outbound.close(CloseReason::Done);
                         return;
                     }
                 }
-                if let Err(e) = SinkExt::<Bytes>::flush(&mut writer).await {
-                    debug!(%peer, "flush failed: {e}");
-                    outbound.close(CloseReason::Done);
-                    return;
-                }
             }
             Err(reason) => {
                 match reason {
-                    CloseReason::Overflow { bytes_max } => warn!(
-                        %peer,
-                        "closing connection: the client is not reading its replies \
-                         (over {bytes_max} bytes queued); its session can resume"
-                    ),
+                    CloseReason::Overflow { bytes_max } => log_overflow(peer, bytes_max),
                     CloseReason::Moved => {
                         info!(%peer, "closing connection: its session was resumed elsewhere")
                     }
                     CloseReason::SessionEnded | CloseReason::Done => {}
                 }
-                let _ = SinkExt::<Bytes>::close(&mut writer).await;
+                let _ =
+                    tokio::time::timeout(write_timeout, SinkExt::<Bytes>::close(&mut writer)).await;
                 return;
             }
         }

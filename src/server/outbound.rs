@@ -37,6 +37,9 @@ pub struct Outbound {
     /// Cancelled as soon as the queue starts closing, so the connection's
     /// reader stops taking requests that could no longer be answered.
     closed: CancellationToken,
+    /// Cancelled on overflow only: the writer then drops the socket at once
+    /// instead of finishing a write the client is not reading.
+    overflowed: CancellationToken,
     bytes_max: usize,
 }
 
@@ -51,6 +54,7 @@ impl Outbound {
             }),
             ready: Notify::new(),
             closed: CancellationToken::new(),
+            overflowed: CancellationToken::new(),
             bytes_max,
         }
     }
@@ -72,6 +76,7 @@ impl Outbound {
             state.frames.clear();
             state.bytes = 0;
             drop(state);
+            self.overflowed.cancel();
             self.closed.cancel();
             self.ready.notify_one();
             return false;
@@ -115,6 +120,19 @@ impl Outbound {
     /// Safe: it only waits.
     pub async fn closed(&self) {
         self.closed.cancelled().await
+    }
+
+    /// The bound on queued bytes.
+    pub fn bytes_max(&self) -> usize {
+        self.bytes_max
+    }
+
+    /// Resolves once the queue has overflowed.
+    ///
+    /// # Cancel safety
+    /// Safe: it only waits.
+    pub async fn overflowed(&self) {
+        self.overflowed.cancelled().await
     }
 
     /// Why the queue is closing, if it is.

@@ -349,6 +349,7 @@ impl Coordinator {
         let grant = match self.sessions.get_mut(session) {
             Some(s) if s.secret == *secret => {
                 s.forget_through(last_xid_received);
+                s.pin_cached();
                 SessionGrant {
                     session,
                     secret: s.secret.clone(),

@@ -17,9 +17,15 @@ pub(crate) struct Session {
     last_heard_ms: u64,
     pub(crate) last_xid_applied: Xid,
     /// Replies to this session's recent writes, oldest first; at most
-    /// `limits::INFLIGHT_MAX` entries because xids strictly increase and
-    /// entries more than that far below the newest are dropped.
+    /// `limits::INFLIGHT_MAX` entries outside the pinned range, because xids
+    /// strictly increase and entries more than that far below the newest
+    /// are dropped.
     pub(crate) replies: VecDeque<CachedReply>,
+    /// At a resume, the replies up to the last applied xid are pinned: the
+    /// client may send new xids (its watch re-registrations, renumbered
+    /// requests) before retrying those writes, and the window must not push
+    /// them out meanwhile. Only an ack releases them.
+    pub(crate) pinned_through: Xid,
     /// The session's ephemeral nodes, czxid -> slab key; the order in which
     /// they are deleted when the session ends.
     pub(crate) ephemerals: BTreeMap<Zxid, usize>,
@@ -44,6 +50,14 @@ impl Session {
     /// Forgets replies the client has acknowledged receiving.
     pub(crate) fn forget_through(&mut self, ack: Xid) {
         self.replies.retain(|(xid, _)| *xid > ack);
+        if ack >= self.pinned_through {
+            self.pinned_through = Xid(0);
+        }
+    }
+
+    /// Pins every cached reply (see `pinned_through`).
+    pub(crate) fn pin_cached(&mut self) {
+        self.pinned_through = self.last_xid_applied;
     }
 
     /// Caches the reply to write `xid`.
@@ -57,7 +71,9 @@ impl Session {
     pub(crate) fn forget_outside_window(&mut self, xid: Xid) {
         let window = u64::try_from(limits::INFLIGHT_MAX).unwrap_or(u64::MAX);
         let floor = xid.0.saturating_sub(window);
-        self.replies.retain(|(cached, _)| cached.0 > floor);
+        let pinned = self.pinned_through;
+        self.replies
+            .retain(|(cached, _)| cached.0 > floor || *cached <= pinned);
     }
 }
 
@@ -96,6 +112,7 @@ impl Sessions {
             last_heard_ms: now_ms,
             last_xid_applied: Xid(0),
             replies: VecDeque::new(),
+            pinned_through: Xid(0),
             ephemerals: BTreeMap::new(),
         };
         self.deadlines.insert((session.deadline_ms(), id));
@@ -149,11 +166,12 @@ impl Sessions {
             if id.0 > zxid.0 {
                 return Err(format!("session {id} is above the latest zxid {zxid}"));
             }
-            if session.replies.len() > limits::INFLIGHT_MAX {
+            // A window of replies, plus at most a window pinned at a resume.
+            if session.replies.len() > 2 * limits::INFLIGHT_MAX {
                 return Err(format!(
                     "session {id} caches {} replies; the bound is {}",
                     session.replies.len(),
-                    limits::INFLIGHT_MAX
+                    2 * limits::INFLIGHT_MAX
                 ));
             }
         }

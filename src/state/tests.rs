@@ -1476,3 +1476,51 @@ fn check_invariants_catches_a_broken_state() {
         .expect_err("went back")
         .contains("went back"));
 }
+
+/// Postmortem: the client re-registers its watches (new xids) before it
+/// retries writes applied before the cut; with a full window of them, the
+/// first new xid pushed the oldest reply out and its retry got
+/// RetryUnknown, the very orphan the cache exists to prevent.
+#[test]
+fn a_resume_keeps_every_applied_write_retryable_while_new_xids_arrive() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let window = u64::try_from(limits::INFLIGHT_MAX).expect("small");
+    for xid in 1..=window {
+        h.send_xid(s, Xid(xid), create(mk(&format!("/n{xid}"))));
+    }
+    h.resume(s, "s3cret", 0).expect("resume");
+    for extra in 1..=3 {
+        h.send_xid(
+            s,
+            Xid(window + extra),
+            Op::SetWatches {
+                last_zxid: Zxid(0),
+                data: vec!["/n1".into()],
+                exist: vec![],
+                child: vec![],
+            },
+        );
+    }
+    for xid in 1..=window {
+        let out = h.send_xid(s, Xid(xid), create(mk(&format!("/n{xid}"))));
+        assert!(
+            matches!(result(&out), Ok(OpResult::Created { path, .. }) if *path == format!("/n{xid}")),
+            "retry of xid {xid}: {:?}",
+            result(&out)
+        );
+    }
+    // An ack releases them.
+    h.send_xid(
+        s,
+        Xid(window + 4),
+        Op::Ping {
+            ack: Xid(window + 3),
+        },
+    );
+    let out = h.send_xid(s, Xid(1), create(mk("/n1")));
+    assert_eq!(
+        result(&out).as_ref().unwrap_err().code,
+        ErrorCode::RetryUnknown
+    );
+}
