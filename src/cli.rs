@@ -147,6 +147,10 @@ struct ServeArgs {
     /// Most nodes in the tree.
     #[arg(long, default_value_t = Config::default().nodes_max)]
     nodes_max: usize,
+    /// How long one batch of replies may take to write before a client that
+    /// does not read is disconnected (its session lives on).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    write_timeout: Duration,
 }
 
 /// Runs the parsed command; returns the exit code, or an error message for
@@ -181,6 +185,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         outbound_bytes_max: args.outbound_bytes_max,
         sessions_max: args.sessions_max,
         nodes_max: args.nodes_max,
+        write_timeout: args.write_timeout,
         ..Config::default()
     };
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;

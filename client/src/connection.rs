@@ -173,6 +173,17 @@ impl Queue {
         }
     }
 
+    /// The oldest `last_zxid` among re-registrations still unanswered.
+    fn unanswered_watch_baseline(&self) -> Option<Zxid> {
+        self.entries
+            .iter()
+            .filter_map(|e| match (&e.origin, &e.op) {
+                (Origin::SetWatches, Op::SetWatches { last_zxid, .. }) => Some(*last_zxid),
+                _ => None,
+            })
+            .min()
+    }
+
     /// Prepares the queue for a resumed connection.
     ///
     /// Heartbeats and old watch re-registrations are dropped. Writes the
@@ -361,7 +372,11 @@ impl Session {
     /// still waiting.
     pub(crate) async fn run(mut self, mut conn: Conn) {
         let stop = loop {
-            match self.drive(&mut conn).await {
+            let end = self.drive(&mut conn).await;
+            // Close the old socket before anything else: a request still
+            // buffered on it must not reach the server after a resume.
+            drop(conn);
+            match end {
                 ConnEnd::Stop(stop) => break stop,
                 ConnEnd::Lost(reason) => {
                     if self.closing {
@@ -376,7 +391,6 @@ impl Session {
                 }
             }
         };
-        drop(conn);
         self.finish(stop);
     }
 
@@ -748,8 +762,16 @@ impl Session {
         self.lease_end = self
             .lease_end
             .max(handshake.hello_sent_at + self.session_timeout);
+        // A re-registration that went unanswered (the connection dropped
+        // mid-resume) was based on an older zxid than the replies to its
+        // siblings raised `last_zxid` to: changes in between would be missed
+        // if its paths were re-sent with the newer one.
+        let baseline = self
+            .queue
+            .unanswered_watch_baseline()
+            .map_or(self.last_zxid, |older| older.min(self.last_zxid));
         let keys = self.watches.live_keys();
-        let batches = set_watches_batches(&keys, self.last_zxid);
+        let batches = set_watches_batches(&keys, baseline);
         self.queue.resume(welcome.last_xid_applied, batches);
     }
 }
@@ -843,5 +865,28 @@ mod tests {
         assert_eq!(q.ack(Xid(5)), Xid(0));
         q.on_reply(Xid(1)).unwrap();
         assert_eq!(q.ack(Xid(5)), Xid(5));
+    }
+
+    /// Postmortem: with more than one batch of watches, the reply to the
+    /// first batch raised `last_zxid`; if the connection then dropped, the
+    /// unanswered batch was re-sent with the newer zxid and a change in
+    /// between never fired.
+    #[test]
+    fn an_unanswered_re_registration_keeps_its_older_baseline() {
+        let mut q = Queue::new();
+        let now = Instant::now();
+        let keys: Vec<(String, WatchKind)> = (0..=limits::SET_WATCHES_PATHS_MAX)
+            .map(|i| (format!("/w{i}"), WatchKind::Data))
+            .collect();
+        let batches = set_watches_batches(&keys, Zxid(7));
+        assert_eq!(batches.len(), 2);
+        q.resume(Xid(0), batches);
+        while q.next_to_send(now).is_some() {}
+        assert_eq!(q.unanswered_watch_baseline(), Some(Zxid(7)));
+        // The first batch is answered; the second is still out.
+        q.on_reply(Xid(1)).unwrap();
+        assert_eq!(q.unanswered_watch_baseline(), Some(Zxid(7)));
+        q.on_reply(Xid(2)).unwrap();
+        assert_eq!(q.unanswered_watch_baseline(), None);
     }
 }
