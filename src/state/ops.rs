@@ -257,7 +257,7 @@ impl Coordinator {
         let Some(node) = self.tree.get(path) else {
             return Err(no_node(
                 path,
-                "check the path, or use exists with a watch to wait for it",
+                "check the path; to wait for it, watch it (exists with a watch, or `latchkey watch`)",
             ));
         };
         let answer = OpResult::Data {
@@ -650,7 +650,7 @@ fn plan_create(
     if ttl_ms == Some(0) {
         return Err(ErrorReply::new(
             ErrorCode::InvalidArgument,
-            "ttl_ms is 0; a TTL must be at least 1 ms (omit ttl_ms for a node without TTL)",
+            "a TTL of 0 is not allowed; give at least 1 ms, or no TTL for a node that does not expire",
         ));
     }
     if kind == NodeKind::Container && sequential {
@@ -672,7 +672,7 @@ fn plan_create(
         }
         Some(_) => {}
         None if !make_parents => {
-            return Err(no_node(&parent, "create it first, or pass make_parents"));
+            return Err(no_node(&parent, "create it first, or have missing parents created: make_parents, or --parents on the command line"));
         }
         None => {
             // Every ancestor from the top; the existing ones come first, and

@@ -406,7 +406,8 @@ fn no_node_for_every_op_on_a_missing_path() {
     assert_eq!(e.code, ErrorCode::NoNode);
     assert_eq!(
         e.message,
-        "no node at /a (create it first, or pass make_parents)"
+        "no node at /a (create it first, or have missing parents created: make_parents, or \
+         --parents on the command line)"
     );
     for op in [
         get("/x", false),
