@@ -34,7 +34,8 @@ enum Command {
         /// The node's data (UTF-8 text; empty if left out).
         data: Option<String>,
         /// Delete the node when this command's session ends. The command
-        /// then keeps its session open until interrupted (Ctrl-C).
+        /// keeps its session open until interrupted (Ctrl-C); if it is
+        /// killed instead, the node goes when the session times out (5 s).
         #[arg(long, conflicts_with = "container")]
         ephemeral: bool,
         /// Append a 10-digit counter from the parent to the name.
@@ -46,21 +47,26 @@ enum Command {
         /// Delete the node when it has not been set for this long, e.g. 10m.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        /// Create missing parents (as containers).
+        /// Create missing parents, as containers: each vanishes once its last
+        /// child is gone.
         #[arg(long, short = 'p')]
         parents: bool,
     },
-    /// Print a node's data.
+    /// Print a node's data, exactly as stored (plus a newline on a
+    /// terminal).
     Get {
         #[command(flatten)]
         common: Common,
+        /// The node's path, e.g. /config/db.
         path: String,
     },
     /// Replace a node's data.
     Set {
         #[command(flatten)]
         common: Common,
+        /// The node's path.
         path: String,
+        /// The new data (UTF-8 text).
         data: String,
         /// Only if the node is at this version (optimistic update).
         #[arg(long)]
@@ -70,6 +76,7 @@ enum Command {
     Delete {
         #[command(flatten)]
         common: Common,
+        /// The node's path.
         path: String,
         /// Only if the node is at this version.
         #[arg(long)]
@@ -88,6 +95,7 @@ enum Command {
     Stat {
         #[command(flatten)]
         common: Common,
+        /// The node's path.
         path: String,
     },
     /// Print changes to a node (created, data changed, children changed,
@@ -95,9 +103,10 @@ enum Command {
     Watch {
         #[command(flatten)]
         common: Common,
+        /// The node's path; it need not exist yet.
         path: String,
-        /// Exit after this many events.
-        #[arg(long)]
+        /// Exit after this many changes (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
     },
 }
@@ -504,7 +513,8 @@ async fn watch(
         } else {
             for change in changes(last.as_ref(), stat.as_ref(), event_zxid) {
                 if json {
-                    print_json(&json!({ "event": change.kind, "path": path, "zxid": change.zxid }));
+                    let event = change.kind.to_string();
+                    print_json(&json!({ "event": event, "path": path, "zxid": change.zxid }));
                 } else {
                     println!("{} {path} (zxid {})", change.kind, change.zxid);
                 }

@@ -194,13 +194,15 @@ impl CreateOptions {
     /// # Errors
     /// `InvalidArgument` if the TTL does not fit in u64 milliseconds.
     pub fn to_create(&self, path: impl Into<String>, data: Data) -> Result<Create, ClientError> {
-        let ttl_ms =
-            match self.ttl {
-                None => None,
-                Some(ttl) => Some(u64::try_from(ttl.as_millis()).map_err(|_| {
-                    ClientError::invalid_argument(format!("ttl {ttl:?} is too long"))
-                })?),
-            };
+        let ttl_ms = match self.ttl {
+            None => None,
+            Some(ttl) => Some(u64::try_from(ttl.as_millis()).map_err(|_| {
+                ClientError::invalid_argument(format!(
+                    "a TTL of {ttl:?} does not fit in 64-bit milliseconds (about 584 million \
+                         years); give a shorter one"
+                ))
+            })?),
+        };
         Ok(Create {
             path: path.into(),
             data,

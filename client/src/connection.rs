@@ -243,6 +243,12 @@ pub(crate) async fn handshake(
                 connect_timeout.as_millis()
             )))
         }
+        // Not a network failure: the address itself cannot be used.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(ClientError::invalid_argument(format!(
+                "invalid server address {addr:?}: {e}; write it as HOST:PORT, e.g. 127.0.0.1:7878"
+            )))
+        }
         Ok(Err(e)) => return Err(connect_error(e.to_string())),
         Ok(Ok(stream)) => stream,
     };

@@ -47,7 +47,7 @@ pub enum ClientError {
     InvalidArgument { message: String, index: Option<u32> },
     /// The session has expired: the server deleted its ephemeral nodes and
     /// watches. This client is finished; every later call fails the same way.
-    #[error("the session has expired: its ephemeral nodes, locks and watches are gone (connect a new client and take them again)")]
+    #[error("the session has ended (it expired, or the server shut down or restarted): its ephemeral nodes, locks and watches are gone; open a new session and take them again")]
     SessionExpired,
     /// `close()` could not reach the server: the session was closed locally
     /// and the server will expire it (and delete its ephemeral nodes) after

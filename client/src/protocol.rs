@@ -260,7 +260,9 @@ pub struct Create {
     /// Persistent, ephemeral or container.
     #[serde(default)]
     pub kind: NodeKind,
-    /// Append a 10-digit counter from the parent to the name.
+    /// Append a 10-digit counter from the parent to the name. The counter
+    /// never repeats while the parent exists (a reaped container parent
+    /// created again starts from zero; czxids never repeat).
     #[serde(default)]
     pub sequential: bool,
     /// Delete the node when it has not been modified for this long (only for
