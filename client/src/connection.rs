@@ -217,6 +217,19 @@ impl Queue {
     }
 }
 
+/// A pause between `delay / 2` and `delay`, different in every client, so
+/// that a fleet cut off together (a server restart) does not reconnect in
+/// lockstep. The randomness is the standard library's randomly keyed hasher:
+/// jitter needs no more.
+fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let bits = hasher.finish() >> 11; // 53 bits: exact in an f64
+    let fraction = bits as f64 / (1u64 << 53) as f64;
+    delay.mul_f64(0.5 + fraction / 2.0)
+}
+
 /// A completed handshake.
 pub(crate) struct Handshake {
     pub(crate) conn: Conn,
@@ -720,7 +733,7 @@ impl Session {
     async fn reconnect(&mut self) -> Result<Conn, Stop> {
         let mut backoff = self.options.reconnect_backoff_min;
         loop {
-            self.while_suspended(sleep(backoff)).await?;
+            self.while_suspended(sleep(jittered(backoff))).await?;
             backoff = backoff
                 .saturating_mul(2)
                 .min(self.options.reconnect_backoff_max);
@@ -894,5 +907,17 @@ mod tests {
         assert_eq!(q.unanswered_watch_baseline(), Some(Zxid(7)));
         q.on_reply(Xid(2)).unwrap();
         assert_eq!(q.unanswered_watch_baseline(), None);
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_whole_and_varies() {
+        let delay = Duration::from_millis(800);
+        let pauses: Vec<Duration> = (0..64).map(|_| jittered(delay)).collect();
+        assert!(pauses.iter().all(|p| *p >= delay / 2 && *p <= delay));
+        let first = pauses[0];
+        assert!(
+            pauses.iter().any(|p| *p != first),
+            "no variation: {first:?}"
+        );
     }
 }
