@@ -34,8 +34,20 @@ pub struct Config {
     pub outbound_bytes_max: usize,
     /// Most live sessions. Default 100,000.
     pub sessions_max: usize,
-    /// Most nodes in the tree. Default 10,000,000 (about 2-3 GiB at worst).
+    /// Most nodes in the tree. Default 10,000,000. Besides its path and data
+    /// (bounded by `tree_bytes_max`), each node costs about 300 bytes of
+    /// bookkeeping (a 176-byte node in the slab, a path index entry with its
+    /// own copy of the path, the name in the parent's child set, allocator
+    /// overhead): about 3 GiB at the default, on top of the tree's bytes.
+    /// Estimated from type sizes, not measured; lower it on small machines.
     pub nodes_max: usize,
+    /// Most bytes the tree holds, counting each node's path and data.
+    /// Default 1 GiB. Without it the per-node bounds multiply to
+    /// `nodes_max` x `data_bytes_max`, about 10 TiB; with it, paths and data
+    /// take at most this much plus the copies of paths the indexes keep. A
+    /// coordinator holds small values; a tree near this size belongs in a
+    /// database.
+    pub tree_bytes_max: usize,
     /// Most children of one node. Default and ceiling
     /// `protocol::limits::CHILDREN_PER_NODE_MAX`, so a listing fits a frame.
     pub children_per_node_max: usize,
@@ -73,6 +85,7 @@ impl Default for Config {
             outbound_bytes_max: 4 * 1024 * 1024,
             sessions_max: 100_000,
             nodes_max: 10_000_000,
+            tree_bytes_max: 1024 * 1024 * 1024,
             children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
             handshake_timeout: Duration::from_secs(10),
@@ -143,6 +156,7 @@ impl Config {
             data_bytes_max: self.data_bytes_max,
             sessions_max: self.sessions_max,
             nodes_max: self.nodes_max,
+            tree_bytes_max: self.tree_bytes_max,
             children_per_node_max: self.children_per_node_max,
             watches_per_session_max: self.watches_per_session_max,
         }

@@ -19,6 +19,7 @@ pub(super) fn config() -> Config {
         data_bytes_max: limits::DATA_BYTES_MAX,
         sessions_max: 64,
         nodes_max: 10_000,
+        tree_bytes_max: 1 << 30,
         children_per_node_max: 1_000,
         watches_per_session_max: 1_000,
     }
@@ -121,6 +122,7 @@ impl Harness {
     pub(super) fn err(&mut self, session: SessionId, op: Op) -> ErrorReply {
         let zxid = self.c.zxid();
         let nodes = self.c.node_count();
+        let bytes = self.c.tree_bytes();
         let out = self.send(session, op);
         assert!(
             out.events.is_empty(),
@@ -132,6 +134,11 @@ impl Harness {
             self.c.node_count(),
             nodes,
             "a failed request changed the tree"
+        );
+        assert_eq!(
+            self.c.tree_bytes(),
+            bytes,
+            "a failed request changed the tree's bytes"
         );
         let error = result(&out).clone().expect_err("request should fail");
         assert!(!error.message.is_empty());
@@ -186,6 +193,23 @@ pub(super) fn mk(path: &str) -> Create {
     Create {
         path: path.into(),
         ..Create::default()
+    }
+}
+
+/// A create with `data_bytes` bytes of data.
+fn sized(path: &str, data_bytes: usize) -> Create {
+    Create {
+        data: Data(vec![b'x'; data_bytes]),
+        ..mk(path)
+    }
+}
+
+/// A set to `data_bytes` bytes of data.
+fn set_sized(path: &str, data_bytes: usize) -> MultiOp {
+    MultiOp::Set {
+        path: path.into(),
+        data: Data(vec![b'x'; data_bytes]),
+        version: None,
     }
 }
 
@@ -655,6 +679,153 @@ fn limit_on_nodes_counts_the_root_and_made_parents() {
     assert_eq!(h.err(s, create(mk("/c"))).code, ErrorCode::LimitExceeded);
     h.ok(s, delete("/b", None));
     h.create(s, "/c");
+}
+
+#[test]
+fn limit_on_tree_bytes_counts_paths_data_and_made_parents() {
+    let mut h = Harness::with(Config {
+        tree_bytes_max: 20,
+        ..config()
+    });
+    let s = h.open();
+    // The root's "/" is the one byte of an empty tree.
+    assert_eq!(h.c.tree_bytes(), 1);
+    h.create_with(s, sized("/a", 10));
+    assert_eq!(h.c.tree_bytes(), 13);
+    let e = h.err(s, create(sized("/b", 6)));
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert_eq!(
+        e.message,
+        "the tree would hold 21 bytes; the limit is 20 (delete nodes you no longer need, or \
+         raise --tree-bytes-max)"
+    );
+    // Exactly at the bound is allowed.
+    h.create_with(s, sized("/b", 5));
+    assert_eq!(h.c.tree_bytes(), 20);
+
+    // A set counts its new data in place of the old.
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![set_sized("/a", 11)],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::LimitExceeded, Some(0)));
+    assert!(e.message.contains("would hold 21 bytes"), "{e:?}");
+    assert_eq!(
+        h.err(s, set("/a", "0123456789a", None)).code,
+        ErrorCode::LimitExceeded
+    );
+    h.ok(s, set("/a", "0123456789", None));
+    h.ok(s, set("/a", "", None));
+    assert_eq!(h.c.tree_bytes(), 10);
+
+    // Made parents count their paths: /p (2) and /p/q (4) fit, /p/q/r (6)
+    // does not.
+    let e = h.err(
+        s,
+        create(Create {
+            make_parents: true,
+            ..mk("/p/q/r")
+        }),
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("would hold 22 bytes"), "{e:?}");
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            ..mk("/p/q")
+        },
+    );
+    assert_eq!(h.c.tree_bytes(), 16);
+}
+
+#[test]
+fn a_multi_over_the_tree_bytes_bound_changes_nothing() {
+    let mut h = Harness::with(Config {
+        tree_bytes_max: 30,
+        ..config()
+    });
+    let s = h.open();
+    let w = h.open();
+    h.create_with(s, sized("/a", 5));
+    h.ok(w, get("/a", true));
+    h.ok(w, exists("/b", true));
+    let zxid = h.c.zxid();
+    let bytes = h.c.tree_bytes();
+    assert_eq!(bytes, 8);
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Create(sized("/b", 10)),
+                set_sized("/a", 8),
+                MultiOp::Create(sized("/c", 6)),
+                MultiOp::Check {
+                    path: "/a".into(),
+                    version: 1,
+                },
+            ],
+        },
+    );
+    // 8, + 12 for /b, + 3 as /a grows = 23; /c would add 8.
+    assert_eq!((e.code, e.index), (ErrorCode::LimitExceeded, Some(2)));
+    assert!(e.message.contains("would hold 31 bytes"), "{e:?}");
+    assert_eq!(h.c.zxid(), zxid);
+    assert_eq!(h.c.tree_bytes(), bytes);
+    assert!(!h.present(s, "/b"));
+    assert_eq!(h.stat(s, "/a").expect("a").data_length, 5);
+    // The watches are still armed.
+    let out = h.send(s, create(mk("/b")));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/b", h.c.zxid())]
+    );
+}
+
+#[test]
+fn deletes_and_smaller_sets_free_tree_bytes_even_within_a_multi() {
+    let mut h = Harness::with(Config {
+        tree_bytes_max: 20,
+        ..config()
+    });
+    let s = h.open();
+    h.create_with(s, sized("/a", 15));
+    assert_eq!(h.c.tree_bytes(), 18);
+    assert_eq!(
+        h.err(s, create(sized("/b", 1))).code,
+        ErrorCode::LimitExceeded
+    );
+    // Within one multi, a delete frees its path and data for later steps.
+    let out = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Delete {
+                    path: "/a".into(),
+                    version: None,
+                },
+                MultiOp::Create(sized("/b", 16)),
+            ],
+        },
+    );
+    assert!(matches!(out, OpResult::Multi { .. }));
+    assert_eq!(h.c.tree_bytes(), 19);
+    // And a set that shrinks data frees the difference.
+    let out = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![set_sized("/b", 0), MultiOp::Create(sized("/c", 15))],
+        },
+    );
+    assert!(matches!(out, OpResult::Multi { .. }));
+    assert_eq!(h.c.tree_bytes(), 20);
+    // A lone delete frees its bytes for a later create.
+    h.ok(s, delete("/c", None));
+    assert_eq!(h.c.tree_bytes(), 3);
+    h.create_with(s, sized("/c", 15));
+    assert_eq!(h.c.tree_bytes(), 20);
 }
 
 #[test]
