@@ -15,7 +15,7 @@ use latchkey_client::protocol::{
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
-use super::{session_expired, Config, Coordinator, Effects, SessionEnd};
+use super::{session_expired, sessions, Config, Coordinator, Effects, SessionEnd};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -64,11 +64,13 @@ impl Coordinator {
                 ErrorCode::RetryUnknown,
                 format!(
                     "write {} of session {session} is at or below the last applied xid {} and its \
-                     reply is no longer kept (acknowledged, or more than {} requests old); read \
-                     the nodes it touches to learn whether it took effect",
+                     reply is no longer kept (acknowledged, more than {} requests old, or dropped \
+                     to keep the session's cached replies within {} bytes); read the nodes it \
+                     touches to learn whether it took effect",
                     xid.0,
                     last.0,
-                    limits::INFLIGHT_MAX
+                    limits::INFLIGHT_MAX,
+                    sessions::REPLY_CACHE_BYTES_MAX
                 ),
             ))
         };

@@ -8,7 +8,7 @@ use latchkey_client::protocol::{
     Secret, SessionId, Stat, WatchEvent, WatchEventKind, Xid, Zxid,
 };
 
-use super::{Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
+use super::{sessions, Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
 
 const START: Zxid = Zxid(1_000);
 
@@ -1598,9 +1598,123 @@ fn the_reply_cache_keeps_only_the_inflight_window() {
     let kept = h.send_xid(s, Xid(6), create(mk("/n6")));
     assert!(matches!(result(&kept), Ok(OpResult::Created { path, .. }) if path == "/n6"));
     assert_eq!(
-        h.c.sessions.get(s).expect("live").replies.len(),
+        h.c.sessions.get(s).expect("live").replies().count(),
         limits::INFLIGHT_MAX
     );
+}
+
+/// A directory whose children's paths are near `limits::PATH_BYTES_MAX`:
+/// three segments of the longest name, 768 bytes.
+fn long_dir() -> String {
+    format!(
+        "/{}/{}/{}",
+        "a".repeat(255),
+        "b".repeat(255),
+        "c".repeat(255)
+    )
+}
+
+#[test]
+fn the_reply_cache_drops_its_oldest_replies_past_its_byte_bound() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let dir = long_dir();
+    h.send_xid(
+        s,
+        Xid(1),
+        create(Create {
+            make_parents: true,
+            ..mk(&dir)
+        }),
+    );
+    h.send_xid(s, Xid(2), create(mk("/small")));
+    // Pin both: the byte bound pushes out pinned replies too.
+    h.resume(s, "s3cret", 0).expect("resume");
+    // 300 creates and deletes of a 1,019-byte path: ~390 KB a reply, so
+    // two fit in the cache and a third does not.
+    let leaf = format!("{dir}/{}", "d".repeat(250));
+    let ops: Vec<MultiOp> = (0..300)
+        .flat_map(|_| {
+            [
+                MultiOp::Create(mk(&leaf)),
+                MultiOp::Delete {
+                    path: leaf.clone(),
+                    version: None,
+                },
+            ]
+        })
+        .collect();
+    let mut replies = BTreeMap::new();
+    for xid in 3..=5 {
+        let out = h.send_xid(s, Xid(xid), Op::Multi { ops: ops.clone() });
+        replies.insert(xid, result(&out).clone());
+    }
+    let multi_bytes = sessions::reply_bytes(&replies[&5]);
+    assert!(2 * multi_bytes < sessions::REPLY_CACHE_BYTES_MAX);
+    assert!(3 * multi_bytes > sessions::REPLY_CACHE_BYTES_MAX);
+    let session = h.c.sessions.get(s).expect("live");
+    let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
+    assert_eq!(kept, vec![Xid(4), Xid(5)]);
+    assert_eq!(session.replies_bytes(), 2 * multi_bytes);
+
+    let zxid = h.c.zxid();
+    for xid in 1..=3 {
+        let out = h.send_xid(s, Xid(xid), create(mk("/again")));
+        assert_eq!(
+            result(&out).as_ref().expect_err("dropped").code,
+            ErrorCode::RetryUnknown,
+            "xid {xid}"
+        );
+    }
+    for xid in 4..=5 {
+        let out = h.send_xid(s, Xid(xid), Op::Multi { ops: ops.clone() });
+        assert_eq!(result(&out), &replies[&xid], "xid {xid}");
+    }
+    assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
+}
+
+#[test]
+fn the_reply_cache_keeps_its_newest_reply_even_past_its_byte_bound() {
+    let mut h = Harness::with(Config {
+        children_per_node_max: 2_000,
+        ..config()
+    });
+    let s = h.open();
+    let dir = long_dir();
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            ..mk(&dir)
+        },
+    );
+    // 1,024 creates of 969-byte paths: one reply of ~1.1 MB.
+    let ops: Vec<MultiOp> = (0..limits::MULTI_OPS_MAX)
+        .map(|i| MultiOp::Create(mk(&format!("{dir}/{i:0>200}"))))
+        .collect();
+    let out = h.send(s, Op::Multi { ops: ops.clone() });
+    let reply = result(&out).clone();
+    assert!(reply.is_ok());
+    let bytes = sessions::reply_bytes(&reply);
+    assert!(bytes > sessions::REPLY_CACHE_BYTES_MAX);
+    let session = h.c.sessions.get(s).expect("live");
+    let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
+    assert_eq!(kept, vec![Xid(2)]);
+    assert_eq!(session.replies_bytes(), bytes);
+
+    let zxid = h.c.zxid();
+    assert_eq!(result(&h.send_xid(s, Xid(2), Op::Multi { ops })), &reply);
+    assert_eq!(h.c.zxid(), zxid);
+    let out = h.send_xid(s, Xid(1), create(mk("/x")));
+    assert_eq!(
+        result(&out).as_ref().expect_err("dropped").code,
+        ErrorCode::RetryUnknown
+    );
+    // The next write pushes the big reply out.
+    h.create(s, "/y");
+    let session = h.c.sessions.get(s).expect("live");
+    let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
+    assert_eq!(kept, vec![Xid(3)]);
 }
 
 #[test]
@@ -1612,7 +1726,7 @@ fn a_read_far_ahead_also_moves_the_cache_window() {
     let window = u64::try_from(limits::INFLIGHT_MAX).expect("small");
     // xid - INFLIGHT_MAX = 2: xid 1 and 2 drop out, nothing newer exists.
     h.send_xid(s, Xid(window + 2), get("/", false));
-    assert!(h.c.sessions.get(s).expect("live").replies.is_empty());
+    assert_eq!(h.c.sessions.get(s).expect("live").replies().count(), 0);
     let e = result(&h.send_xid(s, Xid(2), create(mk("/b"))))
         .clone()
         .expect_err("out of the window");
