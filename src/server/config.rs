@@ -54,6 +54,14 @@ pub struct Config {
     /// Most watches per session. Default
     /// `protocol::limits::WATCHES_PER_SESSION_MAX`.
     pub watches_per_session_max: usize,
+    /// Most watches all sessions hold together. Default 2,000,000, or 20 per
+    /// session at 100,000 sessions. A watch costs ~100-200 bytes plus twice
+    /// its path (an entry in each of two ordered indexes, each with its own
+    /// copy of the path; up to ~150 bytes more for the first watch on a
+    /// path, which gets its own set of watchers): ~0.3-0.7 GB at worst.
+    /// Estimated from type sizes, not measured. Without it the per-session
+    /// bound times `sessions_max` allowed billions.
+    pub watches_max: usize,
     /// How long a new connection has to complete its handshake. Default
     /// 10 s: long enough for a slow client, short enough that idle sockets
     /// cannot hold connection slots.
@@ -88,6 +96,7 @@ impl Default for Config {
             tree_bytes_max: 1024 * 1024 * 1024,
             children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
+            watches_max: 2_000_000,
             handshake_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(50),
             write_timeout: Duration::from_secs(10),
@@ -159,6 +168,7 @@ impl Config {
             tree_bytes_max: self.tree_bytes_max,
             children_per_node_max: self.children_per_node_max,
             watches_per_session_max: self.watches_per_session_max,
+            watches_max: self.watches_max,
         }
     }
 }

@@ -232,7 +232,8 @@ impl Coordinator {
     }
 
     /// Registers a watch for a read, unless the session holds it already.
-    /// Fails, registering nothing, if the session is at its watch bound.
+    /// Fails, registering nothing, if the session or the whole table is at
+    /// its watch bound.
     fn watch_for_read(
         &mut self,
         session: SessionId,
@@ -248,6 +249,17 @@ impl Coordinator {
                 session,
                 held,
                 self.config.watches_per_session_max,
+            ));
+        }
+        let total = self.watches.total();
+        if total >= self.config.watches_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "all sessions hold {total} watches; the limit is {} (read without a watch, \
+                     wait for some to fire, or raise --watches-max)",
+                    self.config.watches_max
+                ),
             ));
         }
         self.watches.add(session, path, kind);
@@ -382,6 +394,17 @@ impl Coordinator {
                     "session {session} holds {held} watches and set_watches adds {new}; the limit \
                      is {} (watch fewer nodes)",
                     self.config.watches_per_session_max
+                ),
+            ));
+        }
+        let total = self.watches.total();
+        if total.saturating_add(new) > self.config.watches_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "all sessions hold {total} watches and set_watches adds {new}; the limit is \
+                     {} (watch fewer nodes, or raise --watches-max)",
+                    self.config.watches_max
                 ),
             ));
         }

@@ -22,6 +22,7 @@ pub(super) fn config() -> Config {
         tree_bytes_max: 1 << 30,
         children_per_node_max: 1_000,
         watches_per_session_max: 1_000,
+        watches_max: 10_000,
     }
 }
 
@@ -879,6 +880,75 @@ fn limit_on_watches_per_session() {
     // A fired watch frees a slot.
     h.ok(s, set("/a", "x", None));
     h.ok(s, exists("/b", true));
+}
+
+#[test]
+fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
+    let mut h = Harness::with(Config {
+        watches_max: 3,
+        ..config()
+    });
+    let a = h.open();
+    let b = h.open();
+    h.create(a, "/x");
+    h.ok(a, get("/x", true));
+    h.ok(a, children("/x", true));
+    h.ok(b, exists("/y", true));
+    assert_eq!(h.c.watch_count_total(), 3);
+    // Setting a watch already held is a no-op, so not over the bound.
+    h.ok(a, get("/x", true));
+    let e = h.err(b, get("/x", true));
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert_eq!(
+        e.message,
+        "all sessions hold 3 watches; the limit is 3 (read without a watch, wait for some to \
+         fire, or raise --watches-max)"
+    );
+    for op in [exists("/z", true), children("/", true)] {
+        assert_eq!(h.err(b, op).code, ErrorCode::LimitExceeded);
+    }
+    let e = h.err(
+        b,
+        Op::SetWatches {
+            last_zxid: h.c.zxid(),
+            data: vec!["/x".into()],
+            exist: vec!["/y".into()],
+            child: vec![],
+        },
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert_eq!(
+        e.message,
+        "all sessions hold 3 watches and set_watches adds 1; the limit is 3 (watch fewer \
+         nodes, or raise --watches-max)"
+    );
+    assert_eq!((h.c.watch_count(b), h.c.watch_count_total()), (1, 3));
+    // Watches held already and watches that fire at once add nothing.
+    let out = h.send(
+        b,
+        Op::SetWatches {
+            last_zxid: h.c.zxid(),
+            data: vec![],
+            exist: vec!["/x".into(), "/y".into()],
+            child: vec![],
+        },
+    );
+    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::NodeCreated, "/x", h.c.zxid())]
+    );
+    // Reads without a watch still work.
+    h.ok(b, get("/x", false));
+    // A fired watch frees room, and so does a resume or a close.
+    h.ok(a, set("/x", "v", None));
+    assert_eq!(h.c.watch_count_total(), 2);
+    h.ok(b, get("/x", true));
+    assert_eq!(h.err(b, get("/", true)).code, ErrorCode::LimitExceeded);
+    h.resume(b, "s3cret", 0).expect("resume");
+    assert_eq!(h.c.watch_count_total(), 1);
+    h.ok(a, Op::CloseSession);
+    assert_eq!(h.c.watch_count_total(), 0);
 }
 
 #[test]

@@ -71,6 +71,8 @@ fn small_config() -> Config {
         tree_bytes_max: 700,
         children_per_node_max: 6,
         watches_per_session_max: 5,
+        // Below 6 sessions x 5, so both watch bounds are hit.
+        watches_max: 12,
     }
 }
 
@@ -244,6 +246,8 @@ fn bound_of(message: &str) -> &'static str {
         "nodes"
     } else if message.contains("sequence counter") {
         "sequence"
+    } else if message.contains("all sessions hold") {
+        "watches (all sessions)"
     } else if message.contains("watches") {
         "watches (one session)"
     } else {
