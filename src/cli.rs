@@ -156,6 +156,12 @@ struct ServeArgs {
     /// Most nodes in the tree.
     #[arg(long, default_value_t = Config::default().nodes_max)]
     nodes_max: usize,
+    /// Most bytes the tree holds, counting each node's path and data.
+    #[arg(long, default_value_t = Config::default().tree_bytes_max)]
+    tree_bytes_max: usize,
+    /// Most watches all sessions hold together.
+    #[arg(long, default_value_t = Config::default().watches_max)]
+    watches_max: usize,
     /// How long one batch of replies may take to write before a client that
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -194,6 +200,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         outbound_bytes_max: args.outbound_bytes_max,
         sessions_max: args.sessions_max,
         nodes_max: args.nodes_max,
+        tree_bytes_max: args.tree_bytes_max,
+        watches_max: args.watches_max,
         write_timeout: args.write_timeout,
         ..Config::default()
     };

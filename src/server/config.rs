@@ -34,14 +34,34 @@ pub struct Config {
     pub outbound_bytes_max: usize,
     /// Most live sessions. Default 100,000.
     pub sessions_max: usize,
-    /// Most nodes in the tree. Default 10,000,000 (about 2-3 GiB at worst).
+    /// Most nodes in the tree. Default 10,000,000. Besides its path and data
+    /// (bounded by `tree_bytes_max`), each node costs about 300 bytes of
+    /// bookkeeping (a 176-byte node in the slab, a path index entry with its
+    /// own copy of the path, the name in the parent's child set, allocator
+    /// overhead): about 3 GiB at the default, on top of the tree's bytes.
+    /// Estimated from type sizes, not measured; lower it on small machines.
     pub nodes_max: usize,
+    /// Most bytes the tree holds, counting each node's path and data.
+    /// Default 1 GiB. Without it the per-node bounds multiply to
+    /// `nodes_max` x `data_bytes_max`, about 10 TiB; with it, paths and data
+    /// take at most this much plus the copies of paths the indexes keep. A
+    /// coordinator holds small values; a tree near this size belongs in a
+    /// database.
+    pub tree_bytes_max: usize,
     /// Most children of one node. Default and ceiling
     /// `protocol::limits::CHILDREN_PER_NODE_MAX`, so a listing fits a frame.
     pub children_per_node_max: usize,
     /// Most watches per session. Default
     /// `protocol::limits::WATCHES_PER_SESSION_MAX`.
     pub watches_per_session_max: usize,
+    /// Most watches all sessions hold together. Default 2,000,000, or 20 per
+    /// session at 100,000 sessions. A watch costs ~100-200 bytes plus twice
+    /// its path (an entry in each of two ordered indexes, each with its own
+    /// copy of the path; up to ~150 bytes more for the first watch on a
+    /// path, which gets its own set of watchers): ~0.3-0.7 GB at worst.
+    /// Estimated from type sizes, not measured. Without it the per-session
+    /// bound times `sessions_max` allowed billions.
+    pub watches_max: usize,
     /// How long a new connection has to complete its handshake. Default
     /// 10 s: long enough for a slow client, short enough that idle sockets
     /// cannot hold connection slots.
@@ -73,8 +93,10 @@ impl Default for Config {
             outbound_bytes_max: 4 * 1024 * 1024,
             sessions_max: 100_000,
             nodes_max: 10_000_000,
+            tree_bytes_max: 1024 * 1024 * 1024,
             children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
+            watches_max: 2_000_000,
             handshake_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(50),
             write_timeout: Duration::from_secs(10),
@@ -143,8 +165,10 @@ impl Config {
             data_bytes_max: self.data_bytes_max,
             sessions_max: self.sessions_max,
             nodes_max: self.nodes_max,
+            tree_bytes_max: self.tree_bytes_max,
             children_per_node_max: self.children_per_node_max,
             watches_per_session_max: self.watches_per_session_max,
+            watches_max: self.watches_max,
         }
     }
 }

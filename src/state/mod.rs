@@ -38,10 +38,16 @@ pub struct Config {
     pub sessions_max: usize,
     /// Most nodes in the tree (the root included).
     pub nodes_max: usize,
+    /// Most bytes the tree holds, counting each node's path and data (the
+    /// root's `/` included). A create or set that would go over it fails.
+    pub tree_bytes_max: usize,
     /// Most children of one node.
     pub children_per_node_max: usize,
     /// Most watches one session holds.
     pub watches_per_session_max: usize,
+    /// Most watches all sessions hold together. A read that would set one
+    /// more, or a `SetWatches` that would register past it, fails.
+    pub watches_max: usize,
 }
 
 /// One input to the state machine.
@@ -222,6 +228,12 @@ impl Coordinator {
         self.tree.len()
     }
 
+    /// The bytes the tree holds as `Config::tree_bytes_max` counts them: the
+    /// path and data bytes of every node, the root included.
+    pub fn tree_bytes(&self) -> usize {
+        self.tree.bytes()
+    }
+
     /// Whether `session` is alive (opened, and not closed or expired).
     pub fn session_alive(&self, session: SessionId) -> bool {
         self.sessions.contains(session)
@@ -232,13 +244,20 @@ impl Coordinator {
         self.watches.count(session)
     }
 
+    /// The number of watches all sessions hold, as `Config::watches_max`
+    /// counts them.
+    pub fn watch_count_total(&self) -> usize {
+        self.watches.total()
+    }
+
     /// Checks the invariants (every ephemeral owner is a live session and
     /// lists the node, the path index matches the tree, child sets match the
-    /// nodes, ephemerals have no children, every watch belongs to a live
-    /// session and the two watch indexes agree, no zxid in the tree is above
-    /// the latest, the latest zxid did not decrease since the previous
-    /// check); returns what is broken. Run after each `apply` in tests and
-    /// debug builds.
+    /// nodes, the tree's byte total matches its nodes, ephemerals have no
+    /// children, every watch belongs to a live session, the two watch
+    /// indexes and the watch total agree, each reply cache's byte total
+    /// matches its replies, no zxid in the tree is above the latest, the
+    /// latest zxid did not decrease since the previous check); returns what
+    /// is broken. Run after each `apply` in tests and debug builds.
     pub fn check_invariants(&self) -> Result<(), String> {
         let previous = Zxid(self.zxid_checked.fetch_max(self.zxid.0, Ordering::Relaxed));
         if self.zxid < previous {

@@ -14,8 +14,8 @@ use latchkey_client::protocol::{
     Reply, SessionId, WatchEvent, WatchEventKind, WatchKind, Xid, Zxid,
 };
 
-use super::tree::{NewNode, Node, Tree};
-use super::{session_expired, Config, Coordinator, Effects, SessionEnd};
+use super::tree::{node_bytes, NewNode, Node, Tree};
+use super::{session_expired, sessions, Config, Coordinator, Effects, SessionEnd};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -64,11 +64,13 @@ impl Coordinator {
                 ErrorCode::RetryUnknown,
                 format!(
                     "write {} of session {session} is at or below the last applied xid {} and its \
-                     reply is no longer kept (acknowledged, or more than {} requests old); read \
-                     the nodes it touches to learn whether it took effect",
+                     reply is no longer kept (acknowledged, more than {} requests old, or dropped \
+                     to keep the session's cached replies within {} bytes); read the nodes it \
+                     touches to learn whether it took effect",
                     xid.0,
                     last.0,
-                    limits::INFLIGHT_MAX
+                    limits::INFLIGHT_MAX,
+                    sessions::REPLY_CACHE_BYTES_MAX
                 ),
             ))
         };
@@ -230,7 +232,8 @@ impl Coordinator {
     }
 
     /// Registers a watch for a read, unless the session holds it already.
-    /// Fails, registering nothing, if the session is at its watch bound.
+    /// Fails, registering nothing, if the session or the whole table is at
+    /// its watch bound.
     fn watch_for_read(
         &mut self,
         session: SessionId,
@@ -246,6 +249,17 @@ impl Coordinator {
                 session,
                 held,
                 self.config.watches_per_session_max,
+            ));
+        }
+        let total = self.watches.total();
+        if total >= self.config.watches_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "all sessions hold {total} watches; the limit is {} (read without a watch, \
+                     wait for some to fire, or raise --watches-max)",
+                    self.config.watches_max
+                ),
             ));
         }
         self.watches.add(session, path, kind);
@@ -383,6 +397,17 @@ impl Coordinator {
                 ),
             ));
         }
+        let total = self.watches.total();
+        if total.saturating_add(new) > self.config.watches_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "all sessions hold {total} watches and set_watches adds {new}; the limit is \
+                     {} (watch fewer nodes, or raise --watches-max)",
+                    self.config.watches_max
+                ),
+            ));
+        }
         for (path, kind) in register {
             self.watches.add(session, path, kind);
         }
@@ -443,6 +468,7 @@ struct View {
     version: u64,
     num_children: usize,
     next_seq: u64,
+    data_bytes: usize,
 }
 
 impl View {
@@ -452,6 +478,7 @@ impl View {
             version: node.version,
             num_children: node.children.len(),
             next_seq: node.next_seq,
+            data_bytes: node.data.len(),
         }
     }
 }
@@ -462,6 +489,8 @@ struct Draft<'t> {
     tree: &'t Tree,
     overlay: HashMap<String, Option<View>>,
     node_count: usize,
+    /// The tree's bytes (see `tree::node_bytes`) after the steps so far.
+    bytes: usize,
 }
 
 impl<'t> Draft<'t> {
@@ -470,6 +499,7 @@ impl<'t> Draft<'t> {
             tree,
             overlay: HashMap::new(),
             node_count: tree.len(),
+            bytes: tree.bytes(),
         }
     }
 
@@ -487,7 +517,7 @@ impl<'t> Draft<'t> {
         }
     }
 
-    fn create(&mut self, path: &str, kind: NodeKind, bump_parent_seq: bool) {
+    fn create(&mut self, path: &str, kind: NodeKind, bump_parent_seq: bool, data_bytes: usize) {
         if let Some(parent) = protocol::parent_path(path) {
             self.update(parent, |v| {
                 v.num_children = v.num_children.saturating_add(1);
@@ -503,12 +533,29 @@ impl<'t> Draft<'t> {
                 version: 0,
                 num_children: 0,
                 next_seq: 0,
+                data_bytes,
             }),
         );
         self.node_count = self.node_count.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(node_bytes(path, data_bytes));
+    }
+
+    /// Replaces a node's data (a set): one more version, the new size.
+    fn set(&mut self, path: &str, data_bytes: usize) {
+        let old_bytes = self.get(path).map_or(0, |v| v.data_bytes);
+        self.update(path, |v| {
+            v.version = v.version.saturating_add(1);
+            v.data_bytes = data_bytes;
+        });
+        self.bytes = self
+            .bytes
+            .saturating_sub(old_bytes)
+            .saturating_add(data_bytes);
     }
 
     fn delete(&mut self, path: &str) {
+        let freed = self.get(path).map_or(0, |v| node_bytes(path, v.data_bytes));
+        self.bytes = self.bytes.saturating_sub(freed);
         if let Some(parent) = protocol::parent_path(path) {
             self.update(parent, |v| {
                 v.num_children = v.num_children.saturating_sub(1)
@@ -538,6 +585,24 @@ impl<'t> Draft<'t> {
                 format!(
                     "the tree has {} nodes; the limit is {} (delete nodes you no longer need)",
                     self.node_count, config.nodes_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails if a step that frees `freed` bytes and adds `added` would take
+    /// the tree over `tree_bytes_max`. A step that does not grow the tree
+    /// always passes, so shrinking data is never refused.
+    fn check_bytes(&self, freed: usize, added: usize, config: &Config) -> Result<(), ErrorReply> {
+        let after = self.bytes.saturating_sub(freed).saturating_add(added);
+        if added > freed && after > config.tree_bytes_max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the tree would hold {after} bytes; the limit is {} (delete nodes you no \
+                     longer need, or raise --tree-bytes-max)",
+                    config.tree_bytes_max
                 ),
             ));
         }
@@ -592,7 +657,8 @@ fn plan_step(
                 .ok_or_else(|| no_node(&path, "create it first"))?;
             check_version(&path, version, view.version)?;
             check_data(&data.0, config)?;
-            draft.update(&path, |v| v.version = v.version.saturating_add(1));
+            draft.check_bytes(view.data_bytes, data.0.len(), config)?;
+            draft.set(&path, data.0.len());
             Ok(Step {
                 actions: vec![Action::Set(path, data.0)],
                 answer: Answer::Stat,
@@ -692,7 +758,8 @@ fn plan_create(
                     None => {
                         let above = protocol::parent_path(&ancestor).unwrap_or("/");
                         draft.check_room(above, config)?;
-                        draft.create(&ancestor, NodeKind::Container, false);
+                        draft.check_bytes(0, node_bytes(&ancestor, 0), config)?;
+                        draft.create(&ancestor, NodeKind::Container, false, 0);
                         actions.push(Action::Create(NewNode {
                             path: ancestor,
                             data: Vec::new(),
@@ -733,7 +800,8 @@ fn plan_create(
         ));
     }
     draft.check_room(&parent, config)?;
-    draft.create(&path, kind, sequential);
+    draft.check_bytes(0, node_bytes(&path, data.0.len()), config)?;
+    draft.create(&path, kind, sequential, data.0.len());
     actions.push(Action::Create(NewNode {
         path,
         data: data.0,

@@ -2,11 +2,59 @@
 //! each session's reply cache for retried writes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::mem::size_of;
 
-use latchkey_client::protocol::{limits, ErrorReply, OpResult, Secret, SessionId, Xid, Zxid};
+use latchkey_client::protocol::{
+    limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, Xid, Zxid,
+};
 
-/// A cached reply to a write, keyed by its xid.
-pub(crate) type CachedReply = (Xid, Result<OpResult, ErrorReply>);
+/// Most bytes (by `reply_bytes`) one session's reply cache holds, beyond its
+/// newest reply. The count bound alone let a window of 128 big multi replies
+/// (each up to ~1.2 MB: `MULTI_OPS_MAX` creates with `PATH_BYTES_MAX`
+/// paths) take ~150 MB per session. 1 MiB still keeps a full window of
+/// ordinary writes (~200 bytes each by `reply_bytes`) or of multis of up to
+/// ~8 KB. With the newest always kept, a session's cache holds at most the
+/// larger of this and its newest reply (~1.2 MB), so the worst case across
+/// `sessions_max` sessions is still ~120 GB at the default of 100,000:
+/// `sessions_max` is the knob for that product.
+pub(crate) const REPLY_CACHE_BYTES_MAX: usize = 1024 * 1024;
+
+/// A cached reply to a write, keyed by its xid, with its size estimate.
+#[derive(Debug)]
+pub(crate) struct CachedReply {
+    pub(crate) xid: Xid,
+    pub(crate) result: Result<OpResult, ErrorReply>,
+    /// `reply_bytes(&result)`, kept so that dropping it needs no new walk.
+    bytes: usize,
+}
+
+/// A cheap estimate of the memory a cached reply takes: a fixed cost per
+/// reply and per multi step (each holding its `Stat` inline), plus the bytes
+/// of the strings they own. Not a serialization: it walks the results once.
+pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
+    let owned = match result {
+        Ok(OpResult::Created { path, .. }) => path.len(),
+        Ok(OpResult::Multi { results }) => results.iter().fold(0usize, |sum, step| {
+            let path = match step {
+                MultiResult::Created { path, .. } => path.len(),
+                MultiResult::Checked | MultiResult::Stat { .. } | MultiResult::Deleted => 0,
+            };
+            sum.saturating_add(size_of::<MultiResult>())
+                .saturating_add(path)
+        }),
+        // Reads are not cached; counted anyway so the estimate stays honest
+        // if that changes.
+        Ok(OpResult::Data { data, .. }) => data.0.len(),
+        Ok(OpResult::Children { children, .. }) => children.iter().fold(0usize, |sum, name| {
+            sum.saturating_add(size_of::<String>())
+                .saturating_add(name.len())
+        }),
+        Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Exists { .. })
+        | Ok(OpResult::Pong | OpResult::Done) => 0,
+        Err(error) => error.message.len(),
+    };
+    size_of::<CachedReply>().saturating_add(owned)
+}
 
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -19,8 +67,12 @@ pub(crate) struct Session {
     /// Replies to this session's recent writes, oldest first; at most
     /// `limits::INFLIGHT_MAX` entries outside the pinned range, because xids
     /// strictly increase and entries more than that far below the newest
-    /// are dropped.
-    pub(crate) replies: VecDeque<CachedReply>,
+    /// are dropped; and at most `REPLY_CACHE_BYTES_MAX` bytes unless the
+    /// newest alone is larger. Changed only through the methods below, which
+    /// keep `replies_bytes` in step.
+    replies: VecDeque<CachedReply>,
+    /// The sum of the `bytes` of `replies`.
+    replies_bytes: usize,
     /// At a resume, the replies up to the last applied xid are pinned: the
     /// client may send new xids (its watch re-registrations, renumbered
     /// requests) before retrying those writes, and the window must not push
@@ -43,13 +95,25 @@ impl Session {
     pub(crate) fn cached(&self, xid: Xid) -> Option<&Result<OpResult, ErrorReply>> {
         self.replies
             .iter()
-            .find(|(cached, _)| *cached == xid)
-            .map(|(_, result)| result)
+            .find(|cached| cached.xid == xid)
+            .map(|cached| &cached.result)
+    }
+
+    /// The cached replies, oldest first.
+    #[cfg(test)]
+    pub(crate) fn replies(&self) -> impl Iterator<Item = &CachedReply> {
+        self.replies.iter()
+    }
+
+    /// The bytes the reply cache holds, by `reply_bytes`.
+    #[cfg(test)]
+    pub(crate) fn replies_bytes(&self) -> usize {
+        self.replies_bytes
     }
 
     /// Forgets replies the client has acknowledged receiving.
     pub(crate) fn forget_through(&mut self, ack: Xid) {
-        self.replies.retain(|(xid, _)| *xid > ack);
+        self.retain_replies(|xid| xid > ack);
         if ack >= self.pinned_through {
             self.pinned_through = Xid(0);
         }
@@ -60,9 +124,34 @@ impl Session {
         self.pinned_through = self.last_xid_applied;
     }
 
-    /// Caches the reply to write `xid`.
+    /// Caches the reply to write `xid` (above every cached xid), then drops
+    /// the oldest replies, pinned ones included, until the cache is within
+    /// `REPLY_CACHE_BYTES_MAX`; the newest always stays. A retry of a
+    /// dropped reply gets RetryUnknown, the documented outcome for a reply no
+    /// longer kept: the client reads to learn whether the write took effect.
     pub(crate) fn remember(&mut self, xid: Xid, result: Result<OpResult, ErrorReply>) {
-        self.replies.push_back((xid, result));
+        let bytes = reply_bytes(&result);
+        self.replies.push_back(CachedReply { xid, result, bytes });
+        self.replies_bytes = self.replies_bytes.saturating_add(bytes);
+        // Bounded: each pass removes an entry, and the last one stays.
+        while self.replies_bytes > REPLY_CACHE_BYTES_MAX && self.replies.len() > 1 {
+            if let Some(oldest) = self.replies.pop_front() {
+                self.replies_bytes = self.replies_bytes.saturating_sub(oldest.bytes);
+            }
+        }
+    }
+
+    /// Keeps the replies whose xid passes `keep`, and the byte total in step.
+    fn retain_replies(&mut self, keep: impl Fn(Xid) -> bool) {
+        let mut bytes = self.replies_bytes;
+        self.replies.retain(|cached| {
+            let kept = keep(cached.xid);
+            if !kept {
+                bytes = bytes.saturating_sub(cached.bytes);
+            }
+            kept
+        });
+        self.replies_bytes = bytes;
     }
 
     /// Drops replies too old to be retried by a client that keeps at most
@@ -72,8 +161,7 @@ impl Session {
         let window = u64::try_from(limits::INFLIGHT_MAX).unwrap_or(u64::MAX);
         let floor = xid.0.saturating_sub(window);
         let pinned = self.pinned_through;
-        self.replies
-            .retain(|(cached, _)| cached.0 > floor || *cached <= pinned);
+        self.retain_replies(|cached| cached.0 > floor || cached <= pinned);
     }
 }
 
@@ -112,6 +200,7 @@ impl Sessions {
             last_heard_ms: now_ms,
             last_xid_applied: Xid(0),
             replies: VecDeque::new(),
+            replies_bytes: 0,
             pinned_through: Xid(0),
             ephemerals: BTreeMap::new(),
         };
@@ -172,6 +261,32 @@ impl Sessions {
                     "session {id} caches {} replies; the bound is {}",
                     session.replies.len(),
                     2 * limits::INFLIGHT_MAX
+                ));
+            }
+            let mut bytes = 0usize;
+            for cached in &session.replies {
+                let estimate = reply_bytes(&cached.result);
+                if cached.bytes != estimate {
+                    return Err(format!(
+                        "session {id}'s reply to xid {} is recorded as {} bytes but estimates \
+                         at {estimate}",
+                        cached.xid.0, cached.bytes
+                    ));
+                }
+                bytes = bytes.saturating_add(cached.bytes);
+            }
+            if bytes != session.replies_bytes {
+                return Err(format!(
+                    "session {id}'s reply cache totals {} bytes but its replies hold {bytes}",
+                    session.replies_bytes
+                ));
+            }
+            if bytes > REPLY_CACHE_BYTES_MAX && session.replies.len() > 1 {
+                return Err(format!(
+                    "session {id} caches {} replies of {bytes} bytes; the bound is {} bytes \
+                     unless only the newest is left",
+                    session.replies.len(),
+                    REPLY_CACHE_BYTES_MAX
                 ));
             }
         }

@@ -8,7 +8,7 @@ use latchkey_client::protocol::{
     Secret, SessionId, Stat, WatchEvent, WatchEventKind, Xid, Zxid,
 };
 
-use super::{Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
+use super::{sessions, Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
 
 const START: Zxid = Zxid(1_000);
 
@@ -19,8 +19,10 @@ pub(super) fn config() -> Config {
         data_bytes_max: limits::DATA_BYTES_MAX,
         sessions_max: 64,
         nodes_max: 10_000,
+        tree_bytes_max: 1 << 30,
         children_per_node_max: 1_000,
         watches_per_session_max: 1_000,
+        watches_max: 10_000,
     }
 }
 
@@ -121,6 +123,7 @@ impl Harness {
     pub(super) fn err(&mut self, session: SessionId, op: Op) -> ErrorReply {
         let zxid = self.c.zxid();
         let nodes = self.c.node_count();
+        let bytes = self.c.tree_bytes();
         let out = self.send(session, op);
         assert!(
             out.events.is_empty(),
@@ -132,6 +135,11 @@ impl Harness {
             self.c.node_count(),
             nodes,
             "a failed request changed the tree"
+        );
+        assert_eq!(
+            self.c.tree_bytes(),
+            bytes,
+            "a failed request changed the tree's bytes"
         );
         let error = result(&out).clone().expect_err("request should fail");
         assert!(!error.message.is_empty());
@@ -186,6 +194,23 @@ pub(super) fn mk(path: &str) -> Create {
     Create {
         path: path.into(),
         ..Create::default()
+    }
+}
+
+/// A create with `data_bytes` bytes of data.
+fn sized(path: &str, data_bytes: usize) -> Create {
+    Create {
+        data: Data(vec![b'x'; data_bytes]),
+        ..mk(path)
+    }
+}
+
+/// A set to `data_bytes` bytes of data.
+fn set_sized(path: &str, data_bytes: usize) -> MultiOp {
+    MultiOp::Set {
+        path: path.into(),
+        data: Data(vec![b'x'; data_bytes]),
+        version: None,
     }
 }
 
@@ -658,6 +683,153 @@ fn limit_on_nodes_counts_the_root_and_made_parents() {
 }
 
 #[test]
+fn limit_on_tree_bytes_counts_paths_data_and_made_parents() {
+    let mut h = Harness::with(Config {
+        tree_bytes_max: 20,
+        ..config()
+    });
+    let s = h.open();
+    // The root's "/" is the one byte of an empty tree.
+    assert_eq!(h.c.tree_bytes(), 1);
+    h.create_with(s, sized("/a", 10));
+    assert_eq!(h.c.tree_bytes(), 13);
+    let e = h.err(s, create(sized("/b", 6)));
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert_eq!(
+        e.message,
+        "the tree would hold 21 bytes; the limit is 20 (delete nodes you no longer need, or \
+         raise --tree-bytes-max)"
+    );
+    // Exactly at the bound is allowed.
+    h.create_with(s, sized("/b", 5));
+    assert_eq!(h.c.tree_bytes(), 20);
+
+    // A set counts its new data in place of the old.
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![set_sized("/a", 11)],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::LimitExceeded, Some(0)));
+    assert!(e.message.contains("would hold 21 bytes"), "{e:?}");
+    assert_eq!(
+        h.err(s, set("/a", "0123456789a", None)).code,
+        ErrorCode::LimitExceeded
+    );
+    h.ok(s, set("/a", "0123456789", None));
+    h.ok(s, set("/a", "", None));
+    assert_eq!(h.c.tree_bytes(), 10);
+
+    // Made parents count their paths: /p (2) and /p/q (4) fit, /p/q/r (6)
+    // does not.
+    let e = h.err(
+        s,
+        create(Create {
+            make_parents: true,
+            ..mk("/p/q/r")
+        }),
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("would hold 22 bytes"), "{e:?}");
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            ..mk("/p/q")
+        },
+    );
+    assert_eq!(h.c.tree_bytes(), 16);
+}
+
+#[test]
+fn a_multi_over_the_tree_bytes_bound_changes_nothing() {
+    let mut h = Harness::with(Config {
+        tree_bytes_max: 30,
+        ..config()
+    });
+    let s = h.open();
+    let w = h.open();
+    h.create_with(s, sized("/a", 5));
+    h.ok(w, get("/a", true));
+    h.ok(w, exists("/b", true));
+    let zxid = h.c.zxid();
+    let bytes = h.c.tree_bytes();
+    assert_eq!(bytes, 8);
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Create(sized("/b", 10)),
+                set_sized("/a", 8),
+                MultiOp::Create(sized("/c", 6)),
+                MultiOp::Check {
+                    path: "/a".into(),
+                    version: 1,
+                },
+            ],
+        },
+    );
+    // 8, + 12 for /b, + 3 as /a grows = 23; /c would add 8.
+    assert_eq!((e.code, e.index), (ErrorCode::LimitExceeded, Some(2)));
+    assert!(e.message.contains("would hold 31 bytes"), "{e:?}");
+    assert_eq!(h.c.zxid(), zxid);
+    assert_eq!(h.c.tree_bytes(), bytes);
+    assert!(!h.present(s, "/b"));
+    assert_eq!(h.stat(s, "/a").expect("a").data_length, 5);
+    // The watches are still armed.
+    let out = h.send(s, create(mk("/b")));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/b", h.c.zxid())]
+    );
+}
+
+#[test]
+fn deletes_and_smaller_sets_free_tree_bytes_even_within_a_multi() {
+    let mut h = Harness::with(Config {
+        tree_bytes_max: 20,
+        ..config()
+    });
+    let s = h.open();
+    h.create_with(s, sized("/a", 15));
+    assert_eq!(h.c.tree_bytes(), 18);
+    assert_eq!(
+        h.err(s, create(sized("/b", 1))).code,
+        ErrorCode::LimitExceeded
+    );
+    // Within one multi, a delete frees its path and data for later steps.
+    let out = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Delete {
+                    path: "/a".into(),
+                    version: None,
+                },
+                MultiOp::Create(sized("/b", 16)),
+            ],
+        },
+    );
+    assert!(matches!(out, OpResult::Multi { .. }));
+    assert_eq!(h.c.tree_bytes(), 19);
+    // And a set that shrinks data frees the difference.
+    let out = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![set_sized("/b", 0), MultiOp::Create(sized("/c", 15))],
+        },
+    );
+    assert!(matches!(out, OpResult::Multi { .. }));
+    assert_eq!(h.c.tree_bytes(), 20);
+    // A lone delete frees its bytes for a later create.
+    h.ok(s, delete("/c", None));
+    assert_eq!(h.c.tree_bytes(), 3);
+    h.create_with(s, sized("/c", 15));
+    assert_eq!(h.c.tree_bytes(), 20);
+}
+
+#[test]
 fn limit_on_children_per_node() {
     let mut h = Harness::with(Config {
         children_per_node_max: 2,
@@ -708,6 +880,75 @@ fn limit_on_watches_per_session() {
     // A fired watch frees a slot.
     h.ok(s, set("/a", "x", None));
     h.ok(s, exists("/b", true));
+}
+
+#[test]
+fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
+    let mut h = Harness::with(Config {
+        watches_max: 3,
+        ..config()
+    });
+    let a = h.open();
+    let b = h.open();
+    h.create(a, "/x");
+    h.ok(a, get("/x", true));
+    h.ok(a, children("/x", true));
+    h.ok(b, exists("/y", true));
+    assert_eq!(h.c.watch_count_total(), 3);
+    // Setting a watch already held is a no-op, so not over the bound.
+    h.ok(a, get("/x", true));
+    let e = h.err(b, get("/x", true));
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert_eq!(
+        e.message,
+        "all sessions hold 3 watches; the limit is 3 (read without a watch, wait for some to \
+         fire, or raise --watches-max)"
+    );
+    for op in [exists("/z", true), children("/", true)] {
+        assert_eq!(h.err(b, op).code, ErrorCode::LimitExceeded);
+    }
+    let e = h.err(
+        b,
+        Op::SetWatches {
+            last_zxid: h.c.zxid(),
+            data: vec!["/x".into()],
+            exist: vec!["/y".into()],
+            child: vec![],
+        },
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert_eq!(
+        e.message,
+        "all sessions hold 3 watches and set_watches adds 1; the limit is 3 (watch fewer \
+         nodes, or raise --watches-max)"
+    );
+    assert_eq!((h.c.watch_count(b), h.c.watch_count_total()), (1, 3));
+    // Watches held already and watches that fire at once add nothing.
+    let out = h.send(
+        b,
+        Op::SetWatches {
+            last_zxid: h.c.zxid(),
+            data: vec![],
+            exist: vec!["/x".into(), "/y".into()],
+            child: vec![],
+        },
+    );
+    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::NodeCreated, "/x", h.c.zxid())]
+    );
+    // Reads without a watch still work.
+    h.ok(b, get("/x", false));
+    // A fired watch frees room, and so does a resume or a close.
+    h.ok(a, set("/x", "v", None));
+    assert_eq!(h.c.watch_count_total(), 2);
+    h.ok(b, get("/x", true));
+    assert_eq!(h.err(b, get("/", true)).code, ErrorCode::LimitExceeded);
+    h.resume(b, "s3cret", 0).expect("resume");
+    assert_eq!(h.c.watch_count_total(), 1);
+    h.ok(a, Op::CloseSession);
+    assert_eq!(h.c.watch_count_total(), 0);
 }
 
 #[test]
@@ -1427,9 +1668,123 @@ fn the_reply_cache_keeps_only_the_inflight_window() {
     let kept = h.send_xid(s, Xid(6), create(mk("/n6")));
     assert!(matches!(result(&kept), Ok(OpResult::Created { path, .. }) if path == "/n6"));
     assert_eq!(
-        h.c.sessions.get(s).expect("live").replies.len(),
+        h.c.sessions.get(s).expect("live").replies().count(),
         limits::INFLIGHT_MAX
     );
+}
+
+/// A directory whose children's paths are near `limits::PATH_BYTES_MAX`:
+/// three segments of the longest name, 768 bytes.
+fn long_dir() -> String {
+    format!(
+        "/{}/{}/{}",
+        "a".repeat(255),
+        "b".repeat(255),
+        "c".repeat(255)
+    )
+}
+
+#[test]
+fn the_reply_cache_drops_its_oldest_replies_past_its_byte_bound() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let dir = long_dir();
+    h.send_xid(
+        s,
+        Xid(1),
+        create(Create {
+            make_parents: true,
+            ..mk(&dir)
+        }),
+    );
+    h.send_xid(s, Xid(2), create(mk("/small")));
+    // Pin both: the byte bound pushes out pinned replies too.
+    h.resume(s, "s3cret", 0).expect("resume");
+    // 300 creates and deletes of a 1,019-byte path: ~390 KB a reply, so
+    // two fit in the cache and a third does not.
+    let leaf = format!("{dir}/{}", "d".repeat(250));
+    let ops: Vec<MultiOp> = (0..300)
+        .flat_map(|_| {
+            [
+                MultiOp::Create(mk(&leaf)),
+                MultiOp::Delete {
+                    path: leaf.clone(),
+                    version: None,
+                },
+            ]
+        })
+        .collect();
+    let mut replies = BTreeMap::new();
+    for xid in 3..=5 {
+        let out = h.send_xid(s, Xid(xid), Op::Multi { ops: ops.clone() });
+        replies.insert(xid, result(&out).clone());
+    }
+    let multi_bytes = sessions::reply_bytes(&replies[&5]);
+    assert!(2 * multi_bytes < sessions::REPLY_CACHE_BYTES_MAX);
+    assert!(3 * multi_bytes > sessions::REPLY_CACHE_BYTES_MAX);
+    let session = h.c.sessions.get(s).expect("live");
+    let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
+    assert_eq!(kept, vec![Xid(4), Xid(5)]);
+    assert_eq!(session.replies_bytes(), 2 * multi_bytes);
+
+    let zxid = h.c.zxid();
+    for xid in 1..=3 {
+        let out = h.send_xid(s, Xid(xid), create(mk("/again")));
+        assert_eq!(
+            result(&out).as_ref().expect_err("dropped").code,
+            ErrorCode::RetryUnknown,
+            "xid {xid}"
+        );
+    }
+    for xid in 4..=5 {
+        let out = h.send_xid(s, Xid(xid), Op::Multi { ops: ops.clone() });
+        assert_eq!(result(&out), &replies[&xid], "xid {xid}");
+    }
+    assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
+}
+
+#[test]
+fn the_reply_cache_keeps_its_newest_reply_even_past_its_byte_bound() {
+    let mut h = Harness::with(Config {
+        children_per_node_max: 2_000,
+        ..config()
+    });
+    let s = h.open();
+    let dir = long_dir();
+    h.create_with(
+        s,
+        Create {
+            make_parents: true,
+            ..mk(&dir)
+        },
+    );
+    // 1,024 creates of 969-byte paths: one reply of ~1.1 MB.
+    let ops: Vec<MultiOp> = (0..limits::MULTI_OPS_MAX)
+        .map(|i| MultiOp::Create(mk(&format!("{dir}/{i:0>200}"))))
+        .collect();
+    let out = h.send(s, Op::Multi { ops: ops.clone() });
+    let reply = result(&out).clone();
+    assert!(reply.is_ok());
+    let bytes = sessions::reply_bytes(&reply);
+    assert!(bytes > sessions::REPLY_CACHE_BYTES_MAX);
+    let session = h.c.sessions.get(s).expect("live");
+    let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
+    assert_eq!(kept, vec![Xid(2)]);
+    assert_eq!(session.replies_bytes(), bytes);
+
+    let zxid = h.c.zxid();
+    assert_eq!(result(&h.send_xid(s, Xid(2), Op::Multi { ops })), &reply);
+    assert_eq!(h.c.zxid(), zxid);
+    let out = h.send_xid(s, Xid(1), create(mk("/x")));
+    assert_eq!(
+        result(&out).as_ref().expect_err("dropped").code,
+        ErrorCode::RetryUnknown
+    );
+    // The next write pushes the big reply out.
+    h.create(s, "/y");
+    let session = h.c.sessions.get(s).expect("live");
+    let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
+    assert_eq!(kept, vec![Xid(3)]);
 }
 
 #[test]
@@ -1441,7 +1796,7 @@ fn a_read_far_ahead_also_moves_the_cache_window() {
     let window = u64::try_from(limits::INFLIGHT_MAX).expect("small");
     // xid - INFLIGHT_MAX = 2: xid 1 and 2 drop out, nothing newer exists.
     h.send_xid(s, Xid(window + 2), get("/", false));
-    assert!(h.c.sessions.get(s).expect("live").replies.is_empty());
+    assert_eq!(h.c.sessions.get(s).expect("live").replies().count(), 0);
     let e = result(&h.send_xid(s, Xid(2), create(mk("/b"))))
         .clone()
         .expect_err("out of the window");

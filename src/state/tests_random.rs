@@ -65,8 +65,14 @@ fn small_config() -> Config {
         data_bytes_max: 16,
         sessions_max: 6,
         nodes_max: 40,
+        // A node here averages ~20 bytes of path and data, so 40 nodes hold
+        // ~800: at 700 both this bound and `nodes_max` are hit in a stream
+        // (seen in the "bounds hit" counts over seeds 1-12).
+        tree_bytes_max: 700,
         children_per_node_max: 6,
         watches_per_session_max: 5,
+        // Below 6 sessions x 5, so both watch bounds are hit.
+        watches_max: 12,
     }
 }
 
@@ -229,6 +235,26 @@ fn random_command(rng: &mut XorShift, clients: &mut Clients, zxid: Zxid) -> Comm
     Command::Request { session, xid, op }
 }
 
+/// Which bound a `LimitExceeded` message names, to count how often the
+/// stream reaches each.
+fn bound_of(message: &str) -> &'static str {
+    if message.contains("bytes; the limit") {
+        "tree bytes"
+    } else if message.contains("children; the limit") {
+        "children"
+    } else if message.contains("nodes; the limit") {
+        "nodes"
+    } else if message.contains("sequence counter") {
+        "sequence"
+    } else if message.contains("all sessions hold") {
+        "watches (all sessions)"
+    } else if message.contains("watches") {
+        "watches (one session)"
+    } else {
+        "other"
+    }
+}
+
 #[test]
 fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
     let seed = seed();
@@ -240,6 +266,7 @@ fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
     let mut now_ms = 0u64;
     let mut kinds = BTreeMap::<&str, u64>::new();
     let mut codes = BTreeMap::<String, u64>::new();
+    let mut bounds = BTreeMap::<&str, u64>::new();
     for step in 0..4_000 {
         now_ms += rng.below(120);
         let command = random_command(&mut rng, &mut clients, left.zxid());
@@ -277,6 +304,9 @@ fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
                 *kinds.entry(label).or_default() += 1;
                 if let Err(e) = &reply.result {
                     *codes.entry(format!("{:?}", e.code)).or_default() += 1;
+                    if e.code == ErrorCode::LimitExceeded {
+                        *bounds.entry(bound_of(&e.message)).or_default() += 1;
+                    }
                 }
             }
             _ => {}
@@ -288,6 +318,7 @@ fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
     }
     eprintln!("outcome counts: {kinds:?}");
     eprintln!("error codes: {codes:?}");
+    eprintln!("bounds hit: {bounds:?}");
     // The stream must have exercised the interesting paths, or it proves
     // little.
     for label in ["created", "multi ok", "error", "events"] {

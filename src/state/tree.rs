@@ -77,6 +77,15 @@ pub(crate) struct Tree {
     ttl_deadlines: BTreeSet<(u64, Zxid, usize)>,
     /// `(czxid, key)` of containers that lost their last child.
     empty_containers: BTreeSet<(Zxid, usize)>,
+    /// The sum of `node_bytes` over all nodes, kept by every mutator so that
+    /// a write can be checked against `Config::tree_bytes_max` without a walk.
+    bytes: usize,
+}
+
+/// What a node counts against `Config::tree_bytes_max`: its path and its
+/// data. The draft in `ops.rs` must count the same way.
+pub(crate) fn node_bytes(path: &str, data_bytes: usize) -> usize {
+    path.len().saturating_add(data_bytes)
 }
 
 impl Tree {
@@ -106,11 +115,17 @@ impl Tree {
             index,
             ttl_deadlines: BTreeSet::new(),
             empty_containers: BTreeSet::new(),
+            bytes: node_bytes("/", 0),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The bytes the tree holds, as `node_bytes` counts them.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub(crate) fn key(&self, path: &str) -> Option<usize> {
@@ -158,6 +173,9 @@ impl Tree {
             cversion: 0,
         };
         let deadline = node.ttl_deadline_ms();
+        self.bytes = self
+            .bytes
+            .saturating_add(node_bytes(&node.path, node.data.len()));
         let key = self.nodes.insert(node);
         self.index.insert(new.path, key);
         if let Some(deadline_ms) = deadline {
@@ -182,6 +200,9 @@ impl Tree {
             .try_remove(key)
             .expect("a delete is planned only for a live node");
         debug_assert!(node.children.is_empty(), "removed a node with children");
+        self.bytes = self
+            .bytes
+            .saturating_sub(node_bytes(&node.path, node.data.len()));
         self.index.remove(&node.path);
         if let Some(deadline_ms) = node.ttl_deadline_ms() {
             self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
@@ -216,6 +237,10 @@ impl Tree {
         if let Some(deadline_ms) = node.ttl_deadline_ms() {
             self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
         }
+        self.bytes = self
+            .bytes
+            .saturating_sub(node.data.len())
+            .saturating_add(data.len());
         node.data = data;
         node.version = node.version.saturating_add(1);
         node.mzxid = zxid;
@@ -286,7 +311,9 @@ impl Tree {
             ));
         }
         let mut child_links = 0usize;
+        let mut bytes = 0usize;
         for (key, node) in self.nodes.iter() {
+            bytes = bytes.saturating_add(node_bytes(&node.path, node.data.len()));
             if self.index.get(&node.path) != Some(&key) {
                 return Err(format!(
                     "path index does not map {} to key {key}",
@@ -351,6 +378,12 @@ impl Tree {
                     ));
                 }
             }
+        }
+        if bytes != self.bytes {
+            return Err(format!(
+                "the tree's running byte total is {} but its nodes hold {bytes}",
+                self.bytes
+            ));
         }
         if child_links + 1 != self.nodes.len() {
             return Err(format!(

@@ -9,6 +9,8 @@ use latchkey_client::protocol::{SessionId, WatchEvent, WatchEventKind, WatchKind
 pub(crate) struct WatchTable {
     by_target: BTreeMap<(String, WatchKind), BTreeSet<SessionId>>,
     by_session: BTreeMap<SessionId, BTreeSet<(String, WatchKind)>>,
+    /// How many watches all sessions hold, for `Config::watches_max`.
+    total: usize,
 }
 
 impl WatchTable {
@@ -22,16 +24,25 @@ impl WatchTable {
         self.by_session.get(&session).map_or(0, BTreeSet::len)
     }
 
+    /// How many watches all sessions hold.
+    pub(crate) fn total(&self) -> usize {
+        self.total
+    }
+
     /// Registers a watch; a no-op if the session already holds it.
     pub(crate) fn add(&mut self, session: SessionId, path: &str, kind: WatchKind) {
         self.by_target
             .entry((path.to_owned(), kind))
             .or_default()
             .insert(session);
-        self.by_session
+        let added = self
+            .by_session
             .entry(session)
             .or_default()
             .insert((path.to_owned(), kind));
+        if added {
+            self.total = self.total.saturating_add(1);
+        }
     }
 
     /// Fires the watches one change triggers: each `(path, watch kind,
@@ -50,6 +61,7 @@ impl WatchTable {
                 continue;
             };
             for session in sessions {
+                self.total = self.total.saturating_sub(1);
                 if let Some(set) = self.by_session.get_mut(&session) {
                     set.remove(&key);
                     if set.is_empty() {
@@ -80,6 +92,7 @@ impl WatchTable {
         let Some(keys) = self.by_session.remove(&session) else {
             return;
         };
+        self.total = self.total.saturating_sub(keys.len());
         for key in keys {
             if let Some(set) = self.by_target.get_mut(&key) {
                 set.remove(&session);
@@ -117,6 +130,12 @@ impl WatchTable {
         if forward != backward || self.by_session.values().any(BTreeSet::is_empty) {
             return Err(format!(
                 "watch indexes disagree: {forward} by target, {backward} by session"
+            ));
+        }
+        if forward != self.total {
+            return Err(format!(
+                "the watch total is {} but the table holds {forward}",
+                self.total
             ));
         }
         Ok(())
