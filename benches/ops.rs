@@ -220,8 +220,8 @@ async fn main() {
         option_env!("LATCHKEY_COMMIT").unwrap_or("(set LATCHKEY_COMMIT to record it)")
     );
     println!(
-        "command: cargo bench --bench ops --{}",
-        if quick { " --quick" } else { "" }
+        "command: cargo bench --bench ops{}",
+        if quick { " -- --quick" } else { "" }
     );
     let mut by_workload: Vec<Vec<Run>> = Vec::new();
     for round in 0..REPEATS {
