@@ -145,22 +145,22 @@ struct ServeArgs {
     #[arg(long, default_value_t = Config::default().frame_bytes_max)]
     frame_bytes_max: usize,
     /// Largest node data, in bytes.
-    #[arg(long, default_value_t = Config::default().data_bytes_max)]
+    #[arg(long, default_value_t = Config::default().coordinator.data_bytes_max)]
     data_bytes_max: usize,
     /// Bytes that may wait unread for one client before it is disconnected.
     #[arg(long, default_value_t = Config::default().outbound_bytes_max)]
     outbound_bytes_max: usize,
     /// Most live sessions.
-    #[arg(long, default_value_t = Config::default().sessions_max)]
+    #[arg(long, default_value_t = Config::default().coordinator.sessions_max)]
     sessions_max: usize,
     /// Most nodes in the tree.
-    #[arg(long, default_value_t = Config::default().nodes_max)]
+    #[arg(long, default_value_t = Config::default().coordinator.nodes_max)]
     nodes_max: usize,
     /// Most bytes the tree holds, counting each node's path and data.
-    #[arg(long, default_value_t = Config::default().tree_bytes_max)]
+    #[arg(long, default_value_t = Config::default().coordinator.tree_bytes_max)]
     tree_bytes_max: usize,
     /// Most watches all sessions hold together.
-    #[arg(long, default_value_t = Config::default().watches_max)]
+    #[arg(long, default_value_t = Config::default().coordinator.watches_max)]
     watches_max: usize,
     /// How long one batch of replies may take to write before a client that
     /// does not read is disconnected (its session lives on).
@@ -192,16 +192,19 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .init();
     let config = Config {
         listen: args.listen,
-        session_timeout_ms_min: millis(args.session_timeout_min),
-        session_timeout_ms_max: millis(args.session_timeout_max),
+        coordinator: latchkey::state::Config {
+            session_timeout_ms_min: millis(args.session_timeout_min),
+            session_timeout_ms_max: millis(args.session_timeout_max),
+            data_bytes_max: args.data_bytes_max,
+            sessions_max: args.sessions_max,
+            nodes_max: args.nodes_max,
+            tree_bytes_max: args.tree_bytes_max,
+            watches_max: args.watches_max,
+            ..latchkey::state::Config::default()
+        },
         connections_max: args.connections_max,
         frame_bytes_max: args.frame_bytes_max,
-        data_bytes_max: args.data_bytes_max,
         outbound_bytes_max: args.outbound_bytes_max,
-        sessions_max: args.sessions_max,
-        nodes_max: args.nodes_max,
-        tree_bytes_max: args.tree_bytes_max,
-        watches_max: args.watches_max,
         write_timeout: args.write_timeout,
         ..Config::default()
     };

@@ -154,7 +154,7 @@ async fn a_huge_length_header_is_refused_without_allocating_it() {
 async fn an_oversized_frame_is_refused_and_nothing_changes() {
     let mut config = test_config();
     config.frame_bytes_max = 64 * 1024;
-    config.data_bytes_max = 16 * 1024;
+    config.coordinator.data_bytes_max = 16 * 1024;
     let server = start_server_with(config).await;
     let before = root_state(server.addr()).await;
     let mut raw = Raw::session(server.addr()).await;
@@ -275,7 +275,7 @@ async fn non_canonical_paths_are_refused_and_nothing_is_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_over_the_limit_is_refused_with_the_limit_named() {
     let mut config = test_config();
-    config.data_bytes_max = 1000;
+    config.coordinator.data_bytes_max = 1000;
     let server = start_server_with(config).await;
     let before = root_state(server.addr()).await;
     let mut raw = Raw::session(server.addr()).await;
@@ -334,7 +334,7 @@ async fn a_client_that_never_reads_is_disconnected_and_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_refused_with_a_reason() {
     let mut config = test_config();
-    config.session_timeout_ms_max = 60_000;
+    config.coordinator.session_timeout_ms_max = 60_000;
     config.connections_max = 2;
     let server = start_server_with(config).await;
     let _a = Raw::session(server.addr()).await;
@@ -523,7 +523,7 @@ async fn a_frame_still_buffered_on_a_moved_connection_is_never_applied_after_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_gives_its_connection_slot_back() {
     let mut config = test_config();
-    config.session_timeout_ms_max = 60_000;
+    config.coordinator.session_timeout_ms_max = 60_000;
     config.connections_max = 2;
     // Room for every reply in the queue: only the write deadline can act.
     config.outbound_bytes_max = 64 * 1024 * 1024;

@@ -198,7 +198,7 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let coordinator = Coordinator::new(config.state_config(), zxid_start());
+        let coordinator = Coordinator::new(config.coordinator.clone(), zxid_start());
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 coordinator,
@@ -496,7 +496,8 @@ impl Connection {
             zxid: grant.zxid,
             last_xid_applied: grant.last_xid_applied,
             frame_bytes_max: u64::try_from(shared.config.frame_bytes_max).unwrap_or(u64::MAX),
-            data_bytes_max: u64::try_from(shared.config.data_bytes_max).unwrap_or(u64::MAX),
+            data_bytes_max: u64::try_from(shared.config.coordinator.data_bytes_max)
+                .unwrap_or(u64::MAX),
         })));
         if let Some(previous) = core.connections.insert(
             grant.session,

@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use latchkey_client::protocol::{
-    ErrorCode, ErrorReply, NodeKind, Op, Reply, Secret, SessionId, WatchEvent, WatchEventKind,
-    WatchKind, Xid, Zxid,
+    limits, ErrorCode, ErrorReply, NodeKind, Op, Reply, Secret, SessionId, WatchEvent,
+    WatchEventKind, WatchKind, Xid, Zxid,
 };
 
 mod ops;
@@ -24,30 +24,66 @@ use sessions::Sessions;
 use tree::Tree;
 use watches::WatchTable;
 
-/// Bounds the state machine enforces. The server builds this from its
-/// configuration.
+/// Bounds the state machine enforces. `Config::default()` is what a server
+/// started with no flags uses; each field says its default and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Smallest session timeout granted; smaller requests are raised to it.
+    /// Default 1 s: below that, a pause of the client's process (GC, swap)
+    /// would expire it.
     pub session_timeout_ms_min: u64,
     /// Largest session timeout granted; larger requests are lowered to it.
+    /// Default 120 s: a crashed holder blocks its locks for at most this
+    /// long.
     pub session_timeout_ms_max: u64,
-    /// Largest node data accepted.
+    /// Largest node data. Default 1 MiB, as in ZooKeeper.
     pub data_bytes_max: usize,
-    /// Most sessions alive at once.
+    /// Most live sessions. Default 100,000.
     pub sessions_max: usize,
-    /// Most nodes in the tree (the root included).
+    /// Most nodes in the tree. Default 10,000,000. Besides its path and data
+    /// (bounded by `tree_bytes_max`), each node costs about 300 bytes of
+    /// bookkeeping (a 176-byte node in the slab, a path index entry with its
+    /// own copy of the path, the name in the parent's child set, allocator
+    /// overhead): about 3 GiB at the default, on top of the tree's bytes.
+    /// Estimated from type sizes, not measured; lower it on small machines.
     pub nodes_max: usize,
-    /// Most bytes the tree holds, counting each node's path and data (the
-    /// root's `/` included). A create or set that would go over it fails.
+    /// Most bytes the tree holds, counting each node's path and data.
+    /// Default 1 GiB. Without it the per-node bounds multiply to
+    /// `nodes_max` x `data_bytes_max`, about 10 TiB; with it, paths and data
+    /// take at most this much plus the copies of paths the indexes keep. A
+    /// coordinator holds small values; a tree near this size belongs in a
+    /// database.
     pub tree_bytes_max: usize,
-    /// Most children of one node.
+    /// Most children of one node. Default and ceiling
+    /// `protocol::limits::CHILDREN_PER_NODE_MAX`, so a listing fits a frame.
     pub children_per_node_max: usize,
-    /// Most watches one session holds.
+    /// Most watches per session. Default
+    /// `protocol::limits::WATCHES_PER_SESSION_MAX`.
     pub watches_per_session_max: usize,
-    /// Most watches all sessions hold together. A read that would set one
-    /// more, or a `SetWatches` that would register past it, fails.
+    /// Most watches all sessions hold together. Default 2,000,000, or 20 per
+    /// session at 100,000 sessions. A watch costs ~100-200 bytes plus twice
+    /// its path (an entry in each of two ordered indexes, each with its own
+    /// copy of the path; up to ~150 bytes more for the first watch on a
+    /// path, which gets its own set of watchers): ~0.3-0.7 GB at worst.
+    /// Estimated from type sizes, not measured. Without it the per-session
+    /// bound times `sessions_max` allowed billions.
     pub watches_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            session_timeout_ms_min: 1_000,
+            session_timeout_ms_max: 120_000,
+            data_bytes_max: limits::DATA_BYTES_MAX,
+            sessions_max: 100_000,
+            nodes_max: 10_000_000,
+            tree_bytes_max: 1024 * 1024 * 1024,
+            children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
+            watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
+            watches_max: 2_000_000,
+        }
+    }
 }
 
 /// One input to the state machine.

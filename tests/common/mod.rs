@@ -21,7 +21,10 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub fn test_config() -> Config {
     Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        session_timeout_ms_min: 200,
+        coordinator: latchkey::state::Config {
+            session_timeout_ms_min: 200,
+            ..latchkey::state::Config::default()
+        },
         tick_interval: Duration::from_millis(20),
         check_invariants: true,
         ..Config::default()
