@@ -210,6 +210,7 @@ impl CreateOptions {
             sequential: self.sequential,
             ttl_ms,
             make_parents: self.make_parents,
+            lock: None,
         })
     }
 }
@@ -425,6 +426,7 @@ impl Client {
         let op = Op::Delete {
             path: path.into(),
             version,
+            czxid: None,
         };
         match self.call(op, None).await? {
             OpResult::Deleted => Ok(()),
@@ -665,6 +667,7 @@ fn validate_op(op: &Op) -> Result<(), ClientError> {
     match op {
         Op::Create(c) => check_path(&c.path),
         Op::Delete { path, .. }
+        | Op::Touch { path, .. }
         | Op::Set { path, .. }
         | Op::Get { path, .. }
         | Op::Exists { path, .. }
@@ -674,6 +677,7 @@ fn validate_op(op: &Op) -> Result<(), ClientError> {
                 let path = match m {
                     MultiOp::Check { path, .. }
                     | MultiOp::Set { path, .. }
+                    | MultiOp::Touch { path, .. }
                     | MultiOp::Delete { path, .. } => path,
                     MultiOp::Create(c) => &c.path,
                 };
@@ -724,11 +728,13 @@ mod tests {
             ops: vec![
                 MultiOp::Check {
                     path: "/ok".into(),
-                    version: 1,
+                    version: Some(1),
+                    czxid: None,
                 },
                 MultiOp::Delete {
                     path: "bad".into(),
                     version: None,
+                    czxid: None,
                 },
             ],
         };

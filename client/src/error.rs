@@ -160,6 +160,7 @@ impl ClientError {
             code,
             message,
             index,
+            ..
         } = reply;
         match code {
             ErrorCode::NoNode => ClientError::NoNode { message, index },

@@ -391,6 +391,7 @@ async fn resume_resets_watches_then_resends_unanswered_requests() {
             data: vec!["/w".into()],
             exist: vec![],
             child: vec![],
+            lock: vec![],
         }
     );
     let retried = within(peer.request()).await;

@@ -272,6 +272,68 @@ pub struct Create {
     /// Create missing ancestors as container nodes, in the same write.
     #[serde(default)]
     pub make_parents: bool,
+    /// Make this node a place in its parent's lock queue (only for an
+    /// ephemeral sequential node, and not inside a multi). The server then
+    /// grants it in queue order by the rules of its [`LockMode`], tells the
+    /// owner in the create's stat whether it was granted at once, and later
+    /// pushes [`WatchEventKind::LockGranted`] to the owner, with no watch to
+    /// set. A wait that would close a cycle of sessions waiting on each other
+    /// fails with [`ErrorCode::Deadlock`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockSpec>,
+}
+
+/// How a lock node shares its queue with the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// Granted when first in the queue: a mutex, a writer, a leader.
+    Exclusive,
+    /// Granted when no exclusive node is ahead: a reader.
+    Shared,
+    /// Granted when fewer than `permits` nodes are ahead.
+    Semaphore { permits: u32 },
+}
+
+/// A lock node's mode and lock-delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockSpec {
+    /// How the node shares the queue.
+    pub mode: LockMode,
+    /// After the owner's session expires while holding the lock, the lock
+    /// passes to the next waiter only this long after the expiry (a holder
+    /// cut off from the server may still be finishing its work). `None`
+    /// takes the server's default; 0 turns the delay off. An explicit
+    /// release or a close passes the lock at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+}
+
+/// A lock node's state, in its [`Stat`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// How the node shares its queue.
+    pub mode: LockMode,
+    /// The lock-delay in force for this node.
+    pub delay_ms: u64,
+    /// Set once the node is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Grant>,
+    /// Set when the owner's session expired while holding the lock: the node
+    /// stays (ownerless, still holding) until this time, then goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed_at_ms: Option<u64>,
+}
+
+/// When and at which zxid a lock node was granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The fencing token: the zxid of the write that granted the node (its
+    /// own create when granted at once). Strictly increasing across the
+    /// grants of all locks, but for shared nodes granted by one write.
+    pub token: Zxid,
+    /// When it was granted, milliseconds since the Unix epoch.
+    pub at_ms: u64,
 }
 
 /// An operation. Reads may set a one-shot watch.
@@ -280,11 +342,25 @@ pub struct Create {
 pub enum Op {
     /// Create a node. Replies [`OpResult::Created`].
     Create(Create),
-    /// Delete a node without children, if its version matches.
+    /// Delete a node without children, if its version matches and, given
+    /// `czxid`, if it is the node created at that zxid (a hold's token).
     Delete {
         path: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
+    },
+    /// Renew a TTL node: its deadline becomes now plus its TTL, or plus
+    /// `ttl_ms`, which then becomes its TTL. Given `czxid`, only if it is the
+    /// node created at that zxid. A write like a set: the version and mzxid
+    /// move and data watches fire. Replies [`OpResult::Stat`].
+    Touch {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
     },
     /// Replace a node's data, if its version matches. Replies [`OpResult::Stat`].
     Set {
@@ -329,6 +405,11 @@ pub enum Op {
         exist: Vec<String>,
         #[serde(default)]
         child: Vec<String>,
+        /// The session's own lock nodes still waiting for a grant: those
+        /// granted since fire [`WatchEventKind::LockGranted`] at once, those
+        /// gone fire [`WatchEventKind::NodeDeleted`].
+        #[serde(default)]
+        lock: Vec<String>,
     },
     /// End the session now: its ephemeral nodes are deleted at once.
     /// Replies [`OpResult::Done`]; the server then closes the connection.
@@ -354,8 +435,15 @@ impl Op {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MultiOp {
-    /// Fails the multi unless the node exists with this version.
-    Check { path: String, version: u64 },
+    /// Fails the multi unless the node exists, at this version if given,
+    /// and created at this zxid if given.
+    Check {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
+    },
     /// As [`Op::Create`].
     Create(Create),
     /// As [`Op::Set`].
@@ -370,6 +458,16 @@ pub enum MultiOp {
         path: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
+    },
+    /// As [`Op::Touch`].
+    Touch {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
     },
 }
 
@@ -402,6 +500,9 @@ pub struct Stat {
     /// The node's TTL, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// For a lock node: its mode, grant and lock-delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockInfo>,
 }
 
 /// The answer to the request with this xid.
@@ -459,6 +560,22 @@ pub struct ErrorReply {
     /// For a multi: the index of the operation that failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
+    /// For [`ErrorCode::Deadlock`]: the cycle the refused wait would have
+    /// closed, starting with the requesting session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cycle: Vec<WaitEdge>,
+}
+
+/// One edge of a wait-for cycle: `session` would wait on the lock queue
+/// `lock`, in which `holder` owns a node ahead of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitEdge {
+    /// The waiting session.
+    pub session: SessionId,
+    /// The lock queue (the lock nodes' parent).
+    pub lock: String,
+    /// The session it waits for.
+    pub holder: SessionId,
 }
 
 impl ErrorReply {
@@ -468,6 +585,7 @@ impl ErrorReply {
             code,
             message: message.into(),
             index: None,
+            cycle: Vec::new(),
         }
     }
 }
@@ -516,6 +634,10 @@ pub enum ErrorCode {
     RetryUnknown,
     #[error("too many connections")]
     TooManyConnections,
+    #[error("the wait would close a cycle of sessions waiting on each other")]
+    Deadlock,
+    #[error("the node is not the one the token names")]
+    BadToken,
 }
 
 /// A watch event: what happened, to which node, at which zxid.
@@ -541,6 +663,9 @@ pub enum WatchEventKind {
     NodeDataChanged,
     /// A child was added or removed (fires child watches).
     NodeChildrenChanged,
+    /// The session's own lock node was granted; `zxid` is the fencing token.
+    /// Pushed to the owner with no watch set.
+    LockGranted,
 }
 
 impl fmt::Display for WatchEventKind {
@@ -550,6 +675,7 @@ impl fmt::Display for WatchEventKind {
             WatchEventKind::NodeDeleted => "deleted",
             WatchEventKind::NodeDataChanged => "data_changed",
             WatchEventKind::NodeChildrenChanged => "children_changed",
+            WatchEventKind::LockGranted => "lock_granted",
         })
     }
 }
@@ -564,6 +690,9 @@ pub enum WatchKind {
     Exist,
     /// Set by `children`: fires on a child added or removed, and on delete.
     Child,
+    /// Implied on the session's own lock nodes: fires on the grant, and on
+    /// a delete by anyone but the owner (or by the server after an expiry).
+    Lock,
 }
 
 /// Why the server ended a session.
@@ -772,6 +901,10 @@ mod tests {
                 sequential: true,
                 ttl_ms: None,
                 make_parents: true,
+                lock: Some(LockSpec {
+                    mode: LockMode::Semaphore { permits: 3 },
+                    delay_ms: None,
+                }),
             }),
         };
         let bytes = encode(&req);

@@ -73,9 +73,10 @@ impl Future for Watch {
 pub(crate) fn fired_kinds(kind: WatchEventKind) -> &'static [WatchKind] {
     match kind {
         WatchEventKind::NodeCreated => &[WatchKind::Exist],
-        WatchEventKind::NodeDeleted => &[WatchKind::Data, WatchKind::Child],
+        WatchEventKind::NodeDeleted => &[WatchKind::Data, WatchKind::Child, WatchKind::Lock],
         WatchEventKind::NodeDataChanged => &[WatchKind::Data],
         WatchEventKind::NodeChildrenChanged => &[WatchKind::Child],
+        WatchEventKind::LockGranted => &[WatchKind::Lock],
     }
 }
 
@@ -185,12 +186,14 @@ pub(crate) fn set_watches_batches(
 ) -> Vec<crate::protocol::Op> {
     keys.chunks(limits::SET_WATCHES_PATHS_MAX)
         .map(|chunk| {
-            let (mut data, mut exist, mut child) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut data, mut exist, mut child, mut lock) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (path, kind) in chunk {
                 match kind {
                     WatchKind::Data => data.push(path.clone()),
                     WatchKind::Exist => exist.push(path.clone()),
                     WatchKind::Child => child.push(path.clone()),
+                    WatchKind::Lock => lock.push(path.clone()),
                 }
             }
             crate::protocol::Op::SetWatches {
@@ -198,6 +201,7 @@ pub(crate) fn set_watches_batches(
                 data,
                 exist,
                 child,
+                lock,
             }
         })
         .collect()
@@ -207,12 +211,17 @@ pub(crate) fn set_watches_batches(
 pub(crate) fn set_watches_keys(op: &crate::protocol::Op) -> Vec<(String, WatchKind)> {
     match op {
         crate::protocol::Op::SetWatches {
-            data, exist, child, ..
+            data,
+            exist,
+            child,
+            lock,
+            ..
         } => data
             .iter()
             .map(|p| (p.clone(), WatchKind::Data))
             .chain(exist.iter().map(|p| (p.clone(), WatchKind::Exist)))
             .chain(child.iter().map(|p| (p.clone(), WatchKind::Child)))
+            .chain(lock.iter().map(|p| (p.clone(), WatchKind::Lock)))
             .collect(),
         _ => Vec::new(),
     }
