@@ -9,9 +9,10 @@ use tokio::time::Instant;
 
 use crate::connection::{handshake, session_timeout, Command, Session, COMMAND_CAPACITY};
 use crate::error::ClientError;
+use crate::lock_node::{LockNode, Orphans};
 use crate::protocol::{
-    self, Create, Data, Hello, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId, Stat,
-    WatchKind, PROTOCOL_VERSION,
+    self, Create, Data, Hello, LockSpec, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId,
+    Stat, WatchKind, PROTOCOL_VERSION,
 };
 use crate::watch::Watch;
 
@@ -305,7 +306,14 @@ impl Client {
             state: SessionState::Connected,
             lease_end: hs.hello_sent_at + session_timeout(&hs.welcome),
         });
-        let session = Session::new(options, commands_rx, status_tx, &hs, index);
+        let session = Session::new(
+            options,
+            commands_rx,
+            status_tx,
+            &hs,
+            index,
+            Arc::new(Orphans::default()),
+        );
         let task = tokio::spawn(session.run(hs.conn));
         Ok(Client {
             inner: Arc::new(Inner {
@@ -344,6 +352,33 @@ impl Client {
         op: Op,
         watch: Option<crate::watch::WatchSender>,
     ) -> Result<OpResult, ClientError> {
+        let rx = self.send(op, watch).await?;
+        self.reply(rx).await
+    }
+
+    /// Hands a request to the session task: once this returns `Ok`, the
+    /// request goes out even if the caller stops waiting for its reply.
+    pub(crate) async fn send(
+        &self,
+        op: Op,
+        watch: Option<crate::watch::WatchSender>,
+    ) -> Result<oneshot::Receiver<Result<OpResult, ClientError>>, ClientError> {
+        self.send_command(|reply| Command::Request { op, reply, watch })
+            .await
+    }
+
+    /// Waits for the reply to a request handed over by [`Client::send`].
+    pub(crate) async fn reply<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        rx.await.unwrap_or_else(|_| Err(self.ended_error()))
+    }
+
+    async fn send_command<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> Command,
+    ) -> Result<oneshot::Receiver<Result<T, ClientError>>, ClientError> {
         if matches!(
             self.inner.status.borrow().state,
             SessionState::Expired | SessionState::Closed
@@ -351,16 +386,55 @@ impl Client {
             return Err(self.ended_error());
         }
         let (reply, rx) = oneshot::channel();
-        if self
-            .inner
-            .commands
-            .send(Command::Request { op, reply, watch })
-            .await
-            .is_err()
-        {
+        if self.inner.commands.send(command(reply)).await.is_err() {
             return Err(self.ended_error());
         }
-        rx.await.unwrap_or_else(|_| Err(self.ended_error()))
+        Ok(rx)
+    }
+
+    /// Joins the lock queue of `prefix`'s parent: creates an ephemeral
+    /// sequential node `prefix<counter>` with `data` (and any missing
+    /// ancestors, as containers) that the server grants by the rules of
+    /// `spec.mode`, and follows it from the create's reply on, so that no
+    /// grant or deletion is missed. The lock recipes ([`crate::Lock`] and
+    /// the others) are built on this.
+    ///
+    /// The returned [`LockNode`] is granted at once if
+    /// [`LockNode::token`] is `Some`; else await [`LockNode::granted`].
+    /// Dropping it deletes the node in the background.
+    ///
+    /// # Errors
+    /// - `Deadlock { cycle, .. }` if waiting in this queue would close a
+    ///   cycle of sessions waiting on each other: no node was created.
+    /// - `InvalidPath` (no round trip), `InvalidArgument` (a mode the server
+    ///   refuses, e.g. a semaphore of 0 permits), `NoChildrenForEphemerals`
+    ///   (the queue's parent is ephemeral), `TooLarge`, `LimitExceeded`,
+    ///   `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Safe: if the future is dropped after the create went out, the session
+    /// task deletes the node as soon as the create's reply arrives.
+    pub async fn create_lock(
+        &self,
+        prefix: &str,
+        data: impl Into<Data>,
+        spec: LockSpec,
+    ) -> Result<LockNode, ClientError> {
+        check_path(prefix)?;
+        let op = Op::Create(Create {
+            path: prefix.into(),
+            data: data.into(),
+            kind: NodeKind::Ephemeral,
+            sequential: true,
+            ttl_ms: None,
+            make_parents: true,
+            lock: Some(spec),
+        });
+        let rx = self
+            .send_command(|reply| Command::CreateLock { op, reply })
+            .await?;
+        let created = self.reply(rx).await?;
+        Ok(LockNode::new(self.clone(), created))
     }
 
     /// Sends one operation and returns its result: the building block of the

@@ -3,6 +3,7 @@
 //! resumes the session when the connection breaks.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -13,6 +14,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::client::{ClientOptions, SessionState, SessionStatus};
 use crate::error::ClientError;
+use crate::lock_node::{LockCreated, LockRegistry, LockState, NodeOwner, Orphans};
 use crate::protocol::{
     self, limits, ErrorCode, Hello, Op, OpResult, Request, Resume, Secret, ServerMessage,
     SessionEvent, SessionId, WatchKind, Welcome, Xid, Zxid, PROTOCOL_VERSION,
@@ -42,6 +44,7 @@ pub(crate) fn session_timeout(welcome: &Welcome) -> Duration {
 
 pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
 pub(crate) type ReplySender = oneshot::Sender<Result<OpResult, ClientError>>;
+pub(crate) type LockReplySender = oneshot::Sender<Result<LockCreated, ClientError>>;
 
 /// What a handle asks of the session task.
 pub(crate) enum Command {
@@ -51,6 +54,8 @@ pub(crate) enum Command {
         /// Register this waiter if the (watching) read succeeds.
         watch: Option<WatchSender>,
     },
+    /// A create with a lock spec: its reply subscribes to the node.
+    CreateLock { op: Op, reply: LockReplySender },
     Close {
         reply: oneshot::Sender<Result<(), ClientError>>,
     },
@@ -63,6 +68,12 @@ enum Origin {
         reply: ReplySender,
         watch: Option<WatchSender>,
     },
+    /// A lock create ([`Command::CreateLock`]).
+    Lock {
+        reply: LockReplySender,
+    },
+    /// The delete of a lock node whose handle was dropped.
+    Background,
     Ping,
     SetWatches,
     Close,
@@ -77,6 +88,10 @@ struct Entry {
     /// When it was written on the current connection.
     sent_at: Option<Instant>,
     origin: Origin,
+    /// Resent after a resume with the xid the server already applied: its
+    /// reply comes from the server's cache and may be older than events the
+    /// client missed in the gap.
+    retried: bool,
 }
 
 /// The requests of a session not yet answered, in the order they go (or
@@ -113,6 +128,7 @@ impl Queue {
             op,
             sent_at: None,
             origin,
+            retried: false,
         });
     }
 
@@ -202,7 +218,9 @@ impl Queue {
                 continue;
             }
             let applied = entry.xid.is_some_and(|x| x <= last_xid_applied);
-            if !(applied && entry.op.is_write()) {
+            if applied && entry.op.is_write() {
+                entry.retried = true;
+            } else {
                 entry.xid = None;
             }
             entry.sent_at = None;
@@ -347,6 +365,8 @@ pub(crate) struct Session {
     data_bytes_max: usize,
     queue: Queue,
     watches: WatchRegistry,
+    locks: LockRegistry,
+    orphans: Arc<Orphans>,
     last_xid_received: Xid,
     last_zxid: Zxid,
     lease_end: Instant,
@@ -363,6 +383,7 @@ impl Session {
         status: watch::Sender<SessionStatus>,
         handshake: &Handshake,
         server_index: usize,
+        orphans: Arc<Orphans>,
     ) -> Self {
         let welcome = &handshake.welcome;
         let session_timeout = session_timeout(welcome);
@@ -378,6 +399,8 @@ impl Session {
             data_bytes_max: usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX),
             queue: Queue::new(),
             watches: WatchRegistry::default(),
+            locks: LockRegistry::default(),
+            orphans,
             last_xid_received: Xid(0),
             last_zxid: Zxid(0),
             lease_end: handshake.hello_sent_at + session_timeout,
@@ -431,11 +454,20 @@ impl Session {
         tracing::debug!(session = %self.session_id, ?stop, "session task ends");
         self.publish(state);
         for entry in self.queue.drain() {
-            if let Origin::User { reply, .. } = entry.origin {
-                let _ = reply.send(Err(err.clone()));
+            match entry.origin {
+                Origin::User { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Origin::Lock { reply } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Origin::Background | Origin::Ping | Origin::SetWatches | Origin::Close => {}
             }
         }
         self.watches.fail_all(&err);
+        self.locks.fail_all(&err);
+        // The session's nodes are gone (or go at its expiry) with it.
+        self.orphans.close();
         if let Some(reply) = self.close_reply.take() {
             let result = match stop {
                 Stop::ClosedWhileDown => Err(ClientError::ConnectionLost),
@@ -454,6 +486,26 @@ impl Session {
             return;
         }
         self.queue.push(op, Origin::User { reply, watch });
+    }
+
+    fn enqueue_lock(&mut self, op: Op, reply: LockReplySender) {
+        if let Err(err) = self.check_size(&op) {
+            let _ = reply.send(Err(err));
+            return;
+        }
+        self.queue.push(op, Origin::Lock { reply });
+    }
+
+    /// Queues the deletes of lock nodes whose handles were dropped.
+    fn adopt_orphans(&mut self) {
+        for (path, czxid) in self.orphans.take() {
+            let op = Op::Delete {
+                path,
+                version: None,
+                czxid: Some(czxid),
+            };
+            self.queue.push(op, Origin::Background);
+        }
     }
 
     fn check_size(&self, op: &Op) -> Result<(), ClientError> {
@@ -503,6 +555,7 @@ impl Session {
     fn on_command(&mut self, command: Option<Command>) {
         match command {
             Some(Command::Request { op, reply, watch }) => self.enqueue(op, reply, watch),
+            Some(Command::CreateLock { op, reply }) => self.enqueue_lock(op, reply),
             Some(Command::Close { reply }) => {
                 self.close_reply = Some(reply);
                 self.closing = true;
@@ -556,6 +609,7 @@ impl Session {
             let can_ping = !self.closing && self.queue.inflight() < limits::INFLIGHT_MAX;
             let ping_at = last_sent + self.session_timeout / 3;
             let dead_at = last_received + self.session_timeout * 2 / 3;
+            let orphans = self.orphans.clone();
             tokio::select! {
                 frame = conn.next() => {
                     let bytes = match frame {
@@ -569,6 +623,7 @@ impl Session {
                     }
                 }
                 command = self.commands.recv(), if accept => self.on_command(command),
+                () = orphans.notify.notified(), if accept => self.adopt_orphans(),
                 () = sleep_until(ping_at), if can_ping => {
                     let ack = self.queue.ack(self.last_xid_received);
                     self.queue.push(Op::Ping { ack }, Origin::Ping);
@@ -615,6 +670,7 @@ impl Session {
             ServerMessage::Watch(event) => {
                 self.last_zxid = self.last_zxid.max(event.zxid);
                 self.watches.fire(&event);
+                self.locks.on_event(&event);
                 None
             }
             ServerMessage::Session(SessionEvent::Expired) => Some(ConnEnd::Stop(Stop::Expired)),
@@ -637,7 +693,48 @@ impl Session {
         entry: Entry,
         result: Result<OpResult, protocol::ErrorReply>,
     ) -> Option<ConnEnd> {
+        self.forget_deleted_locks(&entry.op, &result);
         match entry.origin {
+            Origin::Lock { reply } => {
+                let created = match result {
+                    Ok(OpResult::Created { path, stat }) => {
+                        let status = self.locks.register(path.clone(), &stat);
+                        if entry.retried && status.borrow().state == LockState::Waiting {
+                            // The cached reply predates the gap: ask the
+                            // server whether the node was granted or deleted
+                            // meanwhile.
+                            let op = Op::SetWatches {
+                                last_zxid: self.last_zxid,
+                                data: Vec::new(),
+                                exist: Vec::new(),
+                                child: Vec::new(),
+                                lock: vec![path.clone()],
+                            };
+                            self.queue.push(op, Origin::SetWatches);
+                        }
+                        let owner = NodeOwner::new(path, stat.czxid, self.orphans.clone());
+                        Ok(LockCreated {
+                            stat,
+                            owner,
+                            status,
+                        })
+                    }
+                    Ok(other) => Err(ClientError::protocol(format!(
+                        "a lock create was answered with {other:?}"
+                    ))),
+                    Err(e) => Err(ClientError::from_reply(e)),
+                };
+                // If the caller is gone, the returned value's owner queues
+                // the node's delete as it drops.
+                let _ = reply.send(created);
+                None
+            }
+            Origin::Background => {
+                if let Err(e) = result {
+                    tracing::debug!(session = %self.session_id, "deleting a dropped lock node: {e}");
+                }
+                None
+            }
             Origin::User { reply, watch } => {
                 let result = match result {
                     Ok(ok) => {
@@ -664,6 +761,9 @@ impl Session {
                     tracing::warn!(session = %self.session_id, "re-registering watches failed: {e}");
                     let err = ClientError::from_reply(e);
                     self.watches.fail_keys(&set_watches_keys(&entry.op), &err);
+                    if let Op::SetWatches { lock, .. } = &entry.op {
+                        self.locks.fail_paths(lock, &err);
+                    }
                 }
                 None
             }
@@ -678,6 +778,28 @@ impl Session {
                 }
                 Some(ConnEnd::Stop(Stop::Closed))
             }
+        }
+    }
+
+    /// A lock node this session deleted (or found gone) is no longer
+    /// followed: the server sends no event for the owner's own delete.
+    fn forget_deleted_locks(&mut self, op: &Op, result: &Result<OpResult, protocol::ErrorReply>) {
+        let gone = |code: ErrorCode| matches!(code, ErrorCode::NoNode | ErrorCode::BadToken);
+        match (op, result) {
+            (Op::Delete { path, czxid, .. }, Ok(OpResult::Deleted)) => {
+                self.locks.on_own_delete(path, *czxid, LockState::Released);
+            }
+            (Op::Delete { path, czxid, .. }, Err(e)) if gone(e.code) => {
+                self.locks.on_own_delete(path, *czxid, LockState::Deleted);
+            }
+            (Op::Multi { ops }, Ok(OpResult::Multi { .. })) => {
+                for op in ops {
+                    if let protocol::MultiOp::Delete { path, czxid, .. } = op {
+                        self.locks.on_own_delete(path, *czxid, LockState::Released);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -715,6 +837,7 @@ impl Session {
                 out = &mut fut => return Ok(out),
                 command = self.commands.recv(), if accept => match command {
                     Some(Command::Request { op, reply, watch }) => self.enqueue(op, reply, watch),
+                    Some(Command::CreateLock { op, reply }) => self.enqueue_lock(op, reply),
                     Some(Command::Close { reply }) => {
                         self.close_reply = Some(reply);
                         return Err(Stop::ClosedWhileDown);
@@ -789,7 +912,13 @@ impl Session {
             .queue
             .unanswered_watch_baseline()
             .map_or(self.last_zxid, |older| older.min(self.last_zxid));
-        let keys = self.watches.live_keys();
+        let mut keys = self.watches.live_keys();
+        keys.extend(
+            self.locks
+                .live_paths()
+                .into_iter()
+                .map(|path| (path, WatchKind::Lock)),
+        );
         let batches = set_watches_batches(&keys, baseline);
         self.queue.resume(welcome.last_xid_applied, batches);
     }

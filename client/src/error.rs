@@ -1,6 +1,8 @@
 //! The client's one error type.
 
-use crate::protocol::{ErrorCode, ErrorReply, PathError};
+use std::time::SystemTime;
+
+use crate::protocol::{ErrorCode, ErrorReply, PathError, WaitEdge};
 
 /// Every way a client call can fail.
 ///
@@ -45,6 +47,30 @@ pub enum ClientError {
     /// An argument is not allowed (the message names it).
     #[error("{}{message}", at(.index))]
     InvalidArgument { message: String, index: Option<u32> },
+    /// The lock wait would have closed a cycle of sessions waiting on each
+    /// other, so the server refused it: no node was created. `cycle` is the
+    /// cycle, starting with this session (each edge: `session` would wait on
+    /// the queue `lock`, where `holder` holds a node). Release a lock of the
+    /// cycle (or take locks in one global order, as
+    /// [`MultiLock`](crate::MultiLock) does) and try again.
+    #[error("{message} (release a lock you hold and retry, or take your locks in one order, e.g. with MultiLock)")]
+    Deadlock {
+        message: String,
+        cycle: Vec<WaitEdge>,
+    },
+    /// The node at the path is not the one the token (its creation zxid)
+    /// names: it was deleted, and perhaps created again by someone else.
+    /// Whatever the token stood for is no longer held.
+    #[error("{}{message}", at(.index))]
+    BadToken { message: String, index: Option<u32> },
+    /// A timed hold ([`Hold::take`](crate::Hold::take)) found the node held
+    /// by someone else, until `until` unless they extend or release it.
+    #[error("{message}")]
+    Held {
+        path: String,
+        until: SystemTime,
+        message: String,
+    },
     /// The session has expired: the server deleted its ephemeral nodes and
     /// watches. This client is finished; every later call fails the same way.
     #[error("the session has ended (it expired, or the server shut down or restarted): its ephemeral nodes, locks and watches are gone; open a new session and take them again")]
@@ -128,6 +154,9 @@ impl ClientError {
             ClientError::LimitExceeded { .. } => ErrorCode::LimitExceeded,
             ClientError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
             ClientError::SessionExpired => ErrorCode::SessionExpired,
+            ClientError::Deadlock { .. } => ErrorCode::Deadlock,
+            ClientError::BadToken { .. } => ErrorCode::BadToken,
+            ClientError::Held { .. } => ErrorCode::NodeExists,
             ClientError::VersionMismatch { .. } => ErrorCode::ProtocolVersion,
             ClientError::Server { code, .. } => *code,
             ClientError::ConnectionLost
@@ -149,6 +178,7 @@ impl ClientError {
             | ClientError::TooLarge { index, .. }
             | ClientError::LimitExceeded { index, .. }
             | ClientError::InvalidArgument { index, .. }
+            | ClientError::BadToken { index, .. }
             | ClientError::Server { index, .. } => *index,
             _ => None,
         }
@@ -160,7 +190,7 @@ impl ClientError {
             code,
             message,
             index,
-            ..
+            cycle,
         } = reply;
         match code {
             ErrorCode::NoNode => ClientError::NoNode { message, index },
@@ -175,6 +205,8 @@ impl ClientError {
             ErrorCode::LimitExceeded => ClientError::LimitExceeded { message, index },
             ErrorCode::InvalidArgument => ClientError::InvalidArgument { message, index },
             ErrorCode::SessionExpired => ClientError::SessionExpired,
+            ErrorCode::Deadlock => ClientError::Deadlock { message, cycle },
+            ErrorCode::BadToken => ClientError::BadToken { message, index },
             ErrorCode::ProtocolVersion => ClientError::VersionMismatch {
                 client_version: crate::protocol::PROTOCOL_VERSION,
                 server_version: None,
@@ -253,12 +285,37 @@ mod tests {
             ProtocolVersion,
             RetryUnknown,
             TooManyConnections,
+            Deadlock,
+            BadToken,
         ] {
             let err = ClientError::from_reply(ErrorReply::new(code, "m"));
             assert_eq!(err.code(), Some(code), "{err}");
         }
         assert_eq!(ClientError::Closed.code(), None);
         assert_eq!(ClientError::ConnectionLost.code(), None);
+    }
+
+    #[test]
+    fn a_deadlock_keeps_its_cycle() {
+        let edge = |s, lock: &str, h| WaitEdge {
+            session: crate::SessionId(s),
+            lock: lock.into(),
+            holder: crate::SessionId(h),
+        };
+        let mut reply = ErrorReply::new(ErrorCode::Deadlock, "session 0x1 would wait on /y");
+        reply.cycle = vec![edge(1, "/y", 2), edge(2, "/x", 1)];
+        let err = ClientError::from_reply(reply);
+        let ClientError::Deadlock { cycle, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(cycle.len(), 2);
+        assert_eq!(cycle[1].lock, "/x");
+        assert!(err.to_string().contains("/y"), "{err}");
+        let mut reply = ErrorReply::new(ErrorCode::BadToken, "czxid differs");
+        reply.index = Some(1);
+        let err = ClientError::from_reply(reply);
+        assert_eq!(err.index(), Some(1));
+        assert_eq!(err.code(), Some(ErrorCode::BadToken));
     }
 
     #[test]

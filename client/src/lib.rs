@@ -5,18 +5,21 @@
 //! reports where it stands through [`Client::session_status`]. Reads can set
 //! one-shot [`Watch`]es. The wire contract is in [`protocol`].
 
+
 mod client;
 mod connection;
 mod error;
 #[cfg(test)]
 mod fake_server_tests;
+mod lock_node;
 pub mod protocol;
 mod watch;
 
 pub use client::{Client, ClientOptions, CreateOptions, Created, SessionState, SessionStatus};
 pub use error::ClientError;
+pub use lock_node::{LockNode, LockState, LostReason};
 pub use protocol::{
-    Data, ErrorCode, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId, Stat, WatchEvent,
-    WatchEventKind, WatchKind, Zxid,
+    Data, ErrorCode, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId,
+    Stat, WaitEdge, WatchEvent, WatchEventKind, WatchKind, Zxid,
 };
 pub use watch::Watch;
