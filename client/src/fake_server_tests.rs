@@ -631,3 +631,348 @@ async fn a_huge_announced_timeout_does_not_overflow() {
     let lease_end = client.session_status().borrow().lease_end;
     assert!(lease_end > tokio::time::Instant::now() + Duration::from_secs(3600));
 }
+
+fn lock_stat(czxid: u64, granted: Option<u64>) -> Stat {
+    Stat {
+        czxid: Zxid(czxid),
+        ephemeral_owner: Some(SESSION),
+        kind: crate::NodeKind::Ephemeral,
+        lock: Some(crate::protocol::LockInfo {
+            mode: crate::LockMode::Exclusive,
+            delay_ms: 500,
+            granted: granted.map(|t| crate::protocol::Grant {
+                token: Zxid(t),
+                at_ms: 1,
+            }),
+            freed_at_ms: None,
+        }),
+        ..Stat::default()
+    }
+}
+
+fn lock_event(kind: WatchEventKind, path: &str, zxid: u64) -> ServerMessage {
+    ServerMessage::Watch(WatchEvent {
+        kind,
+        path: path.into(),
+        zxid: Zxid(zxid),
+    })
+}
+
+fn created(path: &str, stat: Stat) -> Result<OpResult, ErrorReply> {
+    Ok(OpResult::Created {
+        path: path.into(),
+        stat,
+    })
+}
+
+fn guarded_delete(path: &str, czxid: u64) -> Op {
+    Op::Delete {
+        path: path.into(),
+        version: None,
+        czxid: Some(Zxid(czxid)),
+    }
+}
+
+#[tokio::test]
+async fn an_uncontended_lock_is_one_round_trip_to_take_and_one_to_release() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let lock = crate::Lock::new(&client, "/orders/42").data("worker-7");
+    let acquire = tokio::spawn(async move { lock.acquire().await });
+    let r = within(peer.request()).await;
+    assert_eq!(r.xid, Xid(1));
+    let Op::Create(create) = &r.op else {
+        panic!("{r:?}")
+    };
+    assert_eq!(create.path, "/orders/42/lock-");
+    assert_eq!(create.data.0, b"worker-7");
+    assert_eq!(create.kind, crate::NodeKind::Ephemeral);
+    assert!(create.sequential && create.make_parents);
+    assert_eq!(
+        create.lock,
+        Some(crate::LockSpec {
+            mode: crate::LockMode::Exclusive,
+            delay_ms: None
+        })
+    );
+    let node = "/orders/42/lock-0000000000";
+    peer.reply(r.xid, created(node, lock_stat(7, Some(7))))
+        .await;
+    let guard = within(acquire).await.unwrap().unwrap();
+    assert_eq!(guard.token(), Zxid(7));
+    assert_eq!(guard.node(), node);
+    assert_eq!(guard.grant_events(), 0);
+    assert!(!guard.is_lost());
+
+    let release = tokio::spawn(guard.release());
+    let r = within(peer.request()).await;
+    assert_eq!((r.xid, &r.op), (Xid(2), &guarded_delete(node, 7)));
+    peer.reply(r.xid, Ok(OpResult::Deleted)).await;
+    within(release).await.unwrap().unwrap();
+    // Nothing else went out: the next request is xid 3.
+    let c = client.clone();
+    let probe = tokio::spawn(async move { c.exists("/x").await });
+    assert_eq!(within(peer.request()).await.xid, Xid(3));
+    peer.reply(Xid(3), Ok(OpResult::Exists { stat: None }))
+        .await;
+    assert_eq!(within(probe).await.unwrap(), Ok(None));
+}
+
+#[tokio::test]
+async fn a_grant_right_behind_the_reply_is_caught_and_a_delete_by_another_is_a_loss() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let lock = crate::Lock::new(&client, "/l");
+    let acquire = tokio::spawn(async move { lock.acquire().await });
+    let r = within(peer.request()).await;
+    let node = "/l/lock-0000000003";
+    // The reply and the grant leave the server back to back.
+    peer.reply(r.xid, created(node, lock_stat(8, None))).await;
+    peer.send(lock_event(WatchEventKind::LockGranted, node, 9))
+        .await;
+    let guard = within(acquire).await.unwrap().unwrap();
+    assert_eq!(guard.token(), Zxid(9));
+    assert_eq!(guard.grant_events(), 1);
+
+    let lost = tokio::spawn(guard.lost());
+    peer.send(lock_event(WatchEventKind::NodeDeleted, node, 10))
+        .await;
+    assert_eq!(within(lost).await.unwrap(), crate::LostReason::NodeDeleted);
+    assert!(guard.is_lost());
+    // A release now finds the node gone.
+    let release = tokio::spawn(guard.release());
+    let r = within(peer.request()).await;
+    assert_eq!(r.op, guarded_delete(node, 8));
+    let mut gone = ErrorReply::new(ErrorCode::NoNode, "no node");
+    gone.index = None;
+    peer.reply(r.xid, Err(gone)).await;
+    assert_eq!(
+        within(release).await.unwrap().unwrap_err().code(),
+        Some(ErrorCode::NoNode)
+    );
+}
+
+#[tokio::test]
+async fn abandoned_waiters_delete_their_nodes() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let lock = crate::Lock::new(&client, "/l");
+
+    // Dropped before the create's reply: the node is deleted once it comes.
+    let l = lock.clone();
+    let acquire = tokio::spawn(async move { l.acquire().await });
+    let r = within(peer.request()).await;
+    acquire.abort();
+    let _ = acquire.await;
+    peer.reply(r.xid, created("/l/lock-0000000000", lock_stat(5, None)))
+        .await;
+    let r = within(peer.request()).await;
+    assert_eq!(r.op, guarded_delete("/l/lock-0000000000", 5));
+    peer.reply(r.xid, Ok(OpResult::Deleted)).await;
+
+    // Dropped while waiting for the grant.
+    let l = lock.clone();
+    let acquire = tokio::spawn(async move { l.acquire().await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, created("/l/lock-0000000001", lock_stat(6, None)))
+        .await;
+    acquire.abort();
+    let _ = acquire.await;
+    let r = within(peer.request()).await;
+    assert_eq!(r.op, guarded_delete("/l/lock-0000000001", 6));
+    peer.reply(r.xid, Ok(OpResult::Deleted)).await;
+
+    // A timeout leaves the queue and says None.
+    let l = lock.clone();
+    let acquire = tokio::spawn(async move { l.acquire_timeout(Duration::from_millis(100)).await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, created("/l/lock-0000000002", lock_stat(7, None)))
+        .await;
+    let r = within(peer.request()).await;
+    assert_eq!(r.op, guarded_delete("/l/lock-0000000002", 7));
+    peer.reply(r.xid, Ok(OpResult::Deleted)).await;
+    assert!(within(acquire).await.unwrap().unwrap().is_none());
+
+    // try_acquire: not granted at once, so it leaves at once.
+    let l = lock.clone();
+    let attempt = tokio::spawn(async move { l.try_acquire().await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, created("/l/lock-0000000003", lock_stat(8, None)))
+        .await;
+    let r = within(peer.request()).await;
+    assert_eq!(r.op, guarded_delete("/l/lock-0000000003", 8));
+    peer.reply(r.xid, Ok(OpResult::Deleted)).await;
+    assert!(within(attempt).await.unwrap().unwrap().is_none());
+
+    // A dropped guard deletes its node too.
+    let l = lock.clone();
+    let acquire = tokio::spawn(async move { l.acquire().await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, created("/l/lock-0000000004", lock_stat(9, Some(9))))
+        .await;
+    drop(within(acquire).await.unwrap().unwrap());
+    let r = within(peer.request()).await;
+    assert_eq!(r.op, guarded_delete("/l/lock-0000000004", 9));
+}
+
+#[tokio::test]
+async fn a_deadlock_refusal_reaches_the_caller_with_its_cycle() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let lock = crate::Lock::new(&client, "/y");
+    let acquire = tokio::spawn(async move { lock.acquire().await });
+    let r = within(peer.request()).await;
+    let mut refusal = ErrorReply::new(ErrorCode::Deadlock, "waiting on /y closes a cycle");
+    refusal.cycle = vec![
+        crate::WaitEdge {
+            session: SESSION,
+            lock: "/y".into(),
+            holder: SessionId(7),
+        },
+        crate::WaitEdge {
+            session: SessionId(7),
+            lock: "/x".into(),
+            holder: SESSION,
+        },
+    ];
+    peer.reply(r.xid, Err(refusal)).await;
+    let err = within(acquire).await.unwrap().unwrap_err();
+    let ClientError::Deadlock { cycle, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(cycle.len(), 2);
+    assert_eq!(err.code(), Some(ErrorCode::Deadlock));
+}
+
+#[tokio::test]
+async fn resume_re_registers_lock_nodes_and_hears_what_happened_in_the_gap() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let held = crate::Lock::new(&client, "/a");
+    let waiting = crate::Lock::new(&client, "/b");
+    let acquire_held = tokio::spawn(async move { held.acquire().await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, created("/a/lock-0000000000", lock_stat(5, Some(5))))
+        .await;
+    let guard = within(acquire_held).await.unwrap().unwrap();
+    let acquire_waiting = tokio::spawn(async move { waiting.acquire().await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, created("/b/lock-0000000001", lock_stat(6, None)))
+        .await;
+    // The reply is processed before the probe's: the node is followed now.
+    let c = client.clone();
+    let probe = tokio::spawn(async move { c.exists("/p").await });
+    let r = within(peer.request()).await;
+    peer.reply(r.xid, Ok(OpResult::Exists { stat: None })).await;
+    within(probe).await.unwrap().unwrap();
+    let lost = tokio::spawn(guard.lost());
+
+    drop(peer);
+    let mut peer = within(fake.accept()).await;
+    within(peer.hello()).await;
+    peer.send(welcome(QUIET_TIMEOUT_MS, 3)).await;
+    let sw = within(peer.request()).await;
+    let Op::SetWatches { lock, .. } = &sw.op else {
+        panic!("{sw:?}")
+    };
+    assert_eq!(
+        lock,
+        &vec![
+            "/a/lock-0000000000".to_string(),
+            "/b/lock-0000000001".to_string()
+        ]
+    );
+    // In the gap, /b's node was granted and /a's deleted by someone else.
+    peer.send(lock_event(
+        WatchEventKind::LockGranted,
+        "/b/lock-0000000001",
+        20,
+    ))
+    .await;
+    peer.send(lock_event(
+        WatchEventKind::NodeDeleted,
+        "/a/lock-0000000000",
+        21,
+    ))
+    .await;
+    peer.reply(sw.xid, Ok(OpResult::Done)).await;
+    let second = within(acquire_waiting).await.unwrap().unwrap();
+    assert_eq!(second.token(), Zxid(20));
+    assert_eq!(within(lost).await.unwrap(), crate::LostReason::NodeDeleted);
+}
+
+#[tokio::test]
+async fn a_retried_lock_create_asks_whether_it_was_granted_in_the_gap() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let lock = crate::Lock::new(&client, "/l");
+    let acquire = tokio::spawn(async move { lock.acquire().await });
+    let r = within(peer.request()).await;
+    assert_eq!(r.xid, Xid(1));
+    drop(peer);
+    let mut peer = within(fake.accept()).await;
+    within(peer.hello()).await;
+    // The server applied the create (xid 1) and granted the node later,
+    // while the client was away: its cached reply says "waiting".
+    peer.send(welcome(QUIET_TIMEOUT_MS, 1)).await;
+    let retried = within(peer.request()).await;
+    assert_eq!(retried.xid, Xid(1));
+    peer.reply(Xid(1), created("/l/lock-0000000000", lock_stat(5, None)))
+        .await;
+    let sw = within(peer.request()).await;
+    let Op::SetWatches { lock, .. } = &sw.op else {
+        panic!("{sw:?}")
+    };
+    assert_eq!(lock, &vec!["/l/lock-0000000000".to_string()]);
+    peer.send(lock_event(
+        WatchEventKind::LockGranted,
+        "/l/lock-0000000000",
+        9,
+    ))
+    .await;
+    peer.reply(sw.xid, Ok(OpResult::Done)).await;
+    assert_eq!(within(acquire).await.unwrap().unwrap().token(), Zxid(9));
+}
+
+#[tokio::test]
+async fn a_hold_that_is_taken_names_its_end() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let c = client.clone();
+    let take = tokio::spawn(async move {
+        crate::Hold::take(&c, "/holds/ticket-abc", Duration::from_secs(600), "buyer-1").await
+    });
+    let r = within(peer.request()).await;
+    let Op::Create(create) = &r.op else {
+        panic!("{r:?}")
+    };
+    assert_eq!(create.ttl_ms, Some(600_000));
+    assert!(create.make_parents && create.lock.is_none());
+    assert_eq!(create.kind, crate::NodeKind::Persistent);
+    peer.reply(r.xid, Err(ErrorReply::new(ErrorCode::NodeExists, "exists")))
+        .await;
+    let r = within(peer.request()).await;
+    assert!(matches!(r.op, Op::Exists { .. }), "{r:?}");
+    let held = Stat {
+        czxid: Zxid(4),
+        mtime_ms: 1_700_000_000_000,
+        ttl_ms: Some(600_000),
+        ..Stat::default()
+    };
+    peer.reply(r.xid, Ok(OpResult::Exists { stat: Some(held) }))
+        .await;
+    let err = within(take).await.unwrap().unwrap_err();
+    let ClientError::Held { path, until, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(path, "/holds/ticket-abc");
+    assert_eq!(
+        *until,
+        std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_600_000)
+    );
+    assert!(
+        err.to_string()
+            .contains("held until 2023-11-14T22:23:20.000Z"),
+        "{err}"
+    );
+}

@@ -4,7 +4,10 @@
 //! heartbeats, reconnects and resumes it when a connection breaks, and
 //! reports where it stands through [`Client::session_status`]. Reads can set
 //! one-shot [`Watch`]es. The wire contract is in [`protocol`].
-
+//!
+//! The [`recipes`] build locks on the server's lock queues: [`Lock`],
+//! [`Semaphore`], [`RwLock`], [`MultiLock`], [`Election`], and the timed
+//! [`Hold`] of a resource across requests.
 
 mod client;
 mod connection;
@@ -13,6 +16,7 @@ mod error;
 mod fake_server_tests;
 mod lock_node;
 pub mod protocol;
+pub mod recipes;
 mod watch;
 
 pub use client::{Client, ClientOptions, CreateOptions, Created, SessionState, SessionStatus};
@@ -21,5 +25,9 @@ pub use lock_node::{LockNode, LockState, LostReason};
 pub use protocol::{
     Data, ErrorCode, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId,
     Stat, WaitEdge, WatchEvent, WatchEventKind, WatchKind, Zxid,
+};
+pub use recipes::{
+    Election, Hold, HoldToken, Leader, LeaderWatch, Leadership, Lock, LockGuard, MultiLock,
+    MultiLockGuard, RwLock, Semaphore,
 };
 pub use watch::Watch;
