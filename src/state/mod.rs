@@ -344,6 +344,8 @@ impl Coordinator {
             let consistent = match kind {
                 WatchKind::Data | WatchKind::Child => present,
                 WatchKind::Exist => !present,
+                // Lock watches are implied by ownership, never registered.
+                WatchKind::Lock => false,
             };
             if !consistent {
                 return Err(format!(

@@ -92,15 +92,27 @@ impl Coordinator {
             Op::Create(create) => self
                 .write(session, vec![MultiOp::Create(create)], false, now_ms, fx)
                 .map(single_result),
-            Op::Delete { path, version } => self
+            Op::Delete {
+                path,
+                version,
+                czxid,
+            } => self
                 .write(
                     session,
-                    vec![MultiOp::Delete { path, version }],
+                    vec![MultiOp::Delete {
+                        path,
+                        version,
+                        czxid,
+                    }],
                     false,
                     now_ms,
                     fx,
                 )
                 .map(single_result),
+            Op::Touch { .. } => Err(ErrorReply::new(
+                ErrorCode::UnknownOperation,
+                "this server does not implement touch yet (renew the node with a set)",
+            )),
             Op::Set {
                 path,
                 data,
@@ -146,6 +158,7 @@ impl Coordinator {
                 data,
                 exist,
                 child,
+                lock: _,
             } => self.set_watches(session, last_zxid, &data, &exist, &child, fx),
             Op::CloseSession => {
                 self.end_session(session, SessionEnd::Closed, fx);
@@ -619,7 +632,15 @@ fn plan_step(
 ) -> Result<Step, ErrorReply> {
     match op {
         MultiOp::Create(create) => plan_create(draft, config, session, create),
-        MultiOp::Delete { path, version } => {
+        MultiOp::Touch { .. } => Err(ErrorReply::new(
+            ErrorCode::UnknownOperation,
+            "this server does not implement touch yet (renew the node with a set)",
+        )),
+        MultiOp::Delete {
+            path,
+            version,
+            czxid: _,
+        } => {
             check_path(&path)?;
             if path == "/" {
                 return Err(ErrorReply::new(
@@ -664,12 +685,16 @@ fn plan_step(
                 answer: Answer::Stat,
             })
         }
-        MultiOp::Check { path, version } => {
+        MultiOp::Check {
+            path,
+            version,
+            czxid: _,
+        } => {
             check_path(&path)?;
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "create it first, or check another node"))?;
-            check_version(&path, Some(version), view.version)?;
+            check_version(&path, version, view.version)?;
             Ok(Step {
                 actions: Vec::new(),
                 answer: Answer::Checked,
@@ -691,7 +716,15 @@ fn plan_create(
         sequential,
         ttl_ms,
         make_parents,
+        lock,
     } = create;
+    if lock.is_some() {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            "this server does not implement lock nodes yet (create a plain ephemeral sequential \
+             node and watch the one before it)",
+        ));
+    }
     check_path(&path)?;
     if path == "/" {
         return Err(ErrorReply::new(

@@ -242,6 +242,7 @@ pub(super) fn delete(path: &str, version: Option<u64>) -> Op {
     Op::Delete {
         path: path.into(),
         version,
+        czxid: None,
     }
 }
 
@@ -335,6 +336,7 @@ fn every_state_change_takes_exactly_one_zxid() {
             data: vec![],
             exist: vec![],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(h.c.zxid(), next(START, 3));
@@ -449,7 +451,8 @@ fn no_node_for_every_op_on_a_missing_path() {
         Op::Multi {
             ops: vec![MultiOp::Check {
                 path: "/x".into(),
-                version: 0,
+                version: Some(0),
+                czxid: None,
             }],
         },
     );
@@ -491,7 +494,8 @@ fn bad_version_on_set_delete_and_check() {
         Op::Multi {
             ops: vec![MultiOp::Check {
                 path: "/a".into(),
-                version: 0,
+                version: Some(0),
+                czxid: None,
             }],
         },
     );
@@ -546,6 +550,7 @@ fn non_canonical_paths_are_invalid_for_every_op() {
                 data: vec!["/ok".into()],
                 exist: vec![bad.into()],
                 child: vec![],
+                lock: vec![],
             },
         ] {
             let e = h.err(s, op.clone());
@@ -590,7 +595,8 @@ fn too_large_data_multi_and_set_watches() {
     let ops = vec![
         MultiOp::Check {
             path: "/a".into(),
-            version: 0
+            version: Some(0),
+            czxid: None,
         };
         limits::MULTI_OPS_MAX + 1
     ];
@@ -599,7 +605,8 @@ fn too_large_data_multi_and_set_watches() {
     let ops = vec![
         MultiOp::Check {
             path: "/a".into(),
-            version: 0
+            version: Some(0),
+            czxid: None,
         };
         limits::MULTI_OPS_MAX
     ];
@@ -612,6 +619,7 @@ fn too_large_data_multi_and_set_watches() {
             data: vec!["/a".into(); limits::SET_WATCHES_PATHS_MAX],
             exist: vec!["/b".into()],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(e.code, ErrorCode::TooLarge);
@@ -765,7 +773,8 @@ fn a_multi_over_the_tree_bytes_bound_changes_nothing() {
                 MultiOp::Create(sized("/c", 6)),
                 MultiOp::Check {
                     path: "/a".into(),
-                    version: 1,
+                    version: Some(1),
+                    czxid: None,
                 },
             ],
         },
@@ -806,6 +815,7 @@ fn deletes_and_smaller_sets_free_tree_bytes_even_within_a_multi() {
                 MultiOp::Delete {
                     path: "/a".into(),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Create(sized("/b", 16)),
             ],
@@ -869,6 +879,7 @@ fn limit_on_watches_per_session() {
             data: vec!["/".into()],
             exist: vec![],
             child: vec![],
+            lock: vec![],
         },
     ] {
         let e = h.err(s, op);
@@ -914,6 +925,7 @@ fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
             data: vec!["/x".into()],
             exist: vec!["/y".into()],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(e.code, ErrorCode::LimitExceeded);
@@ -931,6 +943,7 @@ fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
             data: vec![],
             exist: vec!["/x".into(), "/y".into()],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(result(&out), &Ok(OpResult::Done));
@@ -1088,10 +1101,12 @@ fn a_failing_last_step_leaves_everything_unchanged() {
                 MultiOp::Delete {
                     path: "/keep".into(),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Check {
                     path: "/keep".into(),
-                    version: 0,
+                    version: Some(0),
+                    czxid: None,
                 },
             ],
         },
@@ -1132,13 +1147,15 @@ fn later_steps_see_earlier_ones() {
                 },
                 MultiOp::Check {
                     path: "/a/b".into(),
-                    version: 1,
+                    version: Some(1),
+                    czxid: None,
                 },
                 MultiOp::Create(seq("/a/s-", NodeKind::Persistent)),
                 MultiOp::Create(seq("/a/s-", NodeKind::Persistent)),
                 MultiOp::Delete {
                     path: "/old".into(),
                     version: Some(0),
+                    czxid: None,
                 },
                 MultiOp::Create(mk("/old")),
             ],
@@ -1177,6 +1194,7 @@ fn later_steps_see_earlier_ones() {
                 MultiOp::Delete {
                     path: "/old".into(),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Set {
                     path: "/old".into(),
@@ -1579,6 +1597,7 @@ fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
             data: vec!["/same".into(), "/changed".into(), "/gone".into()],
             exist: vec!["/born".into(), "/unborn".into()],
             child: vec!["/kids".into(), "/quiet".into(), "/gone".into()],
+            lock: vec![],
         },
     );
     assert_eq!(result(&out), &Ok(OpResult::Done));
@@ -1710,6 +1729,7 @@ fn the_reply_cache_drops_its_oldest_replies_past_its_byte_bound() {
                 MultiOp::Delete {
                     path: leaf.clone(),
                     version: None,
+                    czxid: None,
                 },
             ]
         })
@@ -1855,6 +1875,7 @@ fn a_resume_keeps_every_applied_write_retryable_while_new_xids_arrive() {
                 data: vec!["/n1".into()],
                 exist: vec![],
                 child: vec![],
+                lock: vec![],
             },
         );
     }

@@ -47,6 +47,7 @@ impl Node {
             num_children: u64::try_from(self.children.len()).unwrap_or(u64::MAX),
             kind: self.kind,
             ttl_ms: self.ttl_ms,
+            lock: None,
         }
     }
 
