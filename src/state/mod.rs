@@ -18,6 +18,8 @@ mod watches;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_locks;
+#[cfg(test)]
 mod tests_random;
 
 use sessions::Sessions;

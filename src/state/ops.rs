@@ -109,10 +109,23 @@ impl Coordinator {
                     fx,
                 )
                 .map(single_result),
-            Op::Touch { .. } => Err(ErrorReply::new(
-                ErrorCode::UnknownOperation,
-                "this server does not implement touch yet (renew the node with a set)",
-            )),
+            Op::Touch {
+                path,
+                ttl_ms,
+                czxid,
+            } => self
+                .write(
+                    session,
+                    vec![MultiOp::Touch {
+                        path,
+                        ttl_ms,
+                        czxid,
+                    }],
+                    false,
+                    now_ms,
+                    fx,
+                )
+                .map(single_result),
             Op::Set {
                 path,
                 data,
@@ -176,7 +189,7 @@ impl Coordinator {
         now_ms: u64,
         fx: &mut Effects,
     ) -> Result<Vec<MultiResult>, ErrorReply> {
-        let mut draft = Draft::new(&self.tree);
+        let mut draft = Draft::new(&self.tree, self.zxid);
         let mut plan = Vec::with_capacity(ops.len());
         for (i, op) in ops.into_iter().enumerate() {
             match plan_step(&mut draft, &self.config, session, op) {
@@ -210,12 +223,15 @@ impl Coordinator {
                             .expect("a planned delete names a live node");
                         self.delete_node(key, zxid, fx);
                     }
-                    Action::Set(path, data) => {
+                    Action::Set(path, change) => {
                         let key = self
                             .tree
                             .key(&path)
                             .expect("a planned set names a live node");
-                        self.tree.set_data(key, data, zxid, now_ms);
+                        match change {
+                            Change::Data(data) => self.tree.set_data(key, data, zxid, now_ms),
+                            Change::Ttl(ttl_ms) => self.tree.touch(key, ttl_ms, zxid, now_ms),
+                        }
                         let fired = self.watches.fire(
                             &[(&path, WatchKind::Data, WatchEventKind::NodeDataChanged)],
                             zxid,
@@ -463,7 +479,16 @@ struct Step {
 enum Action {
     Create(NewNode),
     Delete(String),
-    Set(String, Vec<u8>),
+    /// A set or a touch: either moves the version and fires data watches.
+    Set(String, Change),
+}
+
+/// What a set-like action changes besides the version, mzxid and mtime.
+enum Change {
+    /// A set: new data.
+    Data(Vec<u8>),
+    /// A touch: the data stays; the TTL becomes this one (if given).
+    Ttl(Option<u64>),
 }
 
 /// What a step answers once applied.
@@ -478,6 +503,9 @@ enum Answer {
 #[derive(Clone, Copy)]
 struct View {
     kind: NodeKind,
+    /// For a node the draft creates, the zxid its create will take.
+    czxid: Zxid,
+    ttl_ms: Option<u64>,
     version: u64,
     num_children: usize,
     next_seq: u64,
@@ -488,6 +516,8 @@ impl View {
     fn of(node: &Node) -> View {
         View {
             kind: node.kind,
+            czxid: node.czxid,
+            ttl_ms: node.ttl_ms,
             version: node.version,
             num_children: node.children.len(),
             next_seq: node.next_seq,
@@ -504,16 +534,27 @@ struct Draft<'t> {
     node_count: usize,
     /// The tree's bytes (see `tree::node_bytes`) after the steps so far.
     bytes: usize,
+    /// The zxid the last action so far will take: each create, set, touch
+    /// and delete takes the next, so a check can name the czxid of a node an
+    /// earlier step creates.
+    zxid: Zxid,
 }
 
 impl<'t> Draft<'t> {
-    fn new(tree: &'t Tree) -> Self {
+    fn new(tree: &'t Tree, zxid: Zxid) -> Self {
         Draft {
             tree,
             overlay: HashMap::new(),
             node_count: tree.len(),
             bytes: tree.bytes(),
+            zxid,
         }
+    }
+
+    /// Counts one more action's zxid and returns it.
+    fn take_zxid(&mut self) -> Zxid {
+        self.zxid = Zxid(self.zxid.0.saturating_add(1));
+        self.zxid
     }
 
     fn get(&self, path: &str) -> Option<View> {
@@ -530,7 +571,15 @@ impl<'t> Draft<'t> {
         }
     }
 
-    fn create(&mut self, path: &str, kind: NodeKind, bump_parent_seq: bool, data_bytes: usize) {
+    fn create(
+        &mut self,
+        path: &str,
+        kind: NodeKind,
+        ttl_ms: Option<u64>,
+        bump_parent_seq: bool,
+        data_bytes: usize,
+    ) {
+        let czxid = self.take_zxid();
         if let Some(parent) = protocol::parent_path(path) {
             self.update(parent, |v| {
                 v.num_children = v.num_children.saturating_add(1);
@@ -543,6 +592,8 @@ impl<'t> Draft<'t> {
             path.to_owned(),
             Some(View {
                 kind,
+                czxid,
+                ttl_ms,
                 version: 0,
                 num_children: 0,
                 next_seq: 0,
@@ -555,6 +606,7 @@ impl<'t> Draft<'t> {
 
     /// Replaces a node's data (a set): one more version, the new size.
     fn set(&mut self, path: &str, data_bytes: usize) {
+        self.take_zxid();
         let old_bytes = self.get(path).map_or(0, |v| v.data_bytes);
         self.update(path, |v| {
             v.version = v.version.saturating_add(1);
@@ -566,7 +618,19 @@ impl<'t> Draft<'t> {
             .saturating_add(data_bytes);
     }
 
+    /// Renews a TTL node (a touch): one more version, maybe a new TTL.
+    fn touch(&mut self, path: &str, ttl_ms: Option<u64>) {
+        self.take_zxid();
+        self.update(path, |v| {
+            v.version = v.version.saturating_add(1);
+            if ttl_ms.is_some() {
+                v.ttl_ms = ttl_ms;
+            }
+        });
+    }
+
     fn delete(&mut self, path: &str) {
+        self.take_zxid();
         let freed = self.get(path).map_or(0, |v| node_bytes(path, v.data_bytes));
         self.bytes = self.bytes.saturating_sub(freed);
         if let Some(parent) = protocol::parent_path(path) {
@@ -632,14 +696,44 @@ fn plan_step(
 ) -> Result<Step, ErrorReply> {
     match op {
         MultiOp::Create(create) => plan_create(draft, config, session, create),
-        MultiOp::Touch { .. } => Err(ErrorReply::new(
-            ErrorCode::UnknownOperation,
-            "this server does not implement touch yet (renew the node with a set)",
-        )),
+        MultiOp::Touch {
+            path,
+            ttl_ms,
+            czxid,
+        } => {
+            check_path(&path)?;
+            if ttl_ms == Some(0) {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a TTL of 0 is not allowed for {path}; give at least 1 ms, or delete the \
+                         node"
+                    ),
+                ));
+            }
+            let view = draft
+                .get(&path)
+                .ok_or_else(|| no_node(&path, "it may have expired; create it again"))?;
+            check_token(&path, czxid, view.czxid)?;
+            if view.ttl_ms.is_none() {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "{path} has no TTL, so there is nothing to renew (create the node with a \
+                         TTL to hold it for a time)"
+                    ),
+                ));
+            }
+            draft.touch(&path, ttl_ms);
+            Ok(Step {
+                actions: vec![Action::Set(path, Change::Ttl(ttl_ms))],
+                answer: Answer::Stat,
+            })
+        }
         MultiOp::Delete {
             path,
             version,
-            czxid: _,
+            czxid,
         } => {
             check_path(&path)?;
             if path == "/" {
@@ -651,6 +745,7 @@ fn plan_step(
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "it may have been deleted already"))?;
+            check_token(&path, czxid, view.czxid)?;
             check_version(&path, version, view.version)?;
             if view.num_children > 0 {
                 return Err(ErrorReply::new(
@@ -681,19 +776,20 @@ fn plan_step(
             draft.check_bytes(view.data_bytes, data.0.len(), config)?;
             draft.set(&path, data.0.len());
             Ok(Step {
-                actions: vec![Action::Set(path, data.0)],
+                actions: vec![Action::Set(path, Change::Data(data.0))],
                 answer: Answer::Stat,
             })
         }
         MultiOp::Check {
             path,
             version,
-            czxid: _,
+            czxid,
         } => {
             check_path(&path)?;
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "create it first, or check another node"))?;
+            check_token(&path, czxid, view.czxid)?;
             check_version(&path, version, view.version)?;
             Ok(Step {
                 actions: Vec::new(),
@@ -792,7 +888,7 @@ fn plan_create(
                         let above = protocol::parent_path(&ancestor).unwrap_or("/");
                         draft.check_room(above, config)?;
                         draft.check_bytes(0, node_bytes(&ancestor, 0), config)?;
-                        draft.create(&ancestor, NodeKind::Container, false, 0);
+                        draft.create(&ancestor, NodeKind::Container, None, false, 0);
                         actions.push(Action::Create(NewNode {
                             path: ancestor,
                             data: Vec::new(),
@@ -834,7 +930,7 @@ fn plan_create(
     }
     draft.check_room(&parent, config)?;
     draft.check_bytes(0, node_bytes(&path, data.0.len()), config)?;
-    draft.create(&path, kind, sequential, data.0.len());
+    draft.create(&path, kind, ttl_ms, sequential, data.0.len());
     actions.push(Action::Create(NewNode {
         path,
         data: data.0,
@@ -861,6 +957,21 @@ fn check_version(path: &str, expected: Option<u64>, actual: u64) -> Result<(), E
             format!(
                 "version mismatch at {path}: expected {expected}, the node is at {actual} (read \
                  it again and retry)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Fails with BadToken unless the node is the one created at `expected`
+/// (when given): a hold's token names one incarnation of a path.
+fn check_token(path: &str, expected: Option<Zxid>, actual: Zxid) -> Result<(), ErrorReply> {
+    match expected {
+        Some(expected) if expected != actual => Err(ErrorReply::new(
+            ErrorCode::BadToken,
+            format!(
+                "the node at {path} was created at zxid {actual}, not {expected}: the hold that \
+                 token names has ended or was taken again"
             ),
         )),
         _ => Ok(()),

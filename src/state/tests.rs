@@ -10,7 +10,7 @@ use latchkey_client::protocol::{
 
 use super::{sessions, Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
 
-const START: Zxid = Zxid(1_000);
+pub(super) const START: Zxid = Zxid(1_000);
 
 pub(super) fn config() -> Config {
     Config {
@@ -56,7 +56,11 @@ impl Harness {
         out
     }
 
-    fn open_with(&mut self, timeout_ms: u64, secret: &str) -> Result<SessionGrant, ErrorReply> {
+    pub(super) fn open_with(
+        &mut self,
+        timeout_ms: u64,
+        secret: &str,
+    ) -> Result<SessionGrant, ErrorReply> {
         let out = self.apply_checked(Command::OpenSession {
             timeout_ms,
             secret: Secret(secret.into()),
@@ -72,7 +76,7 @@ impl Harness {
         self.open_with(10_000, "s3cret").expect("open").session
     }
 
-    fn resume(
+    pub(super) fn resume(
         &mut self,
         session: SessionId,
         secret: &str,
@@ -100,7 +104,7 @@ impl Harness {
     }
 
     /// Sends `op` with an explicit xid (a retry, or a jump ahead).
-    fn send_xid(&mut self, session: SessionId, xid: Xid, op: Op) -> Output {
+    pub(super) fn send_xid(&mut self, session: SessionId, xid: Xid, op: Op) -> Output {
         let counter = self.xids.entry(session).or_insert(0);
         *counter = (*counter).max(xid.0);
         let out = self.apply_checked(Command::Request { session, xid, op });
@@ -146,7 +150,7 @@ impl Harness {
         error
     }
 
-    fn tick(&mut self, now_ms: u64) -> Output {
+    pub(super) fn tick(&mut self, now_ms: u64) -> Output {
         self.now_ms = now_ms;
         let out = self.apply_checked(Command::Tick);
         assert_eq!(out.outcome, Outcome::Ticked);
@@ -157,25 +161,25 @@ impl Harness {
         self.create_with(session, mk(path))
     }
 
-    fn create_with(&mut self, session: SessionId, create: Create) -> String {
+    pub(super) fn create_with(&mut self, session: SessionId, create: Create) -> String {
         match self.ok(session, Op::Create(create)) {
             OpResult::Created { path, .. } => path,
             other => panic!("create answered {other:?}"),
         }
     }
 
-    fn stat(&mut self, session: SessionId, path: &str) -> Option<Stat> {
+    pub(super) fn stat(&mut self, session: SessionId, path: &str) -> Option<Stat> {
         match self.ok(session, exists(path, false)) {
             OpResult::Exists { stat } => stat,
             other => panic!("exists answered {other:?}"),
         }
     }
 
-    fn present(&mut self, session: SessionId, path: &str) -> bool {
+    pub(super) fn present(&mut self, session: SessionId, path: &str) -> bool {
         self.stat(session, path).is_some()
     }
 
-    fn children(&mut self, session: SessionId, path: &str) -> Vec<String> {
+    pub(super) fn children(&mut self, session: SessionId, path: &str) -> Vec<String> {
         match self.ok(session, children(path, false)) {
             OpResult::Children { children, .. } => children,
             other => panic!("children answered {other:?}"),
@@ -183,7 +187,7 @@ impl Harness {
     }
 }
 
-fn result(out: &Output) -> &Result<OpResult, ErrorReply> {
+pub(super) fn result(out: &Output) -> &Result<OpResult, ErrorReply> {
     match &out.outcome {
         Outcome::Reply(reply) => &reply.result,
         other => panic!("not a reply: {other:?}"),
@@ -198,7 +202,7 @@ pub(super) fn mk(path: &str) -> Create {
 }
 
 /// A create with `data_bytes` bytes of data.
-fn sized(path: &str, data_bytes: usize) -> Create {
+pub(super) fn sized(path: &str, data_bytes: usize) -> Create {
     Create {
         data: Data(vec![b'x'; data_bytes]),
         ..mk(path)
@@ -214,11 +218,11 @@ fn set_sized(path: &str, data_bytes: usize) -> MultiOp {
     }
 }
 
-fn kind(path: &str, kind: NodeKind) -> Create {
+pub(super) fn kind(path: &str, kind: NodeKind) -> Create {
     Create { kind, ..mk(path) }
 }
 
-fn seq(path: &str, kind: NodeKind) -> Create {
+pub(super) fn seq(path: &str, kind: NodeKind) -> Create {
     Create {
         sequential: true,
         kind,
@@ -226,7 +230,7 @@ fn seq(path: &str, kind: NodeKind) -> Create {
     }
 }
 
-fn create(c: Create) -> Op {
+pub(super) fn create(c: Create) -> Op {
     Op::Create(c)
 }
 
@@ -253,21 +257,21 @@ pub(super) fn get(path: &str, watch: bool) -> Op {
     }
 }
 
-fn exists(path: &str, watch: bool) -> Op {
+pub(super) fn exists(path: &str, watch: bool) -> Op {
     Op::Exists {
         path: path.into(),
         watch,
     }
 }
 
-fn children(path: &str, watch: bool) -> Op {
+pub(super) fn children(path: &str, watch: bool) -> Op {
     Op::Children {
         path: path.into(),
         watch,
     }
 }
 
-fn event(
+pub(super) fn event(
     session: SessionId,
     kind: WatchEventKind,
     path: &str,
@@ -283,7 +287,7 @@ fn event(
     )
 }
 
-fn next(z: Zxid, by: u64) -> Zxid {
+pub(super) fn next(z: Zxid, by: u64) -> Zxid {
     Zxid(z.0 + by)
 }
 

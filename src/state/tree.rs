@@ -251,6 +251,28 @@ impl Tree {
         }
     }
 
+    /// Renews a TTL node (a touch): its TTL becomes `ttl_ms` if given, and
+    /// like a set it moves the version, mzxid and mtime, so the deadline
+    /// moves to now plus the TTL.
+    pub(crate) fn touch(&mut self, key: usize, ttl_ms: Option<u64>, zxid: Zxid, now_ms: u64) {
+        let node = self
+            .nodes
+            .get_mut(key)
+            .expect("a touch is planned only for a live node");
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
+        }
+        if ttl_ms.is_some() {
+            node.ttl_ms = ttl_ms;
+        }
+        node.version = node.version.saturating_add(1);
+        node.mzxid = zxid;
+        node.mtime_ms = now_ms;
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.insert((deadline_ms, node.czxid, key));
+        }
+    }
+
     /// The earliest TTL deadline in the index.
     pub(crate) fn next_ttl_deadline_ms(&self) -> Option<u64> {
         self.ttl_deadlines
