@@ -10,8 +10,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use latchkey_client::protocol::{
-    self, limits, Create, ErrorCode, ErrorReply, MultiOp, MultiResult, NodeKind, Op, OpResult,
-    Reply, SessionId, WatchEvent, WatchEventKind, WatchKind, Xid, Zxid,
+    self, limits, Create, ErrorCode, ErrorReply, LockInfo, LockMode, LockSpec, MultiOp,
+    MultiResult, NodeKind, Op, OpResult, Reply, SessionId, WatchEvent, WatchEventKind, WatchKind,
+    Xid, Zxid,
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
@@ -174,7 +175,7 @@ impl Coordinator {
                 lock: _,
             } => self.set_watches(session, last_zxid, &data, &exist, &child, fx),
             Op::CloseSession => {
-                self.end_session(session, SessionEnd::Closed, fx);
+                self.end_session(session, SessionEnd::Closed, now_ms, fx);
                 Ok(OpResult::Done)
             }
         }
@@ -192,7 +193,7 @@ impl Coordinator {
         let mut draft = Draft::new(&self.tree, self.zxid);
         let mut plan = Vec::with_capacity(ops.len());
         for (i, op) in ops.into_iter().enumerate() {
-            match plan_step(&mut draft, &self.config, session, op) {
+            match plan_step(&mut draft, &self.config, session, op, in_multi) {
                 Ok(step) => plan.push(step),
                 Err(mut error) => {
                     if in_multi {
@@ -202,13 +203,19 @@ impl Coordinator {
                 }
             }
         }
-        Ok(self.apply_plan(plan, now_ms, fx))
+        Ok(self.apply_plan(plan, session, now_ms, fx))
     }
 
     /// Applies checked steps; one zxid per action (a create with
     /// make_parents has one action per created node; a check has none, as it
     /// writes nothing).
-    fn apply_plan(&mut self, plan: Vec<Step>, now_ms: u64, fx: &mut Effects) -> Vec<MultiResult> {
+    fn apply_plan(
+        &mut self,
+        plan: Vec<Step>,
+        session: SessionId,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Vec<MultiResult> {
         let mut results = Vec::with_capacity(plan.len());
         for step in plan {
             let mut touched = None;
@@ -221,7 +228,7 @@ impl Coordinator {
                             .tree
                             .key(&path)
                             .expect("a planned delete names a live node");
-                        self.delete_node(key, zxid, fx);
+                        self.delete_node(key, zxid, Some(session), now_ms, fx);
                     }
                     Action::Set(path, change) => {
                         let key = self
@@ -693,9 +700,10 @@ fn plan_step(
     config: &Config,
     session: SessionId,
     op: MultiOp,
+    in_multi: bool,
 ) -> Result<Step, ErrorReply> {
     match op {
-        MultiOp::Create(create) => plan_create(draft, config, session, create),
+        MultiOp::Create(create) => plan_create(draft, config, session, create, in_multi),
         MultiOp::Touch {
             path,
             ttl_ms,
@@ -804,6 +812,7 @@ fn plan_create(
     config: &Config,
     session: SessionId,
     create: Create,
+    in_multi: bool,
 ) -> Result<Step, ErrorReply> {
     let Create {
         path,
@@ -814,13 +823,10 @@ fn plan_create(
         make_parents,
         lock,
     } = create;
-    if lock.is_some() {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidArgument,
-            "this server does not implement lock nodes yet (create a plain ephemeral sequential \
-             node and watch the one before it)",
-        ));
-    }
+    let lock = match lock {
+        Some(spec) => Some(plan_lock(spec, kind, sequential, in_multi, config)?),
+        None => None,
+    };
     check_path(&path)?;
     if path == "/" {
         return Err(ErrorReply::new(
@@ -895,6 +901,7 @@ fn plan_create(
                             kind: NodeKind::Container,
                             ttl_ms: None,
                             owner: None,
+                            lock: None,
                             bump_parent_seq: false,
                         }));
                     }
@@ -937,11 +944,59 @@ fn plan_create(
         kind,
         ttl_ms,
         owner: (kind == NodeKind::Ephemeral).then_some(session),
+        lock,
         bump_parent_seq: sequential,
     }));
     Ok(Step {
         actions,
         answer: Answer::Created,
+    })
+}
+
+/// Checks a lock node's create and resolves its delay: the node must be
+/// ephemeral (it goes with its holder) and sequential (its name is its place
+/// in the queue), and made alone, because a multi's creates would all join
+/// queues at once and the deadlock check weighs one wait at a time.
+fn plan_lock(
+    spec: LockSpec,
+    kind: NodeKind,
+    sequential: bool,
+    in_multi: bool,
+    config: &Config,
+) -> Result<LockInfo, ErrorReply> {
+    let refuse = |message: String| Err(ErrorReply::new(ErrorCode::InvalidArgument, message));
+    if kind != NodeKind::Ephemeral || !sequential {
+        return refuse(
+            "a lock node must be ephemeral and sequential (create it with kind ephemeral and \
+             sequential set)"
+                .into(),
+        );
+    }
+    if in_multi {
+        return refuse(
+            "lock nodes are created one at a time, not inside a multi (send each lock create \
+             on its own)"
+                .into(),
+        );
+    }
+    if spec.mode == (LockMode::Semaphore { permits: 0 }) {
+        return refuse(
+            "a semaphore with 0 permits could never be granted (give at least 1 permit)".into(),
+        );
+    }
+    let delay_ms = spec.delay_ms.unwrap_or(config.lock_delay_ms_default);
+    if delay_ms > config.lock_delay_ms_max {
+        return refuse(format!(
+            "a lock-delay of {delay_ms} ms was asked for; the limit is {} ms (ask for less, or \
+             none to take the default of {} ms)",
+            config.lock_delay_ms_max, config.lock_delay_ms_default
+        ));
+    }
+    Ok(LockInfo {
+        mode: spec.mode,
+        delay_ms,
+        granted: None,
+        freed_at_ms: None,
     })
 }
 

@@ -23,6 +23,8 @@ pub(super) fn config() -> Config {
         children_per_node_max: 1_000,
         watches_per_session_max: 1_000,
         watches_max: 10_000,
+        lock_delay_ms_default: 500,
+        lock_delay_ms_max: 60_000,
     }
 }
 

@@ -73,6 +73,8 @@ fn small_config() -> Config {
         watches_per_session_max: 5,
         // Below 6 sessions x 5, so both watch bounds are hit.
         watches_max: 12,
+        lock_delay_ms_default: 500,
+        lock_delay_ms_max: 60_000,
     }
 }
 
