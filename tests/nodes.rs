@@ -126,7 +126,8 @@ async fn multi_is_all_or_nothing() {
             create("/m/a"),
             MultiOp::Check {
                 path: "/nowhere".into(),
-                version: 0,
+                version: Some(0),
+                czxid: None,
             },
         ])
         .await
@@ -149,7 +150,8 @@ async fn multi_is_all_or_nothing() {
             },
             MultiOp::Check {
                 path: "/m".into(),
-                version: 1,
+                version: Some(1),
+                czxid: None,
             },
         ])
         .await

@@ -424,6 +424,7 @@ impl Op {
             self,
             Op::Create(_)
                 | Op::Delete { .. }
+                | Op::Touch { .. }
                 | Op::Set { .. }
                 | Op::Multi { .. }
                 | Op::CloseSession

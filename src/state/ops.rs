@@ -10,8 +10,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use latchkey_client::protocol::{
-    self, limits, Create, ErrorCode, ErrorReply, MultiOp, MultiResult, NodeKind, Op, OpResult,
-    Reply, SessionId, WatchEvent, WatchEventKind, WatchKind, Xid, Zxid,
+    self, limits, Create, ErrorCode, ErrorReply, LockInfo, LockMode, LockSpec, MultiOp,
+    MultiResult, NodeKind, Op, OpResult, Reply, SessionId, WatchEvent, WatchEventKind, WatchKind,
+    Xid, Zxid,
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
@@ -92,10 +93,35 @@ impl Coordinator {
             Op::Create(create) => self
                 .write(session, vec![MultiOp::Create(create)], false, now_ms, fx)
                 .map(single_result),
-            Op::Delete { path, version } => self
+            Op::Delete {
+                path,
+                version,
+                czxid,
+            } => self
                 .write(
                     session,
-                    vec![MultiOp::Delete { path, version }],
+                    vec![MultiOp::Delete {
+                        path,
+                        version,
+                        czxid,
+                    }],
+                    false,
+                    now_ms,
+                    fx,
+                )
+                .map(single_result),
+            Op::Touch {
+                path,
+                ttl_ms,
+                czxid,
+            } => self
+                .write(
+                    session,
+                    vec![MultiOp::Touch {
+                        path,
+                        ttl_ms,
+                        czxid,
+                    }],
                     false,
                     now_ms,
                     fx,
@@ -146,9 +172,10 @@ impl Coordinator {
                 data,
                 exist,
                 child,
+                lock: _,
             } => self.set_watches(session, last_zxid, &data, &exist, &child, fx),
             Op::CloseSession => {
-                self.end_session(session, SessionEnd::Closed, fx);
+                self.end_session(session, SessionEnd::Closed, now_ms, fx);
                 Ok(OpResult::Done)
             }
         }
@@ -163,10 +190,10 @@ impl Coordinator {
         now_ms: u64,
         fx: &mut Effects,
     ) -> Result<Vec<MultiResult>, ErrorReply> {
-        let mut draft = Draft::new(&self.tree);
+        let mut draft = Draft::new(&self.tree, self.zxid);
         let mut plan = Vec::with_capacity(ops.len());
         for (i, op) in ops.into_iter().enumerate() {
-            match plan_step(&mut draft, &self.config, session, op) {
+            match plan_step(&mut draft, &self.config, session, op, in_multi) {
                 Ok(step) => plan.push(step),
                 Err(mut error) => {
                     if in_multi {
@@ -176,13 +203,19 @@ impl Coordinator {
                 }
             }
         }
-        Ok(self.apply_plan(plan, now_ms, fx))
+        Ok(self.apply_plan(plan, session, now_ms, fx))
     }
 
     /// Applies checked steps; one zxid per action (a create with
     /// make_parents has one action per created node; a check has none, as it
     /// writes nothing).
-    fn apply_plan(&mut self, plan: Vec<Step>, now_ms: u64, fx: &mut Effects) -> Vec<MultiResult> {
+    fn apply_plan(
+        &mut self,
+        plan: Vec<Step>,
+        session: SessionId,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Vec<MultiResult> {
         let mut results = Vec::with_capacity(plan.len());
         for step in plan {
             let mut touched = None;
@@ -195,14 +228,17 @@ impl Coordinator {
                             .tree
                             .key(&path)
                             .expect("a planned delete names a live node");
-                        self.delete_node(key, zxid, fx);
+                        self.delete_node(key, zxid, Some(session), now_ms, fx);
                     }
-                    Action::Set(path, data) => {
+                    Action::Set(path, change) => {
                         let key = self
                             .tree
                             .key(&path)
                             .expect("a planned set names a live node");
-                        self.tree.set_data(key, data, zxid, now_ms);
+                        match change {
+                            Change::Data(data) => self.tree.set_data(key, data, zxid, now_ms),
+                            Change::Ttl(ttl_ms) => self.tree.touch(key, ttl_ms, zxid, now_ms),
+                        }
                         let fired = self.watches.fire(
                             &[(&path, WatchKind::Data, WatchEventKind::NodeDataChanged)],
                             zxid,
@@ -450,7 +486,16 @@ struct Step {
 enum Action {
     Create(NewNode),
     Delete(String),
-    Set(String, Vec<u8>),
+    /// A set or a touch: either moves the version and fires data watches.
+    Set(String, Change),
+}
+
+/// What a set-like action changes besides the version, mzxid and mtime.
+enum Change {
+    /// A set: new data.
+    Data(Vec<u8>),
+    /// A touch: the data stays; the TTL becomes this one (if given).
+    Ttl(Option<u64>),
 }
 
 /// What a step answers once applied.
@@ -465,6 +510,9 @@ enum Answer {
 #[derive(Clone, Copy)]
 struct View {
     kind: NodeKind,
+    /// For a node the draft creates, the zxid its create will take.
+    czxid: Zxid,
+    ttl_ms: Option<u64>,
     version: u64,
     num_children: usize,
     next_seq: u64,
@@ -475,6 +523,8 @@ impl View {
     fn of(node: &Node) -> View {
         View {
             kind: node.kind,
+            czxid: node.czxid,
+            ttl_ms: node.ttl_ms,
             version: node.version,
             num_children: node.children.len(),
             next_seq: node.next_seq,
@@ -491,16 +541,27 @@ struct Draft<'t> {
     node_count: usize,
     /// The tree's bytes (see `tree::node_bytes`) after the steps so far.
     bytes: usize,
+    /// The zxid the last action so far will take: each create, set, touch
+    /// and delete takes the next, so a check can name the czxid of a node an
+    /// earlier step creates.
+    zxid: Zxid,
 }
 
 impl<'t> Draft<'t> {
-    fn new(tree: &'t Tree) -> Self {
+    fn new(tree: &'t Tree, zxid: Zxid) -> Self {
         Draft {
             tree,
             overlay: HashMap::new(),
             node_count: tree.len(),
             bytes: tree.bytes(),
+            zxid,
         }
+    }
+
+    /// Counts one more action's zxid and returns it.
+    fn take_zxid(&mut self) -> Zxid {
+        self.zxid = Zxid(self.zxid.0.saturating_add(1));
+        self.zxid
     }
 
     fn get(&self, path: &str) -> Option<View> {
@@ -517,7 +578,15 @@ impl<'t> Draft<'t> {
         }
     }
 
-    fn create(&mut self, path: &str, kind: NodeKind, bump_parent_seq: bool, data_bytes: usize) {
+    fn create(
+        &mut self,
+        path: &str,
+        kind: NodeKind,
+        ttl_ms: Option<u64>,
+        bump_parent_seq: bool,
+        data_bytes: usize,
+    ) {
+        let czxid = self.take_zxid();
         if let Some(parent) = protocol::parent_path(path) {
             self.update(parent, |v| {
                 v.num_children = v.num_children.saturating_add(1);
@@ -530,6 +599,8 @@ impl<'t> Draft<'t> {
             path.to_owned(),
             Some(View {
                 kind,
+                czxid,
+                ttl_ms,
                 version: 0,
                 num_children: 0,
                 next_seq: 0,
@@ -542,6 +613,7 @@ impl<'t> Draft<'t> {
 
     /// Replaces a node's data (a set): one more version, the new size.
     fn set(&mut self, path: &str, data_bytes: usize) {
+        self.take_zxid();
         let old_bytes = self.get(path).map_or(0, |v| v.data_bytes);
         self.update(path, |v| {
             v.version = v.version.saturating_add(1);
@@ -553,7 +625,19 @@ impl<'t> Draft<'t> {
             .saturating_add(data_bytes);
     }
 
+    /// Renews a TTL node (a touch): one more version, maybe a new TTL.
+    fn touch(&mut self, path: &str, ttl_ms: Option<u64>) {
+        self.take_zxid();
+        self.update(path, |v| {
+            v.version = v.version.saturating_add(1);
+            if ttl_ms.is_some() {
+                v.ttl_ms = ttl_ms;
+            }
+        });
+    }
+
     fn delete(&mut self, path: &str) {
+        self.take_zxid();
         let freed = self.get(path).map_or(0, |v| node_bytes(path, v.data_bytes));
         self.bytes = self.bytes.saturating_sub(freed);
         if let Some(parent) = protocol::parent_path(path) {
@@ -616,10 +700,49 @@ fn plan_step(
     config: &Config,
     session: SessionId,
     op: MultiOp,
+    in_multi: bool,
 ) -> Result<Step, ErrorReply> {
     match op {
-        MultiOp::Create(create) => plan_create(draft, config, session, create),
-        MultiOp::Delete { path, version } => {
+        MultiOp::Create(create) => plan_create(draft, config, session, create, in_multi),
+        MultiOp::Touch {
+            path,
+            ttl_ms,
+            czxid,
+        } => {
+            check_path(&path)?;
+            if ttl_ms == Some(0) {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a TTL of 0 is not allowed for {path}; give at least 1 ms, or delete the \
+                         node"
+                    ),
+                ));
+            }
+            let view = draft
+                .get(&path)
+                .ok_or_else(|| no_node(&path, "it may have expired; create it again"))?;
+            check_token(&path, czxid, view.czxid)?;
+            if view.ttl_ms.is_none() {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "{path} has no TTL, so there is nothing to renew (create the node with a \
+                         TTL to hold it for a time)"
+                    ),
+                ));
+            }
+            draft.touch(&path, ttl_ms);
+            Ok(Step {
+                actions: vec![Action::Set(path, Change::Ttl(ttl_ms))],
+                answer: Answer::Stat,
+            })
+        }
+        MultiOp::Delete {
+            path,
+            version,
+            czxid,
+        } => {
             check_path(&path)?;
             if path == "/" {
                 return Err(ErrorReply::new(
@@ -630,6 +753,7 @@ fn plan_step(
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "it may have been deleted already"))?;
+            check_token(&path, czxid, view.czxid)?;
             check_version(&path, version, view.version)?;
             if view.num_children > 0 {
                 return Err(ErrorReply::new(
@@ -660,16 +784,21 @@ fn plan_step(
             draft.check_bytes(view.data_bytes, data.0.len(), config)?;
             draft.set(&path, data.0.len());
             Ok(Step {
-                actions: vec![Action::Set(path, data.0)],
+                actions: vec![Action::Set(path, Change::Data(data.0))],
                 answer: Answer::Stat,
             })
         }
-        MultiOp::Check { path, version } => {
+        MultiOp::Check {
+            path,
+            version,
+            czxid,
+        } => {
             check_path(&path)?;
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "create it first, or check another node"))?;
-            check_version(&path, Some(version), view.version)?;
+            check_token(&path, czxid, view.czxid)?;
+            check_version(&path, version, view.version)?;
             Ok(Step {
                 actions: Vec::new(),
                 answer: Answer::Checked,
@@ -683,6 +812,7 @@ fn plan_create(
     config: &Config,
     session: SessionId,
     create: Create,
+    in_multi: bool,
 ) -> Result<Step, ErrorReply> {
     let Create {
         path,
@@ -691,7 +821,12 @@ fn plan_create(
         sequential,
         ttl_ms,
         make_parents,
+        lock,
     } = create;
+    let lock = match lock {
+        Some(spec) => Some(plan_lock(spec, kind, sequential, in_multi, config)?),
+        None => None,
+    };
     check_path(&path)?;
     if path == "/" {
         return Err(ErrorReply::new(
@@ -759,13 +894,14 @@ fn plan_create(
                         let above = protocol::parent_path(&ancestor).unwrap_or("/");
                         draft.check_room(above, config)?;
                         draft.check_bytes(0, node_bytes(&ancestor, 0), config)?;
-                        draft.create(&ancestor, NodeKind::Container, false, 0);
+                        draft.create(&ancestor, NodeKind::Container, None, false, 0);
                         actions.push(Action::Create(NewNode {
                             path: ancestor,
                             data: Vec::new(),
                             kind: NodeKind::Container,
                             ttl_ms: None,
                             owner: None,
+                            lock: None,
                             bump_parent_seq: false,
                         }));
                     }
@@ -801,18 +937,66 @@ fn plan_create(
     }
     draft.check_room(&parent, config)?;
     draft.check_bytes(0, node_bytes(&path, data.0.len()), config)?;
-    draft.create(&path, kind, sequential, data.0.len());
+    draft.create(&path, kind, ttl_ms, sequential, data.0.len());
     actions.push(Action::Create(NewNode {
         path,
         data: data.0,
         kind,
         ttl_ms,
         owner: (kind == NodeKind::Ephemeral).then_some(session),
+        lock,
         bump_parent_seq: sequential,
     }));
     Ok(Step {
         actions,
         answer: Answer::Created,
+    })
+}
+
+/// Checks a lock node's create and resolves its delay: the node must be
+/// ephemeral (it goes with its holder) and sequential (its name is its place
+/// in the queue), and made alone, because a multi's creates would all join
+/// queues at once and the deadlock check weighs one wait at a time.
+fn plan_lock(
+    spec: LockSpec,
+    kind: NodeKind,
+    sequential: bool,
+    in_multi: bool,
+    config: &Config,
+) -> Result<LockInfo, ErrorReply> {
+    let refuse = |message: String| Err(ErrorReply::new(ErrorCode::InvalidArgument, message));
+    if kind != NodeKind::Ephemeral || !sequential {
+        return refuse(
+            "a lock node must be ephemeral and sequential (create it with kind ephemeral and \
+             sequential set)"
+                .into(),
+        );
+    }
+    if in_multi {
+        return refuse(
+            "lock nodes are created one at a time, not inside a multi (send each lock create \
+             on its own)"
+                .into(),
+        );
+    }
+    if spec.mode == (LockMode::Semaphore { permits: 0 }) {
+        return refuse(
+            "a semaphore with 0 permits could never be granted (give at least 1 permit)".into(),
+        );
+    }
+    let delay_ms = spec.delay_ms.unwrap_or(config.lock_delay_ms_default);
+    if delay_ms > config.lock_delay_ms_max {
+        return refuse(format!(
+            "a lock-delay of {delay_ms} ms was asked for; the limit is {} ms (ask for less, or \
+             none to take the default of {} ms)",
+            config.lock_delay_ms_max, config.lock_delay_ms_default
+        ));
+    }
+    Ok(LockInfo {
+        mode: spec.mode,
+        delay_ms,
+        granted: None,
+        freed_at_ms: None,
     })
 }
 
@@ -828,6 +1012,21 @@ fn check_version(path: &str, expected: Option<u64>, actual: u64) -> Result<(), E
             format!(
                 "version mismatch at {path}: expected {expected}, the node is at {actual} (read \
                  it again and retry)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Fails with BadToken unless the node is the one created at `expected`
+/// (when given): a hold's token names one incarnation of a path.
+fn check_token(path: &str, expected: Option<Zxid>, actual: Zxid) -> Result<(), ErrorReply> {
+    match expected {
+        Some(expected) if expected != actual => Err(ErrorReply::new(
+            ErrorCode::BadToken,
+            format!(
+                "the node at {path} was created at zxid {actual}, not {expected}: the hold that \
+                 token names has ended or was taken again"
             ),
         )),
         _ => Ok(()),

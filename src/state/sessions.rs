@@ -81,6 +81,10 @@ pub(crate) struct Session {
     /// The session's ephemeral nodes, czxid -> slab key; the order in which
     /// they are deleted when the session ends.
     pub(crate) ephemerals: BTreeMap<Zxid, usize>,
+    /// The session's lock nodes not yet granted, czxid -> slab key: the
+    /// waits the deadlock search follows, so that it costs in proportion to
+    /// the waits rather than to the tree.
+    pub(crate) waiting: BTreeMap<Zxid, usize>,
 }
 
 impl Session {
@@ -203,6 +207,7 @@ impl Sessions {
             replies_bytes: 0,
             pinned_through: Xid(0),
             ephemerals: BTreeMap::new(),
+            waiting: BTreeMap::new(),
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);

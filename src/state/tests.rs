@@ -10,7 +10,7 @@ use latchkey_client::protocol::{
 
 use super::{sessions, Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
 
-const START: Zxid = Zxid(1_000);
+pub(super) const START: Zxid = Zxid(1_000);
 
 pub(super) fn config() -> Config {
     Config {
@@ -23,6 +23,8 @@ pub(super) fn config() -> Config {
         children_per_node_max: 1_000,
         watches_per_session_max: 1_000,
         watches_max: 10_000,
+        lock_delay_ms_default: 500,
+        lock_delay_ms_max: 60_000,
     }
 }
 
@@ -56,7 +58,11 @@ impl Harness {
         out
     }
 
-    fn open_with(&mut self, timeout_ms: u64, secret: &str) -> Result<SessionGrant, ErrorReply> {
+    pub(super) fn open_with(
+        &mut self,
+        timeout_ms: u64,
+        secret: &str,
+    ) -> Result<SessionGrant, ErrorReply> {
         let out = self.apply_checked(Command::OpenSession {
             timeout_ms,
             secret: Secret(secret.into()),
@@ -72,7 +78,7 @@ impl Harness {
         self.open_with(10_000, "s3cret").expect("open").session
     }
 
-    fn resume(
+    pub(super) fn resume(
         &mut self,
         session: SessionId,
         secret: &str,
@@ -100,7 +106,7 @@ impl Harness {
     }
 
     /// Sends `op` with an explicit xid (a retry, or a jump ahead).
-    fn send_xid(&mut self, session: SessionId, xid: Xid, op: Op) -> Output {
+    pub(super) fn send_xid(&mut self, session: SessionId, xid: Xid, op: Op) -> Output {
         let counter = self.xids.entry(session).or_insert(0);
         *counter = (*counter).max(xid.0);
         let out = self.apply_checked(Command::Request { session, xid, op });
@@ -146,7 +152,7 @@ impl Harness {
         error
     }
 
-    fn tick(&mut self, now_ms: u64) -> Output {
+    pub(super) fn tick(&mut self, now_ms: u64) -> Output {
         self.now_ms = now_ms;
         let out = self.apply_checked(Command::Tick);
         assert_eq!(out.outcome, Outcome::Ticked);
@@ -157,25 +163,25 @@ impl Harness {
         self.create_with(session, mk(path))
     }
 
-    fn create_with(&mut self, session: SessionId, create: Create) -> String {
+    pub(super) fn create_with(&mut self, session: SessionId, create: Create) -> String {
         match self.ok(session, Op::Create(create)) {
             OpResult::Created { path, .. } => path,
             other => panic!("create answered {other:?}"),
         }
     }
 
-    fn stat(&mut self, session: SessionId, path: &str) -> Option<Stat> {
+    pub(super) fn stat(&mut self, session: SessionId, path: &str) -> Option<Stat> {
         match self.ok(session, exists(path, false)) {
             OpResult::Exists { stat } => stat,
             other => panic!("exists answered {other:?}"),
         }
     }
 
-    fn present(&mut self, session: SessionId, path: &str) -> bool {
+    pub(super) fn present(&mut self, session: SessionId, path: &str) -> bool {
         self.stat(session, path).is_some()
     }
 
-    fn children(&mut self, session: SessionId, path: &str) -> Vec<String> {
+    pub(super) fn children(&mut self, session: SessionId, path: &str) -> Vec<String> {
         match self.ok(session, children(path, false)) {
             OpResult::Children { children, .. } => children,
             other => panic!("children answered {other:?}"),
@@ -183,7 +189,7 @@ impl Harness {
     }
 }
 
-fn result(out: &Output) -> &Result<OpResult, ErrorReply> {
+pub(super) fn result(out: &Output) -> &Result<OpResult, ErrorReply> {
     match &out.outcome {
         Outcome::Reply(reply) => &reply.result,
         other => panic!("not a reply: {other:?}"),
@@ -198,7 +204,7 @@ pub(super) fn mk(path: &str) -> Create {
 }
 
 /// A create with `data_bytes` bytes of data.
-fn sized(path: &str, data_bytes: usize) -> Create {
+pub(super) fn sized(path: &str, data_bytes: usize) -> Create {
     Create {
         data: Data(vec![b'x'; data_bytes]),
         ..mk(path)
@@ -214,11 +220,11 @@ fn set_sized(path: &str, data_bytes: usize) -> MultiOp {
     }
 }
 
-fn kind(path: &str, kind: NodeKind) -> Create {
+pub(super) fn kind(path: &str, kind: NodeKind) -> Create {
     Create { kind, ..mk(path) }
 }
 
-fn seq(path: &str, kind: NodeKind) -> Create {
+pub(super) fn seq(path: &str, kind: NodeKind) -> Create {
     Create {
         sequential: true,
         kind,
@@ -226,7 +232,7 @@ fn seq(path: &str, kind: NodeKind) -> Create {
     }
 }
 
-fn create(c: Create) -> Op {
+pub(super) fn create(c: Create) -> Op {
     Op::Create(c)
 }
 
@@ -242,6 +248,7 @@ pub(super) fn delete(path: &str, version: Option<u64>) -> Op {
     Op::Delete {
         path: path.into(),
         version,
+        czxid: None,
     }
 }
 
@@ -252,21 +259,21 @@ pub(super) fn get(path: &str, watch: bool) -> Op {
     }
 }
 
-fn exists(path: &str, watch: bool) -> Op {
+pub(super) fn exists(path: &str, watch: bool) -> Op {
     Op::Exists {
         path: path.into(),
         watch,
     }
 }
 
-fn children(path: &str, watch: bool) -> Op {
+pub(super) fn children(path: &str, watch: bool) -> Op {
     Op::Children {
         path: path.into(),
         watch,
     }
 }
 
-fn event(
+pub(super) fn event(
     session: SessionId,
     kind: WatchEventKind,
     path: &str,
@@ -282,7 +289,7 @@ fn event(
     )
 }
 
-fn next(z: Zxid, by: u64) -> Zxid {
+pub(super) fn next(z: Zxid, by: u64) -> Zxid {
     Zxid(z.0 + by)
 }
 
@@ -335,6 +342,7 @@ fn every_state_change_takes_exactly_one_zxid() {
             data: vec![],
             exist: vec![],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(h.c.zxid(), next(START, 3));
@@ -449,7 +457,8 @@ fn no_node_for_every_op_on_a_missing_path() {
         Op::Multi {
             ops: vec![MultiOp::Check {
                 path: "/x".into(),
-                version: 0,
+                version: Some(0),
+                czxid: None,
             }],
         },
     );
@@ -491,7 +500,8 @@ fn bad_version_on_set_delete_and_check() {
         Op::Multi {
             ops: vec![MultiOp::Check {
                 path: "/a".into(),
-                version: 0,
+                version: Some(0),
+                czxid: None,
             }],
         },
     );
@@ -546,6 +556,7 @@ fn non_canonical_paths_are_invalid_for_every_op() {
                 data: vec!["/ok".into()],
                 exist: vec![bad.into()],
                 child: vec![],
+                lock: vec![],
             },
         ] {
             let e = h.err(s, op.clone());
@@ -590,7 +601,8 @@ fn too_large_data_multi_and_set_watches() {
     let ops = vec![
         MultiOp::Check {
             path: "/a".into(),
-            version: 0
+            version: Some(0),
+            czxid: None,
         };
         limits::MULTI_OPS_MAX + 1
     ];
@@ -599,7 +611,8 @@ fn too_large_data_multi_and_set_watches() {
     let ops = vec![
         MultiOp::Check {
             path: "/a".into(),
-            version: 0
+            version: Some(0),
+            czxid: None,
         };
         limits::MULTI_OPS_MAX
     ];
@@ -612,6 +625,7 @@ fn too_large_data_multi_and_set_watches() {
             data: vec!["/a".into(); limits::SET_WATCHES_PATHS_MAX],
             exist: vec!["/b".into()],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(e.code, ErrorCode::TooLarge);
@@ -765,7 +779,8 @@ fn a_multi_over_the_tree_bytes_bound_changes_nothing() {
                 MultiOp::Create(sized("/c", 6)),
                 MultiOp::Check {
                     path: "/a".into(),
-                    version: 1,
+                    version: Some(1),
+                    czxid: None,
                 },
             ],
         },
@@ -806,6 +821,7 @@ fn deletes_and_smaller_sets_free_tree_bytes_even_within_a_multi() {
                 MultiOp::Delete {
                     path: "/a".into(),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Create(sized("/b", 16)),
             ],
@@ -869,6 +885,7 @@ fn limit_on_watches_per_session() {
             data: vec!["/".into()],
             exist: vec![],
             child: vec![],
+            lock: vec![],
         },
     ] {
         let e = h.err(s, op);
@@ -914,6 +931,7 @@ fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
             data: vec!["/x".into()],
             exist: vec!["/y".into()],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(e.code, ErrorCode::LimitExceeded);
@@ -931,6 +949,7 @@ fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
             data: vec![],
             exist: vec!["/x".into(), "/y".into()],
             child: vec![],
+            lock: vec![],
         },
     );
     assert_eq!(result(&out), &Ok(OpResult::Done));
@@ -1088,10 +1107,12 @@ fn a_failing_last_step_leaves_everything_unchanged() {
                 MultiOp::Delete {
                     path: "/keep".into(),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Check {
                     path: "/keep".into(),
-                    version: 0,
+                    version: Some(0),
+                    czxid: None,
                 },
             ],
         },
@@ -1132,13 +1153,15 @@ fn later_steps_see_earlier_ones() {
                 },
                 MultiOp::Check {
                     path: "/a/b".into(),
-                    version: 1,
+                    version: Some(1),
+                    czxid: None,
                 },
                 MultiOp::Create(seq("/a/s-", NodeKind::Persistent)),
                 MultiOp::Create(seq("/a/s-", NodeKind::Persistent)),
                 MultiOp::Delete {
                     path: "/old".into(),
                     version: Some(0),
+                    czxid: None,
                 },
                 MultiOp::Create(mk("/old")),
             ],
@@ -1177,6 +1200,7 @@ fn later_steps_see_earlier_ones() {
                 MultiOp::Delete {
                     path: "/old".into(),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Set {
                     path: "/old".into(),
@@ -1579,6 +1603,7 @@ fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
             data: vec!["/same".into(), "/changed".into(), "/gone".into()],
             exist: vec!["/born".into(), "/unborn".into()],
             child: vec!["/kids".into(), "/quiet".into(), "/gone".into()],
+            lock: vec![],
         },
     );
     assert_eq!(result(&out), &Ok(OpResult::Done));
@@ -1710,6 +1735,7 @@ fn the_reply_cache_drops_its_oldest_replies_past_its_byte_bound() {
                 MultiOp::Delete {
                     path: leaf.clone(),
                     version: None,
+                    czxid: None,
                 },
             ]
         })
@@ -1855,6 +1881,7 @@ fn a_resume_keeps_every_applied_write_retryable_while_new_xids_arrive() {
                 data: vec!["/n1".into()],
                 exist: vec![],
                 child: vec![],
+                lock: vec![],
             },
         );
     }

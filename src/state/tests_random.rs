@@ -73,6 +73,8 @@ fn small_config() -> Config {
         watches_per_session_max: 5,
         // Below 6 sessions x 5, so both watch bounds are hit.
         watches_max: 12,
+        lock_delay_ms_default: 500,
+        lock_delay_ms_max: 60_000,
     }
 }
 
@@ -121,6 +123,7 @@ fn random_create(rng: &mut XorShift) -> Create {
         sequential: rng.chance(30),
         ttl_ms: rng.chance(15).then(|| rng.below(1_500)),
         make_parents: rng.chance(60),
+        lock: None,
     }
 }
 
@@ -135,10 +138,12 @@ fn random_multi_op(rng: &mut XorShift) -> MultiOp {
         2 => MultiOp::Delete {
             path: random_path(rng),
             version: random_version(rng),
+            czxid: None,
         },
         _ => MultiOp::Check {
             path: random_path(rng),
-            version: rng.below(3),
+            version: random_version(rng),
+            czxid: None,
         },
     }
 }
@@ -149,6 +154,7 @@ fn random_op(rng: &mut XorShift, zxid: Zxid) -> Op {
         3 => Op::Delete {
             path: random_path(rng),
             version: random_version(rng),
+            czxid: None,
         },
         4 => Op::Set {
             path: random_path(rng),
@@ -181,11 +187,13 @@ fn random_op(rng: &mut XorShift, zxid: Zxid) -> Op {
             data: (0..rng.below(3)).map(|_| random_path(rng)).collect(),
             exist: (0..rng.below(3)).map(|_| random_path(rng)).collect(),
             child: (0..rng.below(3)).map(|_| random_path(rng)).collect(),
+            lock: Vec::new(),
         },
         12 if rng.chance(20) => Op::CloseSession,
         _ => Op::Delete {
             path: random_path(rng),
             version: None,
+            czxid: None,
         },
     }
 }
@@ -411,7 +419,11 @@ fn real_op(op: &ModelOp) -> Op {
             data: Data(data),
             version,
         },
-        ModelOp::Delete(path, version) => Op::Delete { path, version },
+        ModelOp::Delete(path, version) => Op::Delete {
+            path,
+            version,
+            czxid: None,
+        },
         ModelOp::Get(path) => Op::Get { path, watch: false },
     }
 }

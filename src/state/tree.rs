@@ -1,13 +1,14 @@
-//! The node tree: a slab of nodes, a path index, and the two indexes a tick
-//! needs (TTL deadlines and empty containers) so that it never scans the tree.
+//! The node tree: a slab of nodes, a path index, the two indexes a tick
+//! needs (TTL deadlines and empty containers) so that it never scans the
+//! tree, and each parent's lock queue so that a grant scans one queue.
 //!
 //! The tree's mutators are infallible: requests are validated against a
 //! draft (see `ops.rs`) before any of them runs, so a failed `expect` here is
 //! a bug in that validation, never bad input.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use latchkey_client::protocol::{self, NodeKind, SessionId, Stat, Zxid};
+use latchkey_client::protocol::{self, Grant, LockInfo, NodeKind, SessionId, Stat, Zxid};
 use slab::Slab;
 
 /// One node. `data_length` and `num_children` are derived from `data` and
@@ -19,6 +20,9 @@ pub(crate) struct Node {
     pub(crate) kind: NodeKind,
     pub(crate) ttl_ms: Option<u64>,
     pub(crate) owner: Option<SessionId>,
+    /// Set for a lock node. Boxed: most nodes are not lock nodes, and the
+    /// box keeps them 8 bytes larger instead of 56.
+    pub(crate) lock: Option<Box<LockInfo>>,
     /// Child names, sorted by bytes (the order `children` replies use).
     pub(crate) children: BTreeSet<String>,
     /// The next sequence number for a sequential child; only ever grows.
@@ -47,6 +51,7 @@ impl Node {
             num_children: u64::try_from(self.children.len()).unwrap_or(u64::MAX),
             kind: self.kind,
             ttl_ms: self.ttl_ms,
+            lock: self.lock.as_deref().cloned(),
         }
     }
 
@@ -63,6 +68,8 @@ pub(crate) struct NewNode {
     pub(crate) kind: NodeKind,
     pub(crate) ttl_ms: Option<u64>,
     pub(crate) owner: Option<SessionId>,
+    /// For a lock node: its mode and delay, not yet granted.
+    pub(crate) lock: Option<LockInfo>,
     /// A sequential create consumes its parent's counter.
     pub(crate) bump_parent_seq: bool,
 }
@@ -77,6 +84,11 @@ pub(crate) struct Tree {
     ttl_deadlines: BTreeSet<(u64, Zxid, usize)>,
     /// `(czxid, key)` of containers that lost their last child.
     empty_containers: BTreeSet<(Zxid, usize)>,
+    /// Parent key -> its lock children, czxid -> key: the lock queue, in
+    /// queue order. Only parents with lock children have an entry, so other
+    /// nodes pay nothing; a parent's key cannot be reused while it has one,
+    /// because a node with children is never removed.
+    lock_queues: BTreeMap<usize, BTreeMap<Zxid, usize>>,
     /// The sum of `node_bytes` over all nodes, kept by every mutator so that
     /// a write can be checked against `Config::tree_bytes_max` without a walk.
     bytes: usize,
@@ -98,6 +110,7 @@ impl Tree {
             kind: NodeKind::Persistent,
             ttl_ms: None,
             owner: None,
+            lock: None,
             children: BTreeSet::new(),
             next_seq: 0,
             czxid: zxid_start,
@@ -115,6 +128,7 @@ impl Tree {
             index,
             ttl_deadlines: BTreeSet::new(),
             empty_containers: BTreeSet::new(),
+            lock_queues: BTreeMap::new(),
             bytes: node_bytes("/", 0),
         }
     }
@@ -162,6 +176,7 @@ impl Tree {
             kind: new.kind,
             ttl_ms: new.ttl_ms,
             owner: new.owner,
+            lock: new.lock.map(Box::new),
             children: BTreeSet::new(),
             next_seq: 0,
             czxid: zxid,
@@ -173,6 +188,7 @@ impl Tree {
             cversion: 0,
         };
         let deadline = node.ttl_deadline_ms();
+        let is_lock = node.lock.is_some();
         self.bytes = self
             .bytes
             .saturating_add(node_bytes(&node.path, node.data.len()));
@@ -180,6 +196,12 @@ impl Tree {
         self.index.insert(new.path, key);
         if let Some(deadline_ms) = deadline {
             self.ttl_deadlines.insert((deadline_ms, zxid, key));
+        }
+        if is_lock {
+            self.lock_queues
+                .entry(parent_key)
+                .or_default()
+                .insert(zxid, key);
         }
         let parent = &mut self.nodes[parent_key];
         parent.children.insert(name);
@@ -212,6 +234,14 @@ impl Tree {
             let parent = protocol::parent_path(&node.path).expect("the root is never removed");
             self.key(parent).expect("a live node's parent is live")
         };
+        if node.lock.is_some() {
+            if let Some(queue) = self.lock_queues.get_mut(&parent_key) {
+                queue.remove(&node.czxid);
+                if queue.is_empty() {
+                    self.lock_queues.remove(&parent_key);
+                }
+            }
+        }
         let parent = &mut self.nodes[parent_key];
         parent.children.remove(protocol::node_name(&node.path));
         parent.cversion = parent.cversion.saturating_add(1);
@@ -248,6 +278,47 @@ impl Tree {
         if let Some(deadline_ms) = node.ttl_deadline_ms() {
             self.ttl_deadlines.insert((deadline_ms, node.czxid, key));
         }
+    }
+
+    /// Renews a TTL node (a touch): its TTL becomes `ttl_ms` if given, and
+    /// like a set it moves the version, mzxid and mtime, so the deadline
+    /// moves to now plus the TTL.
+    pub(crate) fn touch(&mut self, key: usize, ttl_ms: Option<u64>, zxid: Zxid, now_ms: u64) {
+        let node = self
+            .nodes
+            .get_mut(key)
+            .expect("a touch is planned only for a live node");
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
+        }
+        if ttl_ms.is_some() {
+            node.ttl_ms = ttl_ms;
+        }
+        node.version = node.version.saturating_add(1);
+        node.mzxid = zxid;
+        node.mtime_ms = now_ms;
+        if let Some(deadline_ms) = node.ttl_deadline_ms() {
+            self.ttl_deadlines.insert((deadline_ms, node.czxid, key));
+        }
+    }
+
+    /// The lock queue under `parent_key` (czxid -> key, in queue order);
+    /// empty if it has no lock children.
+    pub(crate) fn lock_queue(&self, parent_key: usize) -> impl Iterator<Item = (Zxid, usize)> + '_ {
+        self.lock_queues
+            .get(&parent_key)
+            .into_iter()
+            .flat_map(|queue| queue.iter().map(|(&czxid, &key)| (czxid, key)))
+    }
+
+    /// Records a lock node's grant.
+    pub(crate) fn grant(&mut self, key: usize, grant: Grant) {
+        let lock = self
+            .nodes
+            .get_mut(key)
+            .and_then(|n| n.lock.as_mut())
+            .expect("only a live lock node is granted");
+        lock.granted = Some(grant);
     }
 
     /// The earliest TTL deadline in the index.
@@ -400,6 +471,37 @@ impl Tree {
                     ))
                 }
             }
+        }
+        let mut queued = 0usize;
+        for (&parent_key, queue) in &self.lock_queues {
+            let Some(parent) = self.nodes.get(parent_key) else {
+                return Err(format!("lock queue under dead key {parent_key}"));
+            };
+            if queue.is_empty() {
+                return Err(format!("empty lock queue kept for {}", parent.path));
+            }
+            for (&czxid, &key) in queue {
+                queued += 1;
+                match self.nodes.get(key) {
+                    Some(n)
+                        if n.czxid == czxid
+                            && n.lock.is_some()
+                            && protocol::parent_path(&n.path) == Some(parent.path.as_str()) => {}
+                    _ => {
+                        return Err(format!(
+                            "lock queue of {} lists ({czxid}, {key}), which is not one of its \
+                             lock children",
+                            parent.path
+                        ))
+                    }
+                }
+            }
+        }
+        let lock_nodes = self.nodes.iter().filter(|(_, n)| n.lock.is_some()).count();
+        if queued != lock_nodes {
+            return Err(format!(
+                "lock queues list {queued} nodes but the tree has {lock_nodes} lock nodes"
+            ));
         }
         for &(czxid, key) in &self.empty_containers {
             match self.nodes.get(key) {

@@ -1,0 +1,628 @@
+//! Unit tests of holds and locks: token guards, touch, lock queues and their
+//! grants, lock-delay, deadlock refusals and lock watches, driven through
+//! the same `Harness` as `tests.rs`.
+
+use latchkey_client::protocol::{
+    Create, ErrorCode, Grant, LockInfo, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op,
+    OpResult, SessionId, Stat, WatchEventKind, Xid, Zxid,
+};
+
+use super::tests::{create, delete, event, get, mk, next, result, seq, set, Harness};
+
+const EXCLUSIVE: LockMode = LockMode::Exclusive;
+const SHARED: LockMode = LockMode::Shared;
+
+/// A lock node create: ephemeral, sequential, `mode`, the default delay.
+fn lock(prefix: &str, mode: LockMode) -> Create {
+    lock_delay(prefix, mode, None)
+}
+
+fn lock_delay(prefix: &str, mode: LockMode, delay_ms: Option<u64>) -> Create {
+    Create {
+        lock: Some(LockSpec { mode, delay_ms }),
+        make_parents: true,
+        ..seq(prefix, NodeKind::Ephemeral)
+    }
+}
+
+impl Harness {
+    /// Creates a lock node; returns its path and the create's stat.
+    fn take(&mut self, session: SessionId, create: Create) -> (String, Stat) {
+        match self.ok(session, Op::Create(create)) {
+            OpResult::Created { path, stat } => (path, stat),
+            other => panic!("create answered {other:?}"),
+        }
+    }
+
+    /// Takes a lock node in `prefix`'s queue and returns its path and grant.
+    fn lock(
+        &mut self,
+        session: SessionId,
+        prefix: &str,
+        mode: LockMode,
+    ) -> (String, Option<Grant>) {
+        let (path, stat) = self.take(session, lock(prefix, mode));
+        let info = stat.lock.expect("a lock node's stat has lock info");
+        assert_eq!(info.mode, mode);
+        (path, info.granted)
+    }
+
+    /// The grant of a live lock node.
+    fn grant_of(&mut self, session: SessionId, path: &str) -> Option<Grant> {
+        self.stat(session, path)
+            .expect("live")
+            .lock
+            .expect("a lock node")
+            .granted
+    }
+}
+
+/// A persistent node that expires `ttl_ms` after its last change.
+fn ttl(path: &str, ttl_ms: u64) -> Create {
+    Create {
+        ttl_ms: Some(ttl_ms),
+        ..mk(path)
+    }
+}
+
+fn touch(path: &str, ttl_ms: Option<u64>, czxid: Option<Zxid>) -> Op {
+    Op::Touch {
+        path: path.into(),
+        ttl_ms,
+        czxid,
+    }
+}
+
+fn delete_token(path: &str, czxid: Zxid) -> Op {
+    Op::Delete {
+        path: path.into(),
+        version: None,
+        czxid: Some(czxid),
+    }
+}
+
+fn check(path: &str, version: Option<u64>, czxid: Option<Zxid>) -> MultiOp {
+    MultiOp::Check {
+        path: path.into(),
+        version,
+        czxid,
+    }
+}
+
+// ---- token guards ----
+
+#[test]
+fn a_token_guard_names_one_incarnation_of_a_path() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/holds");
+    let first = match h.ok(s, create(ttl("/holds/x", 10_000))) {
+        OpResult::Created { stat, .. } => stat.czxid,
+        other => panic!("create answered {other:?}"),
+    };
+    // A wrong token fails the delete and names both zxids.
+    let e = h.err(s, delete_token("/holds/x", next(first, 99)));
+    assert_eq!(e.code, ErrorCode::BadToken);
+    assert!(
+        e.message
+            .contains(&format!("created at zxid {first}, not {}", next(first, 99))),
+        "{e:?}"
+    );
+    // The path is deleted and taken again: the first token no longer works.
+    h.ok(s, delete_token("/holds/x", first));
+    let second = match h.ok(s, create(ttl("/holds/x", 10_000))) {
+        OpResult::Created { stat, .. } => stat.czxid,
+        other => panic!("create answered {other:?}"),
+    };
+    assert!(second > first);
+    assert_eq!(
+        h.err(s, delete_token("/holds/x", first)).code,
+        ErrorCode::BadToken
+    );
+    assert_eq!(
+        h.err(
+            s,
+            Op::Multi {
+                ops: vec![check("/holds/x", None, Some(first))],
+            }
+        )
+        .code,
+        ErrorCode::BadToken
+    );
+    // The token is checked before the version: a stale holder learns that
+    // its hold ended, not that it should reread the version.
+    let e = h.err(
+        s,
+        Op::Delete {
+            path: "/holds/x".into(),
+            version: Some(7),
+            czxid: Some(first),
+        },
+    );
+    assert_eq!(e.code, ErrorCode::BadToken);
+    // A check with no version checks existence and the token only.
+    let out = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![
+                check("/holds/x", None, Some(second)),
+                check("/holds/x", None, None),
+                MultiOp::Set {
+                    path: "/holds/x".into(),
+                    data: "v".into(),
+                    version: None,
+                },
+                check("/holds/x", Some(1), Some(second)),
+            ],
+        },
+    );
+    assert!(
+        matches!(out, OpResult::Multi { ref results } if results.len() == 4),
+        "{out:?}"
+    );
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![check("/holds/missing", None, None)],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::NoNode, Some(0)));
+    h.ok(s, delete_token("/holds/x", second));
+    assert!(!h.present(s, "/holds/x"));
+}
+
+#[test]
+fn a_check_sees_the_czxid_of_a_node_an_earlier_step_creates() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let zxid = h.c.zxid();
+    // Step 0 takes zxid+1, step 1 zxid+2.
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Create(mk("/a")),
+                MultiOp::Create(mk("/b")),
+                check("/b", Some(0), Some(next(zxid, 1))),
+            ],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::BadToken, Some(2)));
+    h.ok(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Create(mk("/a")),
+                MultiOp::Create(mk("/b")),
+                check("/b", Some(0), Some(next(zxid, 2))),
+            ],
+        },
+    );
+    assert_eq!(h.stat(s, "/b").expect("b").czxid, next(zxid, 2));
+}
+
+// ---- touch ----
+
+#[test]
+fn touch_renews_a_ttl_node_like_a_set_and_moves_its_deadline() {
+    let mut h = Harness::new();
+    let s = h.open_with(60_000, "x").expect("open").session;
+    let w = h.open_with(60_000, "y").expect("open").session;
+    h.now_ms = 100;
+    h.create_with(s, ttl("/hold", 1_000));
+    let czxid = h.stat(s, "/hold").expect("hold").czxid;
+    h.ok(w, get("/hold", true));
+    h.now_ms = 900;
+    let out = h.send(s, touch("/hold", None, Some(czxid)));
+    let zxid = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeDataChanged, "/hold", zxid)]
+    );
+    let stat = match result(&out) {
+        Ok(OpResult::Stat { stat }) => stat.clone(),
+        other => panic!("touch answered {other:?}"),
+    };
+    assert_eq!(
+        (stat.version, stat.mzxid, stat.mtime_ms, stat.ttl_ms),
+        (1, zxid, 900, Some(1_000))
+    );
+    assert_eq!(h.c.next_deadline_ms(), Some(1_900));
+    h.tick(1_100);
+    assert!(h.present(s, "/hold"), "the old deadline no longer applies");
+    h.tick(1_899);
+    assert!(h.present(s, "/hold"));
+    h.tick(1_900);
+    assert!(!h.present(s, "/hold"));
+}
+
+#[test]
+fn touch_with_a_ttl_sets_a_new_ttl() {
+    let mut h = Harness::new();
+    let s = h.open_with(60_000, "x").expect("open").session;
+    h.create_with(s, ttl("/hold", 1_000));
+    h.now_ms = 500;
+    h.ok(s, touch("/hold", Some(5_000), None));
+    assert_eq!(h.stat(s, "/hold").expect("hold").ttl_ms, Some(5_000));
+    assert_eq!(h.c.next_deadline_ms(), Some(5_500));
+    h.tick(5_499);
+    assert!(h.present(s, "/hold"));
+    h.tick(5_500);
+    assert!(!h.present(s, "/hold"));
+}
+
+#[test]
+fn touch_in_a_multi_answers_a_stat_and_fails_all_or_nothing() {
+    let mut h = Harness::new();
+    let s = h.open_with(60_000, "x").expect("open").session;
+    h.create_with(s, ttl("/a", 1_000));
+    h.create_with(s, ttl("/b", 1_000));
+    let b = h.stat(s, "/b").expect("b").czxid;
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Touch {
+                    path: "/a".into(),
+                    ttl_ms: Some(9_000),
+                    czxid: None,
+                },
+                MultiOp::Touch {
+                    path: "/b".into(),
+                    ttl_ms: None,
+                    czxid: Some(next(b, 1)),
+                },
+            ],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::BadToken, Some(1)));
+    assert_eq!(h.stat(s, "/a").expect("a").ttl_ms, Some(1_000));
+    h.now_ms = 10;
+    let out = h.ok(
+        s,
+        Op::Multi {
+            ops: vec![
+                MultiOp::Touch {
+                    path: "/a".into(),
+                    ttl_ms: Some(9_000),
+                    czxid: None,
+                },
+                // A later step sees the touch's version.
+                check("/a", Some(1), None),
+                MultiOp::Touch {
+                    path: "/b".into(),
+                    ttl_ms: None,
+                    czxid: Some(b),
+                },
+            ],
+        },
+    );
+    let OpResult::Multi { results } = out else {
+        panic!("multi answered {out:?}");
+    };
+    assert!(
+        matches!(&results[0], MultiResult::Stat { stat } if stat.ttl_ms == Some(9_000) && stat.version == 1)
+    );
+    assert_eq!(results[1], MultiResult::Checked);
+    assert!(matches!(&results[2], MultiResult::Stat { stat } if stat.mtime_ms == 10));
+    assert_eq!(h.c.next_deadline_ms(), Some(1_010));
+}
+
+#[test]
+fn touch_refuses_nodes_without_a_ttl_a_zero_ttl_and_missing_nodes() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create(s, "/plain");
+    h.create_with(s, ttl("/hold", 1_000));
+    let e = h.err(s, touch("/plain", None, None));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("no TTL"), "{e:?}");
+    let e = h.err(s, touch("/hold", Some(0), None));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("TTL of 0"), "{e:?}");
+    assert_eq!(h.err(s, touch("/gone", None, None)).code, ErrorCode::NoNode);
+    assert_eq!(
+        h.err(s, touch("gone", None, None)).code,
+        ErrorCode::InvalidPath
+    );
+}
+
+#[test]
+fn a_retried_touch_is_answered_from_the_reply_cache() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.create_with(s, ttl("/hold", 1_000));
+    let first = h.send_xid(s, Xid(10), touch("/hold", None, None));
+    let zxid = h.c.zxid();
+    let again = h.send_xid(s, Xid(10), touch("/hold", None, None));
+    assert_eq!(result(&again), result(&first));
+    assert_eq!(h.c.zxid(), zxid, "a retried touch is not applied twice");
+    assert_eq!(h.stat(s, "/hold").expect("hold").version, 1);
+    // Sets are unaffected by the touch's bookkeeping.
+    h.ok(s, set("/hold", "x", Some(1)));
+    h.ok(s, delete("/hold", Some(2)));
+}
+
+// ---- lock nodes and their grants ----
+
+#[test]
+fn lock_creates_are_checked_whole_before_anything_changes() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let refused = [
+        (
+            Create {
+                kind: NodeKind::Persistent,
+                ..lock("/l/x-", EXCLUSIVE)
+            },
+            "ephemeral and sequential",
+        ),
+        (
+            Create {
+                sequential: false,
+                ..lock("/l/x", EXCLUSIVE)
+            },
+            "ephemeral and sequential",
+        ),
+        (
+            lock("/l/x-", LockMode::Semaphore { permits: 0 }),
+            "0 permits",
+        ),
+        (
+            lock_delay("/l/x-", EXCLUSIVE, Some(60_001)),
+            "the limit is 60000 ms",
+        ),
+    ];
+    for (c, says) in refused {
+        let e = h.err(s, Op::Create(c));
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains(says), "{e:?}");
+    }
+    let e = h.err(
+        s,
+        Op::Multi {
+            ops: vec![MultiOp::Create(lock("/l/x-", EXCLUSIVE))],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::InvalidArgument, Some(0)));
+    assert!(e.message.contains("one at a time"), "{e:?}");
+    // The bounds themselves pass; no delay takes the default.
+    let (_, stat) = h.take(s, lock_delay("/l/x-", EXCLUSIVE, Some(60_000)));
+    assert_eq!(stat.lock.expect("lock").delay_ms, 60_000);
+    let (_, stat) = h.take(s, lock("/m/x-", LockMode::Semaphore { permits: 1 }));
+    assert_eq!(stat.lock.expect("lock").delay_ms, 500);
+}
+
+#[test]
+fn a_lock_node_reports_its_lock_in_its_stat_and_others_report_none() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.now_ms = 42;
+    let plain = h.create(s, "/plain");
+    assert_eq!(h.stat(s, &plain).expect("plain").lock, None);
+    let (path, stat) = h.take(s, lock_delay("/l/x-", SHARED, Some(0)));
+    let expected = LockInfo {
+        mode: SHARED,
+        delay_ms: 0,
+        granted: Some(Grant {
+            token: stat.czxid,
+            at_ms: 42,
+        }),
+        freed_at_ms: None,
+    };
+    assert_eq!(stat.lock.as_ref(), Some(&expected));
+    assert_eq!(h.stat(s, &path).expect("lock").lock, Some(expected));
+    assert_eq!(stat.ephemeral_owner, Some(s));
+}
+
+#[test]
+fn exclusive_locks_pass_one_holder_at_a_time_with_increasing_tokens() {
+    let mut h = Harness::new();
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    let (pa, ga) = h.lock(a, "/l/x-", EXCLUSIVE);
+    let ga = ga.expect("first in the queue is granted at once");
+    // A non-lock child of the queue's parent is ignored by the queue.
+    h.create_with(a, seq("/l/plain-", NodeKind::Ephemeral));
+    let (pb, gb) = h.lock(b, "/l/x-", EXCLUSIVE);
+    let (pc, gc) = h.lock(c, "/l/x-", EXCLUSIVE);
+    assert_eq!((gb, gc), (None, None));
+
+    let out = h.send(a, delete(&pa, None));
+    let release = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::LockGranted, &pb, release)],
+        "exactly the next node is granted"
+    );
+    let gb = h.grant_of(b, &pb).expect("granted");
+    assert_eq!(gb.token, release);
+    assert!(gb.token > ga.token);
+    assert_eq!(h.grant_of(c, &pc), None);
+
+    h.now_ms = 7;
+    let out = h.send(b, delete(&pb, None));
+    let release = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![event(c, WatchEventKind::LockGranted, &pc, release)]
+    );
+    let gc = h.grant_of(c, &pc).expect("granted");
+    assert_eq!(
+        gc,
+        Grant {
+            token: release,
+            at_ms: 7
+        }
+    );
+    assert!(gc.token > gb.token);
+}
+
+#[test]
+fn a_release_grants_the_next_run_of_shared_nodes_and_no_further() {
+    let mut h = Harness::new();
+    let s: Vec<SessionId> = (0..6).map(|_| h.open()).collect();
+    let (writer, _) = h.lock(s[0], "/rw/n-", EXCLUSIVE);
+    let readers: Vec<String> = (1..4)
+        .map(|i| {
+            let (p, g) = h.lock(s[i], "/rw/n-", SHARED);
+            assert_eq!(g, None, "a reader waits behind a writer");
+            p
+        })
+        .collect();
+    let (writer2, _) = h.lock(s[4], "/rw/n-", EXCLUSIVE);
+    let (late_reader, g) = h.lock(s[5], "/rw/n-", SHARED);
+    assert_eq!(g, None);
+
+    let out = h.send(s[0], delete(&writer, None));
+    let release = h.c.zxid();
+    let expected: Vec<_> = (1..4)
+        .map(|i| event(s[i], WatchEventKind::LockGranted, &readers[i - 1], release))
+        .collect();
+    assert_eq!(out.events, expected, "the three readers, in queue order");
+    assert_eq!(h.grant_of(s[4], &writer2), None);
+    assert_eq!(
+        h.grant_of(s[5], &late_reader),
+        None,
+        "a writer is ahead of it"
+    );
+
+    for i in 1..3 {
+        let out = h.send(s[i], delete(&readers[i - 1], None));
+        assert!(
+            out.events.is_empty(),
+            "a reader is still in: {:?}",
+            out.events
+        );
+    }
+    let out = h.send(s[3], delete(&readers[2], None));
+    assert_eq!(
+        out.events,
+        vec![event(
+            s[4],
+            WatchEventKind::LockGranted,
+            &writer2,
+            h.c.zxid()
+        )]
+    );
+    let out = h.send(s[4], delete(&writer2, None));
+    assert_eq!(
+        out.events,
+        vec![event(
+            s[5],
+            WatchEventKind::LockGranted,
+            &late_reader,
+            h.c.zxid()
+        )]
+    );
+}
+
+#[test]
+fn shared_nodes_ahead_of_a_writer_are_granted_together_at_once() {
+    let mut h = Harness::new();
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    let (_, ga) = h.lock(a, "/rw/n-", SHARED);
+    let (_, gb) = h.lock(b, "/rw/n-", SHARED);
+    assert!(ga.is_some() && gb.is_some());
+    let (_, gc) = h.lock(c, "/rw/n-", EXCLUSIVE);
+    assert_eq!(gc, None, "a writer waits for the readers ahead");
+}
+
+#[test]
+fn a_semaphore_release_grants_exactly_one_waiter() {
+    let mut h = Harness::new();
+    let s: Vec<SessionId> = (0..5).map(|_| h.open()).collect();
+    let three = LockMode::Semaphore { permits: 3 };
+    let taken: Vec<(String, Option<Grant>)> =
+        (0..5).map(|i| h.lock(s[i], "/pool/p-", three)).collect();
+    let granted: Vec<bool> = taken.iter().map(|(_, g)| g.is_some()).collect();
+    assert_eq!(granted, [true, true, true, false, false]);
+
+    let out = h.send(s[1], delete(&taken[1].0, None));
+    assert_eq!(
+        out.events,
+        vec![event(
+            s[3],
+            WatchEventKind::LockGranted,
+            &taken[3].0,
+            h.c.zxid()
+        )]
+    );
+    assert_eq!(h.grant_of(s[4], &taken[4].0), None);
+    // A waiter leaving frees no permit.
+    let (p5, g5) = h.lock(s[1], "/pool/p-", three);
+    assert_eq!(g5, None);
+    let out = h.send(s[4], delete(&taken[4].0, None));
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    let out = h.send(s[0], delete(&taken[0].0, None));
+    assert_eq!(
+        out.events,
+        vec![event(s[1], WatchEventKind::LockGranted, &p5, h.c.zxid())]
+    );
+}
+
+#[test]
+fn a_waiter_leaving_can_let_the_nodes_behind_it_through() {
+    let mut h = Harness::new();
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    h.lock(a, "/rw/n-", SHARED);
+    let (writer, _) = h.lock(b, "/rw/n-", EXCLUSIVE);
+    let (reader, g) = h.lock(c, "/rw/n-", SHARED);
+    assert_eq!(g, None);
+    // The waiting writer gives up: the reader behind it now qualifies.
+    let out = h.send(b, delete(&writer, None));
+    assert_eq!(
+        out.events,
+        vec![event(c, WatchEventKind::LockGranted, &reader, h.c.zxid())]
+    );
+}
+
+#[test]
+fn tokens_increase_across_the_grants_of_two_locks() {
+    let mut h = Harness::new();
+    let s: Vec<SessionId> = (0..4).map(|_| h.open()).collect();
+    let (x1, gx1) = h.lock(s[0], "/locks/x/n-", EXCLUSIVE);
+    let (y1, gy1) = h.lock(s[1], "/locks/y/n-", EXCLUSIVE);
+    let (x2, _) = h.lock(s[2], "/locks/x/n-", EXCLUSIVE);
+    let (y2, _) = h.lock(s[3], "/locks/y/n-", EXCLUSIVE);
+    // Creation order is x2 before y2, but y is released first: the tokens
+    // follow the grants, not the creates.
+    h.ok(s[1], delete(&y1, None));
+    h.ok(s[0], delete(&x1, None));
+    let tokens = [
+        gx1.expect("x1").token,
+        gy1.expect("y1").token,
+        h.grant_of(s[3], &y2).expect("y2").token,
+        h.grant_of(s[2], &x2).expect("x2").token,
+    ];
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+}
+
+#[test]
+fn an_owner_hears_of_its_node_deleted_by_another_session_only() {
+    let mut h = Harness::new();
+    let [a, b] = [h.open(), h.open()];
+    let (held, _) = h.lock(a, "/l/n-", EXCLUSIVE);
+    let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+    // b's waiting node deleted by a: b is told; nothing is granted.
+    let out = h.send(a, delete(&waiting, None));
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::NodeDeleted, &waiting, h.c.zxid())]
+    );
+    // a's held node deleted by b: a is told once even though it also holds
+    // a data watch on it; b's new node behind it is granted after.
+    let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+    h.ok(a, get(&held, true));
+    let out = h.send(b, delete(&held, None));
+    let zxid = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![
+            event(a, WatchEventKind::NodeDeleted, &held, zxid),
+            event(b, WatchEventKind::LockGranted, &waiting, zxid),
+        ]
+    );
+    // The owner's own delete tells it nothing.
+    let out = h.send(b, delete(&waiting, None));
+    assert!(out.events.is_empty(), "{:?}", out.events);
+}
