@@ -626,3 +626,123 @@ fn an_owner_hears_of_its_node_deleted_by_another_session_only() {
     let out = h.send(b, delete(&waiting, None));
     assert!(out.events.is_empty(), "{:?}", out.events);
 }
+
+// ---- lock-delay ----
+
+/// Opens a session that expires at the first tick after `timeout_ms`.
+fn short_session(h: &mut Harness, timeout_ms: u64) -> SessionId {
+    h.open_with(timeout_ms, "short").expect("open").session
+}
+
+#[test]
+fn an_expired_holder_keeps_its_lock_until_exactly_its_delay_has_passed() {
+    let mut h = Harness::new();
+    h.now_ms = 1_000;
+    let a = short_session(&mut h, 1_000);
+    let b = h.open_with(60_000, "long").expect("open").session;
+    let watcher = h.open_with(60_000, "w").expect("open").session;
+    let (held, _) = h.take(a, lock_delay("/l/n-", EXCLUSIVE, Some(300)));
+    let (waiting, _) = h.take(b, lock_delay("/l/n-", EXCLUSIVE, Some(300)));
+    h.ok(watcher, get(&held, true));
+    // a was last heard at 1_000 with a 1_000 ms timeout: it expires at 2_001.
+    let out = h.tick(2_001);
+    assert!(!h.c.session_alive(a));
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    let stat = h.stat(b, &held).expect("the zombie is still there");
+    assert_eq!(stat.ephemeral_owner, None);
+    let info = stat.lock.expect("lock");
+    assert_eq!(info.freed_at_ms, Some(2_301));
+    assert!(info.granted.is_some(), "it still holds");
+    assert_eq!(h.grant_of(b, &waiting), None);
+    assert_eq!(h.c.next_deadline_ms(), Some(2_301));
+
+    let out = h.tick(2_300);
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    assert!(h.present(b, &held), "not one ms before freed_at");
+    assert_eq!(h.grant_of(b, &waiting), None);
+
+    let zxid = h.c.zxid();
+    let out = h.tick(2_301);
+    let freed = next(zxid, 1);
+    assert_eq!(h.c.zxid(), freed, "one zxid for the zombie's deletion");
+    assert_eq!(
+        out.events,
+        vec![
+            event(watcher, WatchEventKind::NodeDeleted, &held, freed),
+            event(b, WatchEventKind::LockGranted, &waiting, freed),
+        ]
+    );
+    assert!(!h.present(b, &held));
+    assert_eq!(
+        h.grant_of(b, &waiting),
+        Some(Grant {
+            token: freed,
+            at_ms: 2_301
+        })
+    );
+}
+
+#[test]
+fn a_zero_delay_or_a_close_frees_a_lock_at_once() {
+    for close in [false, true] {
+        let mut h = Harness::new();
+        let a = short_session(&mut h, 1_000);
+        let b = h.open_with(60_000, "long").expect("open").session;
+        let delay = if close { None } else { Some(0) };
+        let (held, _) = h.take(a, lock_delay("/l/n-", EXCLUSIVE, delay));
+        let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+        let out = if close {
+            h.send(a, Op::CloseSession)
+        } else {
+            h.tick(1_001)
+        };
+        assert!(!h.c.session_alive(a));
+        assert!(!h.present(b, &held), "close={close}");
+        let token = h.grant_of(b, &waiting).expect("granted at once").token;
+        assert!(out
+            .events
+            .contains(&event(b, WatchEventKind::LockGranted, &waiting, token)));
+    }
+}
+
+#[test]
+fn an_expired_session_s_waiting_nodes_go_at_once_and_its_held_ones_wait() {
+    let mut h = Harness::new();
+    let a = short_session(&mut h, 1_000);
+    let c = h.open_with(60_000, "long").expect("open").session;
+    let (held, _) = h.lock(a, "/x/n-", EXCLUSIVE);
+    let (_, gc) = h.lock(c, "/y/n-", EXCLUSIVE);
+    assert!(gc.is_some());
+    let (waiting, _) = h.lock(a, "/y/n-", EXCLUSIVE);
+    let plain = h.create_with(a, seq("/x/plain-", NodeKind::Ephemeral));
+    h.tick(1_001);
+    assert!(!h.present(c, &waiting), "a wait of an expired session goes");
+    assert!(!h.present(c, &plain), "so does a plain ephemeral");
+    assert!(h.present(c, &held), "a held lock waits out its delay");
+    h.tick(1_500);
+    assert!(h.present(c, &held));
+    h.tick(1_501);
+    assert!(!h.present(c, &held));
+}
+
+#[test]
+fn a_zombie_can_be_deleted_by_anyone_and_frees_at_once() {
+    let mut h = Harness::new();
+    let a = short_session(&mut h, 1_000);
+    let b = h.open_with(60_000, "long").expect("open").session;
+    let (held, _) = h.lock(a, "/l/n-", EXCLUSIVE);
+    let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+    h.tick(1_001);
+    assert!(h.present(b, &held));
+    let out = h.send(b, delete(&held, None));
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::LockGranted, &waiting, h.c.zxid())]
+    );
+    // b was last heard at 1_001; only its session deadline is left.
+    assert_eq!(
+        h.c.next_deadline_ms(),
+        Some(61_002),
+        "no zombie left to wait for"
+    );
+}
