@@ -318,6 +318,19 @@ impl Tree {
             .flat_map(|queue| queue.iter().map(|(&czxid, &key)| (czxid, key)))
     }
 
+    /// The nodes ahead of `czxid` in the lock queue under `parent_key`, in
+    /// queue order.
+    pub(crate) fn lock_queue_ahead(
+        &self,
+        parent_key: usize,
+        czxid: Zxid,
+    ) -> impl Iterator<Item = (Zxid, usize)> + '_ {
+        self.lock_queues
+            .get(&parent_key)
+            .into_iter()
+            .flat_map(move |queue| queue.range(..czxid).map(|(&czxid, &key)| (czxid, key)))
+    }
+
     /// Records a lock node's grant.
     pub(crate) fn grant(&mut self, key: usize, grant: Grant) {
         let lock = self
