@@ -258,16 +258,18 @@ impl Coordinator {
     }
 
     /// The earliest time at which a `Tick` could change anything (a session
-    /// deadline or a TTL deadline), if any; empty containers are reaped at
-    /// every tick. May be in the past (then tick now).
+    /// deadline, a TTL deadline or the end of a lock-delay), if any; empty
+    /// containers are reaped at every tick. May be in the past (then tick
+    /// now).
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        match (
+        [
             self.sessions.next_deadline_ms(),
             self.tree.next_ttl_deadline_ms(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.tree.next_zombie_deadline_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Number of live sessions.
@@ -443,14 +445,36 @@ impl Coordinator {
 
     /// Ends a session: deletes its ephemerals (oldest first, a zxid and
     /// events each), drops its watches, then removes it with one more zxid.
+    /// On expiry, its granted lock nodes with a lock-delay are not deleted
+    /// but left ownerless and holding until the delay has passed: the holder
+    /// may be cut off from the server, not dead, and still finishing its
+    /// work. A close is the holder's own word that it is done: no delay.
     fn end_session(&mut self, session: SessionId, why: SessionEnd, now_ms: u64, fx: &mut Effects) {
         let keys: Vec<usize> = match self.sessions.get(session) {
             Some(s) => s.ephemerals.values().copied().collect(),
             None => return,
         };
         for key in keys {
-            let zxid = self.next_zxid();
-            self.delete_node(key, zxid, Some(session), now_ms, fx);
+            let delay_ms = self
+                .tree
+                .node(key)
+                .lock
+                .as_deref()
+                .filter(|lock| lock.granted.is_some() && lock.delay_ms > 0)
+                .map(|lock| lock.delay_ms);
+            match delay_ms {
+                Some(delay_ms) if why == SessionEnd::Expired => {
+                    let czxid = self.tree.node(key).czxid;
+                    if let Some(s) = self.sessions.get_mut(session) {
+                        s.ephemerals.remove(&czxid);
+                    }
+                    self.tree.zombify(key, now_ms.saturating_add(delay_ms));
+                }
+                _ => {
+                    let zxid = self.next_zxid();
+                    self.delete_node(key, zxid, Some(session), now_ms, fx);
+                }
+            }
         }
         self.watches.drop_session(session);
         self.next_zxid();
@@ -458,10 +482,17 @@ impl Coordinator {
         fx.ended.push((session, why));
     }
 
-    /// Expires overdue sessions, then due TTL nodes, then empty containers.
+    /// Expires overdue sessions, then deletes zombies whose lock-delay is
+    /// over, due TTL nodes, and empty containers.
     fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
         for session in self.sessions.expired(now_ms) {
             self.end_session(session, SessionEnd::Expired, now_ms, fx);
+        }
+        // Bounded by the zombie index: every pop removes an entry, and a
+        // deletion adds none.
+        while let Some(key) = self.tree.pop_due_zombie(now_ms) {
+            let zxid = self.next_zxid();
+            self.delete_node(key, zxid, None, now_ms, fx);
         }
         // Bounded by the TTL index: every pop removes an entry, and a
         // deletion re-adds at most its parent, which is then one node fewer.

@@ -203,6 +203,18 @@ impl Coordinator {
                 }
             }
         }
+        for step in &plan {
+            for action in &step.actions {
+                if let Action::Create(NewNode {
+                    path,
+                    lock: Some(lock),
+                    ..
+                }) = action
+                {
+                    self.check_lock_wait(session, path, lock.mode)?;
+                }
+            }
+        }
         Ok(self.apply_plan(plan, session, now_ms, fx))
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::mem::size_of;
 
 use latchkey_client::protocol::{
-    limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, Xid, Zxid,
+    limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, WaitEdge, Xid, Zxid,
 };
 
 /// Most bytes (by `reply_bytes`) one session's reply cache holds, beyond its
@@ -51,7 +51,10 @@ pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
         }),
         Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Exists { .. })
         | Ok(OpResult::Pong | OpResult::Done) => 0,
-        Err(error) => error.message.len(),
+        Err(error) => error.cycle.iter().fold(error.message.len(), |sum, edge| {
+            sum.saturating_add(size_of::<WaitEdge>())
+                .saturating_add(edge.lock.len())
+        }),
     };
     size_of::<CachedReply>().saturating_add(owned)
 }

@@ -4,7 +4,7 @@
 
 use latchkey_client::protocol::{
     Create, ErrorCode, Grant, LockInfo, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op,
-    OpResult, SessionId, Stat, WatchEventKind, Xid, Zxid,
+    OpResult, SessionId, Stat, WaitEdge, WatchEventKind, Xid, Zxid,
 };
 
 use super::tests::{create, delete, event, get, mk, next, result, seq, set, Harness};
@@ -625,4 +625,261 @@ fn an_owner_hears_of_its_node_deleted_by_another_session_only() {
     // The owner's own delete tells it nothing.
     let out = h.send(b, delete(&waiting, None));
     assert!(out.events.is_empty(), "{:?}", out.events);
+}
+
+// ---- lock-delay ----
+
+/// Opens a session that expires at the first tick after `timeout_ms`.
+fn short_session(h: &mut Harness, timeout_ms: u64) -> SessionId {
+    h.open_with(timeout_ms, "short").expect("open").session
+}
+
+#[test]
+fn an_expired_holder_keeps_its_lock_until_exactly_its_delay_has_passed() {
+    let mut h = Harness::new();
+    h.now_ms = 1_000;
+    let a = short_session(&mut h, 1_000);
+    let b = h.open_with(60_000, "long").expect("open").session;
+    let watcher = h.open_with(60_000, "w").expect("open").session;
+    let (held, _) = h.take(a, lock_delay("/l/n-", EXCLUSIVE, Some(300)));
+    let (waiting, _) = h.take(b, lock_delay("/l/n-", EXCLUSIVE, Some(300)));
+    h.ok(watcher, get(&held, true));
+    // a was last heard at 1_000 with a 1_000 ms timeout: it expires at 2_001.
+    let out = h.tick(2_001);
+    assert!(!h.c.session_alive(a));
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    let stat = h.stat(b, &held).expect("the zombie is still there");
+    assert_eq!(stat.ephemeral_owner, None);
+    let info = stat.lock.expect("lock");
+    assert_eq!(info.freed_at_ms, Some(2_301));
+    assert!(info.granted.is_some(), "it still holds");
+    assert_eq!(h.grant_of(b, &waiting), None);
+    assert_eq!(h.c.next_deadline_ms(), Some(2_301));
+
+    let out = h.tick(2_300);
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    assert!(h.present(b, &held), "not one ms before freed_at");
+    assert_eq!(h.grant_of(b, &waiting), None);
+
+    let zxid = h.c.zxid();
+    let out = h.tick(2_301);
+    let freed = next(zxid, 1);
+    assert_eq!(h.c.zxid(), freed, "one zxid for the zombie's deletion");
+    assert_eq!(
+        out.events,
+        vec![
+            event(watcher, WatchEventKind::NodeDeleted, &held, freed),
+            event(b, WatchEventKind::LockGranted, &waiting, freed),
+        ]
+    );
+    assert!(!h.present(b, &held));
+    assert_eq!(
+        h.grant_of(b, &waiting),
+        Some(Grant {
+            token: freed,
+            at_ms: 2_301
+        })
+    );
+}
+
+#[test]
+fn a_zero_delay_or_a_close_frees_a_lock_at_once() {
+    for close in [false, true] {
+        let mut h = Harness::new();
+        let a = short_session(&mut h, 1_000);
+        let b = h.open_with(60_000, "long").expect("open").session;
+        let delay = if close { None } else { Some(0) };
+        let (held, _) = h.take(a, lock_delay("/l/n-", EXCLUSIVE, delay));
+        let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+        let out = if close {
+            h.send(a, Op::CloseSession)
+        } else {
+            h.tick(1_001)
+        };
+        assert!(!h.c.session_alive(a));
+        assert!(!h.present(b, &held), "close={close}");
+        let token = h.grant_of(b, &waiting).expect("granted at once").token;
+        assert!(out
+            .events
+            .contains(&event(b, WatchEventKind::LockGranted, &waiting, token)));
+    }
+}
+
+#[test]
+fn an_expired_session_s_waiting_nodes_go_at_once_and_its_held_ones_wait() {
+    let mut h = Harness::new();
+    let a = short_session(&mut h, 1_000);
+    let c = h.open_with(60_000, "long").expect("open").session;
+    let (held, _) = h.lock(a, "/x/n-", EXCLUSIVE);
+    let (_, gc) = h.lock(c, "/y/n-", EXCLUSIVE);
+    assert!(gc.is_some());
+    let (waiting, _) = h.lock(a, "/y/n-", EXCLUSIVE);
+    let plain = h.create_with(a, seq("/x/plain-", NodeKind::Ephemeral));
+    h.tick(1_001);
+    assert!(!h.present(c, &waiting), "a wait of an expired session goes");
+    assert!(!h.present(c, &plain), "so does a plain ephemeral");
+    assert!(h.present(c, &held), "a held lock waits out its delay");
+    h.tick(1_500);
+    assert!(h.present(c, &held));
+    h.tick(1_501);
+    assert!(!h.present(c, &held));
+}
+
+#[test]
+fn a_zombie_can_be_deleted_by_anyone_and_frees_at_once() {
+    let mut h = Harness::new();
+    let a = short_session(&mut h, 1_000);
+    let b = h.open_with(60_000, "long").expect("open").session;
+    let (held, _) = h.lock(a, "/l/n-", EXCLUSIVE);
+    let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+    h.tick(1_001);
+    assert!(h.present(b, &held));
+    let out = h.send(b, delete(&held, None));
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::LockGranted, &waiting, h.c.zxid())]
+    );
+    // b was last heard at 1_001; only its session deadline is left.
+    assert_eq!(
+        h.c.next_deadline_ms(),
+        Some(61_002),
+        "no zombie left to wait for"
+    );
+}
+
+// ---- deadlock ----
+
+fn wait_edge(session: SessionId, lock: &str, holder: SessionId) -> WaitEdge {
+    WaitEdge {
+        session,
+        lock: lock.into(),
+        holder,
+    }
+}
+
+#[test]
+fn crossing_waits_of_two_sessions_are_refused_and_change_nothing() {
+    let mut h = Harness::new();
+    let [a, b] = [h.open(), h.open()];
+    h.lock(a, "/locks/x/n-", EXCLUSIVE);
+    h.lock(b, "/locks/y/n-", EXCLUSIVE);
+    let (a_waits, g) = h.lock(a, "/locks/y/n-", EXCLUSIVE);
+    assert_eq!(g, None, "a may wait for b");
+    let before = h.children(b, "/locks/x");
+    let e = h.err(b, Op::Create(lock("/locks/x/n-", EXCLUSIVE)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    assert_eq!(
+        e.cycle,
+        vec![wait_edge(b, "/locks/x", a), wait_edge(a, "/locks/y", b)]
+    );
+    assert_eq!(
+        e.message,
+        format!(
+            "waiting on /locks/x would deadlock: session {b} would wait for session {a} (it \
+             holds or queues ahead in /locks/x), which waits for session {b} in /locks/y; \
+             release one lock before taking the other, or take them together with a multi-lock"
+        )
+    );
+    assert_eq!(h.children(b, "/locks/x"), before);
+    // Once a gives up its wait, b may wait for a.
+    h.ok(a, delete(&a_waits, None));
+    let (_, g) = h.lock(b, "/locks/x/n-", EXCLUSIVE);
+    assert_eq!(g, None);
+}
+
+#[test]
+fn a_cycle_through_three_sessions_is_refused_and_named_in_order() {
+    let mut h = Harness::new();
+    let s: Vec<SessionId> = (0..3).map(|_| h.open()).collect();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        h.lock(s[i], &format!("/l/{name}/n-"), EXCLUSIVE);
+    }
+    h.lock(s[0], "/l/b/n-", EXCLUSIVE);
+    h.lock(s[1], "/l/c/n-", EXCLUSIVE);
+    let e = h.err(s[2], Op::Create(lock("/l/a/n-", SHARED)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    assert_eq!(
+        e.cycle,
+        vec![
+            wait_edge(s[2], "/l/a", s[0]),
+            wait_edge(s[0], "/l/b", s[1]),
+            wait_edge(s[1], "/l/c", s[2]),
+        ]
+    );
+    assert!(
+        e.message.contains(&format!(
+            ", which waits for session {} in /l/b, which waits for session {} in /l/c;",
+            s[1], s[2]
+        )),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_session_waiting_behind_its_own_node_is_refused() {
+    let mut h = Harness::new();
+    let [a, b] = [h.open(), h.open()];
+    h.lock(a, "/l/n-", EXCLUSIVE);
+    for mode in [EXCLUSIVE, SHARED] {
+        let e = h.err(a, Op::Create(lock("/l/n-", mode)));
+        assert_eq!(e.code, ErrorCode::Deadlock);
+        assert_eq!(e.cycle, vec![wait_edge(a, "/l", a)]);
+    }
+    // Queued ahead counts like holding: behind its own waiting node too.
+    h.lock(b, "/l/n-", EXCLUSIVE);
+    let e = h.err(b, Op::Create(lock("/l/n-", EXCLUSIVE)));
+    assert_eq!(e.cycle, vec![wait_edge(b, "/l", b)]);
+    assert!(
+        e.message
+            .contains(&format!("session {b} would wait for session {b}")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn shared_behind_shared_and_semaphore_waits_are_never_refused() {
+    let mut h = Harness::new();
+    let [a, b] = [h.open(), h.open()];
+    h.lock(a, "/r/x/n-", SHARED);
+    h.lock(b, "/r/y/n-", SHARED);
+    let (_, g1) = h.lock(a, "/r/y/n-", SHARED);
+    let (_, g2) = h.lock(b, "/r/x/n-", SHARED);
+    assert!(
+        g1.is_some() && g2.is_some(),
+        "readers do not wait for readers"
+    );
+    // A session may hold several shared nodes of one queue.
+    assert!(h.lock(a, "/r/x/n-", SHARED).1.is_some());
+
+    let one = LockMode::Semaphore { permits: 1 };
+    h.lock(a, "/s/x/n-", one);
+    h.lock(b, "/s/y/n-", one);
+    let (_, g1) = h.lock(a, "/s/y/n-", one);
+    let (_, g2) = h.lock(b, "/s/x/n-", one);
+    assert_eq!((g1, g2), (None, None), "OR-waits are not judged");
+    // Even behind its own semaphore node.
+    assert_eq!(h.lock(a, "/s/x/n-", one).1, None);
+}
+
+#[test]
+fn a_zombie_ahead_adds_no_wait() {
+    let mut h = Harness::new();
+    let a = h.open_with(1_000, "short").expect("open").session;
+    let [b, c] = [
+        h.open_with(60_000, "b").expect("open").session,
+        h.open_with(60_000, "c").expect("open").session,
+    ];
+    h.lock(a, "/z/n-", EXCLUSIVE);
+    h.lock(c, "/w/n-", EXCLUSIVE);
+    h.tick(1_001);
+    // b waits behind the zombie alone (no edge), and for c in /w.
+    let (b_waits, g) = h.lock(b, "/z/n-", EXCLUSIVE);
+    assert_eq!(g, None);
+    assert_eq!(h.lock(b, "/w/n-", EXCLUSIVE).1, None);
+    // c behind the zombie and b in /z would close c -> b -> c; the zombie,
+    // ownerless, is in no edge.
+    let e = h.err(c, Op::Create(lock("/z/n-", EXCLUSIVE)));
+    assert_eq!(e.cycle, vec![wait_edge(c, "/z", b), wait_edge(b, "/w", c)]);
+    h.tick(1_501);
+    assert!(h.grant_of(b, &b_waits).is_some());
 }

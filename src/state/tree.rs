@@ -89,6 +89,9 @@ pub(crate) struct Tree {
     /// nodes pay nothing; a parent's key cannot be reused while it has one,
     /// because a node with children is never removed.
     lock_queues: BTreeMap<usize, BTreeMap<Zxid, usize>>,
+    /// `(freed_at_ms, czxid, key)` of zombies: granted lock nodes whose
+    /// owner expired, kept holding through their lock-delay.
+    zombies: BTreeSet<(u64, Zxid, usize)>,
     /// The sum of `node_bytes` over all nodes, kept by every mutator so that
     /// a write can be checked against `Config::tree_bytes_max` without a walk.
     bytes: usize,
@@ -129,6 +132,7 @@ impl Tree {
             ttl_deadlines: BTreeSet::new(),
             empty_containers: BTreeSet::new(),
             lock_queues: BTreeMap::new(),
+            zombies: BTreeSet::new(),
             bytes: node_bytes("/", 0),
         }
     }
@@ -230,6 +234,9 @@ impl Tree {
             self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
         }
         self.empty_containers.remove(&(node.czxid, key));
+        if let Some(freed_at_ms) = node.lock.as_ref().and_then(|l| l.freed_at_ms) {
+            self.zombies.remove(&(freed_at_ms, node.czxid, key));
+        }
         let parent_key = {
             let parent = protocol::parent_path(&node.path).expect("the root is never removed");
             self.key(parent).expect("a live node's parent is live")
@@ -311,6 +318,19 @@ impl Tree {
             .flat_map(|queue| queue.iter().map(|(&czxid, &key)| (czxid, key)))
     }
 
+    /// The nodes ahead of `czxid` in the lock queue under `parent_key`, in
+    /// queue order.
+    pub(crate) fn lock_queue_ahead(
+        &self,
+        parent_key: usize,
+        czxid: Zxid,
+    ) -> impl Iterator<Item = (Zxid, usize)> + '_ {
+        self.lock_queues
+            .get(&parent_key)
+            .into_iter()
+            .flat_map(move |queue| queue.range(..czxid).map(|(&czxid, &key)| (czxid, key)))
+    }
+
     /// Records a lock node's grant.
     pub(crate) fn grant(&mut self, key: usize, grant: Grant) {
         let lock = self
@@ -319,6 +339,40 @@ impl Tree {
             .and_then(|n| n.lock.as_mut())
             .expect("only a live lock node is granted");
         lock.granted = Some(grant);
+    }
+
+    /// Turns a granted lock node whose owner expired into a zombie: no
+    /// owner, still holding, due for deletion at `freed_at_ms`.
+    pub(crate) fn zombify(&mut self, key: usize, freed_at_ms: u64) {
+        let node = self
+            .nodes
+            .get_mut(key)
+            .expect("only a live lock node becomes a zombie");
+        let lock = node
+            .lock
+            .as_mut()
+            .expect("only a lock node becomes a zombie");
+        debug_assert!(lock.granted.is_some(), "a waiting node became a zombie");
+        lock.freed_at_ms = Some(freed_at_ms);
+        node.owner = None;
+        self.zombies.insert((freed_at_ms, node.czxid, key));
+    }
+
+    /// The earliest time a zombie is due.
+    pub(crate) fn next_zombie_deadline_ms(&self) -> Option<u64> {
+        self.zombies.first().map(|&(freed_at_ms, _, _)| freed_at_ms)
+    }
+
+    /// The next zombie due at `now_ms`, in (freed_at, czxid) order, taken
+    /// off the index. The caller must remove it.
+    pub(crate) fn pop_due_zombie(&mut self, now_ms: u64) -> Option<usize> {
+        match self.zombies.first() {
+            Some(&(freed_at_ms, _, key)) if freed_at_ms <= now_ms => {
+                self.zombies.pop_first();
+                Some(key)
+            }
+            _ => None,
+        }
     }
 
     /// The earliest TTL deadline in the index.
@@ -400,10 +454,26 @@ impl Tree {
             if node.kind == NodeKind::Ephemeral && !node.children.is_empty() {
                 return Err(format!("ephemeral {} has children", node.path));
             }
-            if (node.kind == NodeKind::Ephemeral) != node.owner.is_some() {
+            if node.kind != NodeKind::Ephemeral && node.owner.is_some() {
                 return Err(format!(
                     "{} has kind {:?} but owner {:?}",
                     node.path, node.kind, node.owner
+                ));
+            }
+            let freed_at_ms = node.lock.as_ref().and_then(|l| l.freed_at_ms);
+            let zombie = node.lock.as_ref().is_some_and(|l| l.granted.is_some())
+                && freed_at_ms.is_some_and(|at| self.zombies.contains(&(at, node.czxid, key)));
+            if node.kind == NodeKind::Ephemeral && node.owner.is_none() && !zombie {
+                return Err(format!(
+                    "ephemeral {} has no owner but is not a granted lock node waiting out its \
+                     lock-delay",
+                    node.path
+                ));
+            }
+            if freed_at_ms.is_some() && node.owner.is_some() {
+                return Err(format!(
+                    "lock node {} has a freed_at but an owner {:?}",
+                    node.path, node.owner
                 ));
             }
             for name in &node.children {
@@ -502,6 +572,19 @@ impl Tree {
             return Err(format!(
                 "lock queues list {queued} nodes but the tree has {lock_nodes} lock nodes"
             ));
+        }
+        for &(freed_at_ms, czxid, key) in &self.zombies {
+            match self.nodes.get(key) {
+                Some(n)
+                    if n.czxid == czxid
+                        && n.owner.is_none()
+                        && n.lock.as_ref().and_then(|l| l.freed_at_ms) == Some(freed_at_ms) => {}
+                _ => {
+                    return Err(format!(
+                        "zombie entry ({freed_at_ms}, {czxid}, {key}) is stale"
+                    ))
+                }
+            }
         }
         for &(czxid, key) in &self.empty_containers {
             match self.nodes.get(key) {
