@@ -172,8 +172,8 @@ impl Coordinator {
                 data,
                 exist,
                 child,
-                lock: _,
-            } => self.set_watches(session, last_zxid, &data, &exist, &child, fx),
+                lock,
+            } => self.set_watches(session, last_zxid, [&data, &exist, &child, &lock], fx),
             Op::CloseSession => {
                 self.end_session(session, SessionEnd::Closed, now_ms, fx);
                 Ok(OpResult::Done)
@@ -371,21 +371,24 @@ impl Coordinator {
         Ok(answer)
     }
 
-    /// Re-registers a resumed session's watches; fires at once, with the
-    /// current zxid, those whose node changed after `last_zxid`.
+    /// Re-registers a resumed session's watches (data, exist, child, lock);
+    /// fires at once, with the current zxid, those whose node changed after
+    /// `last_zxid`. A lock path fires LockGranted with its token if it is
+    /// the session's lock node and granted, nothing if it still waits (the
+    /// implied lock watch will tell), and NodeDeleted otherwise: the node is
+    /// gone, or the path names another node now.
     fn set_watches(
         &mut self,
         session: SessionId,
         last_zxid: Zxid,
-        data: &[String],
-        exist: &[String],
-        child: &[String],
+        [data, exist, child, lock]: [&[String]; 4],
         fx: &mut Effects,
     ) -> Result<OpResult, ErrorReply> {
         let total = data
             .len()
             .saturating_add(exist.len())
-            .saturating_add(child.len());
+            .saturating_add(child.len())
+            .saturating_add(lock.len());
         if total > limits::SET_WATCHES_PATHS_MAX {
             return Err(ErrorReply::new(
                 ErrorCode::TooLarge,
@@ -395,16 +398,17 @@ impl Coordinator {
                 ),
             ));
         }
-        for path in data.iter().chain(exist).chain(child) {
+        for path in data.iter().chain(exist).chain(child).chain(lock) {
             check_path(path)?;
         }
-        let mut fire: Vec<(WatchEventKind, &str)> = Vec::new();
+        let now = self.zxid;
+        let mut fire: Vec<(WatchEventKind, &str, Zxid)> = Vec::new();
         let mut register: BTreeSet<(&str, WatchKind)> = BTreeSet::new();
         for path in data {
             match self.tree.get(path) {
-                None => fire.push((WatchEventKind::NodeDeleted, path)),
+                None => fire.push((WatchEventKind::NodeDeleted, path, now)),
                 Some(n) if n.mzxid > last_zxid => {
-                    fire.push((WatchEventKind::NodeDataChanged, path))
+                    fire.push((WatchEventKind::NodeDataChanged, path, now))
                 }
                 Some(_) => {
                     register.insert((path, WatchKind::Data));
@@ -413,7 +417,7 @@ impl Coordinator {
         }
         for path in exist {
             match self.tree.get(path) {
-                Some(_) => fire.push((WatchEventKind::NodeCreated, path)),
+                Some(_) => fire.push((WatchEventKind::NodeCreated, path, now)),
                 None => {
                     register.insert((path, WatchKind::Exist));
                 }
@@ -421,13 +425,32 @@ impl Coordinator {
         }
         for path in child {
             match self.tree.get(path) {
-                None => fire.push((WatchEventKind::NodeDeleted, path)),
+                None => fire.push((WatchEventKind::NodeDeleted, path, now)),
                 Some(n) if n.pzxid > last_zxid => {
-                    fire.push((WatchEventKind::NodeChildrenChanged, path))
+                    fire.push((WatchEventKind::NodeChildrenChanged, path, now))
                 }
                 Some(_) => {
                     register.insert((path, WatchKind::Child));
                 }
+            }
+        }
+        for path in lock {
+            let mine = self
+                .tree
+                .get(path)
+                .filter(|n| n.owner == Some(session))
+                .and_then(|n| n.lock.as_deref());
+            match mine {
+                Some(l) => {
+                    if let Some(grant) = l.granted {
+                        fire.push((WatchEventKind::LockGranted, path, grant.token));
+                    }
+                }
+                // Gone, or the path now names another node (a queue parent
+                // reaped and made again restarts its sequence): either way
+                // the session's node was deleted, and no implied event
+                // would ever come for it.
+                None => fire.push((WatchEventKind::NodeDeleted, path, now)),
             }
         }
         let held = self.watches.count(session);
@@ -461,14 +484,14 @@ impl Coordinator {
         }
         // Lookup only: the events keep the order of `fire`.
         let mut seen: HashSet<(WatchEventKind, &str)> = HashSet::new();
-        for (kind, path) in fire {
+        for (kind, path, zxid) in fire {
             if seen.insert((kind, path)) {
                 fx.events.push((
                     session,
                     WatchEvent {
                         kind,
                         path: path.to_owned(),
-                        zxid: self.zxid,
+                        zxid,
                     },
                 ));
             }

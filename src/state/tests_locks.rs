@@ -3,8 +3,8 @@
 //! the same `Harness` as `tests.rs`.
 
 use latchkey_client::protocol::{
-    Create, ErrorCode, Grant, LockInfo, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op,
-    OpResult, SessionId, Stat, WaitEdge, WatchEventKind, Xid, Zxid,
+    limits, Create, ErrorCode, Grant, LockInfo, LockMode, LockSpec, MultiOp, MultiResult, NodeKind,
+    Op, OpResult, SessionId, Stat, WaitEdge, WatchEventKind, Xid, Zxid,
 };
 
 use super::tests::{create, delete, event, get, mk, next, result, seq, set, Harness};
@@ -882,4 +882,81 @@ fn a_zombie_ahead_adds_no_wait() {
     assert_eq!(e.cycle, vec![wait_edge(c, "/z", b), wait_edge(b, "/w", c)]);
     h.tick(1_501);
     assert!(h.grant_of(b, &b_waits).is_some());
+}
+
+// ---- lock watches after a resume ----
+
+fn set_lock_watches(lock: Vec<String>) -> Op {
+    Op::SetWatches {
+        last_zxid: Zxid(0),
+        data: vec![],
+        exist: vec![],
+        child: vec![],
+        lock,
+    }
+}
+
+#[test]
+fn set_watches_lock_reports_grants_and_deletions_missed_while_away() {
+    let mut h = Harness::new();
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    h.lock(a, "/l/n-", EXCLUSIVE);
+    let held = "/l/n-0000000000";
+    let (granted, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+    let (c_holds, _) = h.lock(c, "/m/n-", EXCLUSIVE);
+    let (waiting, _) = h.lock(b, "/m/n-", EXCLUSIVE);
+    let (gone, _) = h.lock(b, "/k/n-", SHARED);
+    // While b is away: a releases, so b's first node is granted, and c
+    // deletes b's node in /k.
+    h.ok(a, delete(held, None));
+    let token = h.grant_of(b, &granted).expect("granted").token;
+    h.ok(c, delete(&gone, None));
+    h.resume(b, "s3cret", 0).expect("resume");
+    let zxid = h.c.zxid();
+    let out = h.send(
+        b,
+        set_lock_watches(vec![
+            granted.clone(),
+            waiting.clone(),
+            gone.clone(),
+            // A path b names that is not its node: its node must be gone.
+            c_holds.clone(),
+        ]),
+    );
+    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(h.c.zxid(), zxid, "set_watches writes nothing");
+    assert_eq!(
+        out.events,
+        vec![
+            event(b, WatchEventKind::LockGranted, &granted, token),
+            event(b, WatchEventKind::NodeDeleted, &gone, zxid),
+            event(b, WatchEventKind::NodeDeleted, &c_holds, zxid),
+        ]
+    );
+    assert_eq!(h.c.watch_count(b), 0, "lock watches take no entry");
+    // The waiting node is told by its implied watch when its turn comes.
+    let out = h.send(c, delete(&c_holds, None));
+    assert_eq!(
+        out.events,
+        vec![event(b, WatchEventKind::LockGranted, &waiting, h.c.zxid())]
+    );
+}
+
+#[test]
+fn set_watches_lock_paths_count_toward_its_bounds() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let e = h.err(
+        s,
+        Op::SetWatches {
+            last_zxid: Zxid(0),
+            data: vec!["/a".into(); limits::SET_WATCHES_PATHS_MAX],
+            exist: vec![],
+            child: vec![],
+            lock: vec!["/b".into()],
+        },
+    );
+    assert_eq!(e.code, ErrorCode::TooLarge);
+    let e = h.err(s, set_lock_watches(vec!["/ok".into(), "bad".into()]));
+    assert_eq!(e.code, ErrorCode::InvalidPath);
 }
