@@ -343,9 +343,14 @@ async fn a_silent_server_is_dropped_and_the_session_resumed() {
     within(status.wait_for(|s| s.state == SessionState::Connected))
         .await
         .unwrap();
-    // The old ping is not resent; the next request has a fresh xid.
+    // The old ping is not resent; the next request has a fresh xid. (Not
+    // necessarily 2: the second ping and the silence deadline both fall
+    // about 2/3 of the timeout in, and a loaded runner can see both ready
+    // at once, so a second unanswered ping may have gone on the old
+    // connection.)
     let next = within(peer2.request()).await;
-    assert_eq!(next.xid, Xid(2));
+    assert!(matches!(next.op, Op::Ping { .. }), "{next:?}");
+    assert!(next.xid > ping.xid && next.xid <= Xid(3), "{next:?}");
     drop(peer);
 }
 
