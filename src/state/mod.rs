@@ -272,6 +272,12 @@ impl Coordinator {
         .min()
     }
 
+    /// Number of zombies: lock nodes held through their lock-delay.
+    #[cfg(test)]
+    pub(crate) fn zombie_count(&self) -> usize {
+        self.tree.zombie_count()
+    }
+
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()

@@ -358,6 +358,12 @@ impl Tree {
         self.zombies.insert((freed_at_ms, node.czxid, key));
     }
 
+    /// How many zombies the tree holds.
+    #[cfg(test)]
+    pub(crate) fn zombie_count(&self) -> usize {
+        self.zombies.len()
+    }
+
     /// The earliest time a zombie is due.
     pub(crate) fn next_zombie_deadline_ms(&self) -> Option<u64> {
         self.zombies.first().map(|&(freed_at_ms, _, _)| freed_at_ms)
