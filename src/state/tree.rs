@@ -19,6 +19,8 @@ pub(crate) struct Node {
     pub(crate) data: Vec<u8>,
     pub(crate) kind: NodeKind,
     pub(crate) ttl_ms: Option<u64>,
+    /// The owning session of an ephemeral node; `None` for an ephemeral
+    /// only when it is a zombie (a lock node outliving its expired owner).
     pub(crate) owner: Option<SessionId>,
     /// Set for a lock node. Boxed: most nodes are not lock nodes, and the
     /// box keeps them 8 bytes larger instead of 56.
