@@ -245,36 +245,26 @@ impl Coordinator {
         }
     }
 
-    /// After a lock node at `path`, owned by `owner`, was removed at `zxid`
-    /// by `by` (`None`: the server): tells a live owner other than the
-    /// remover (its implied lock watch), unless a data watch already told it,
-    /// then grants what the removal let through.
+    /// After a lock node at `path` was removed at `zxid`: tells `owner`
+    /// (if given) through its implied lock watch, then grants what the
+    /// removal let through.
     pub(super) fn lock_node_removed(
         &mut self,
         path: &str,
         owner: Option<SessionId>,
-        by: Option<SessionId>,
         zxid: Zxid,
         now_ms: u64,
         fx: &mut Effects,
     ) {
         if let Some(owner) = owner {
-            let told = fx.events.iter().any(|(s, e)| {
-                *s == owner
-                    && e.kind == WatchEventKind::NodeDeleted
-                    && e.zxid == zxid
-                    && e.path == path
-            });
-            if by != Some(owner) && self.sessions.contains(owner) && !told {
-                fx.events.push((
-                    owner,
-                    WatchEvent {
-                        kind: WatchEventKind::NodeDeleted,
-                        path: path.to_owned(),
-                        zxid,
-                    },
-                ));
-            }
+            fx.events.push((
+                owner,
+                WatchEvent {
+                    kind: WatchEventKind::NodeDeleted,
+                    path: path.to_owned(),
+                    zxid,
+                },
+            ));
         }
         let parent_key = protocol::parent_path(path).and_then(|p| self.tree.key(p));
         if let Some(parent_key) = parent_key {

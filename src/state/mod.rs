@@ -272,6 +272,12 @@ impl Coordinator {
         .min()
     }
 
+    /// Number of zombies: lock nodes held through their lock-delay.
+    #[cfg(test)]
+    pub(crate) fn zombie_count(&self) -> usize {
+        self.tree.zombie_count()
+    }
+
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -539,9 +545,19 @@ impl Coordinator {
             ],
             zxid,
         );
+        // A live owner hears of its lock node deleted by anyone else, unless
+        // a data watch of its own has just told it; its own delete (or its
+        // session's end) tells it nothing.
+        let tell_owner = node.owner.filter(|&owner| {
+            by != Some(owner)
+                && self.sessions.contains(owner)
+                && !fired.iter().any(|(s, e)| {
+                    *s == owner && e.kind == WatchEventKind::NodeDeleted && e.path == node.path
+                })
+        });
         fx.events.extend(fired);
         if node.lock.is_some() {
-            self.lock_node_removed(&node.path, node.owner, by, zxid, now_ms, fx);
+            self.lock_node_removed(&node.path, tell_owner, zxid, now_ms, fx);
         }
     }
 

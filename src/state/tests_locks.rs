@@ -960,3 +960,38 @@ fn set_watches_lock_paths_count_toward_its_bounds() {
     let e = h.err(s, set_lock_watches(vec!["/ok".into(), "bad".into()]));
     assert_eq!(e.code, ErrorCode::InvalidPath);
 }
+
+#[test]
+fn a_long_cycle_is_listed_whole_and_spelled_out_in_part() {
+    let mut h = Harness::new();
+    let s: Vec<SessionId> = (0..10).map(|_| h.open()).collect();
+    for (i, &session) in s.iter().enumerate() {
+        h.lock(session, &format!("/c/{i}/n-"), EXCLUSIVE);
+    }
+    for (i, &session) in s.iter().enumerate().take(9) {
+        assert_eq!(
+            h.lock(session, &format!("/c/{}/n-", i + 1), EXCLUSIVE).1,
+            None
+        );
+    }
+    let e = h.err(s[9], Op::Create(lock("/c/0/n-", EXCLUSIVE)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    let expected: Vec<WaitEdge> = (0..10)
+        .map(|k| {
+            // The cycle starts with s9 -> s0 in /c/0, then s0 -> s1 in /c/1...
+            let from = (k + 9) % 10;
+            let to = k;
+            wait_edge(s[from], &format!("/c/{to}"), s[to])
+        })
+        .collect();
+    assert_eq!(e.cycle, expected);
+    assert!(
+        e.message
+            .contains("and so on: 10 waits in all (see the reply's cycle)"),
+        "{e:?}"
+    );
+    assert!(
+        !e.message.contains("/c/8;"),
+        "only 8 edges are spelled out: {e:?}"
+    );
+}

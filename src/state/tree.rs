@@ -19,6 +19,8 @@ pub(crate) struct Node {
     pub(crate) data: Vec<u8>,
     pub(crate) kind: NodeKind,
     pub(crate) ttl_ms: Option<u64>,
+    /// The owning session of an ephemeral node; `None` for an ephemeral
+    /// only when it is a zombie (a lock node outliving its expired owner).
     pub(crate) owner: Option<SessionId>,
     /// Set for a lock node. Boxed: most nodes are not lock nodes, and the
     /// box keeps them 8 bytes larger instead of 56.
@@ -356,6 +358,12 @@ impl Tree {
         lock.freed_at_ms = Some(freed_at_ms);
         node.owner = None;
         self.zombies.insert((freed_at_ms, node.czxid, key));
+    }
+
+    /// How many zombies the tree holds.
+    #[cfg(test)]
+    pub(crate) fn zombie_count(&self) -> usize {
+        self.zombies.len()
     }
 
     /// The earliest time a zombie is due.
