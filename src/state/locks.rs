@@ -80,7 +80,7 @@ impl Coordinator {
         };
         let queue: Vec<&super::tree::Node> = self
             .tree
-            .lock_queue(parent_key)
+            .lock_queue(parent_key, ..)
             .map(|(_, key)| self.tree.node(key))
             .collect();
         let exclusive_ahead = queue.iter().any(|n| {
@@ -117,7 +117,7 @@ impl Coordinator {
             };
             let ahead = self
                 .tree
-                .lock_queue_ahead(parent_key, czxid)
+                .lock_queue(parent_key, ..czxid)
                 .map(|(_, key)| self.tree.node(key));
             for holder in blockers(lock.mode, ahead) {
                 edges.entry(holder).or_insert(parent);
@@ -188,7 +188,7 @@ impl Coordinator {
         let mut ready = Vec::new();
         let mut ahead = 0usize;
         let mut exclusive_ahead = false;
-        for (_, key) in self.tree.lock_queue(parent_key) {
+        for (_, key) in self.tree.lock_queue(parent_key, ..) {
             let Some(lock) = self.tree.node(key).lock.as_deref() else {
                 continue;
             };
@@ -285,7 +285,7 @@ impl Coordinator {
         for (parent_key, parent) in self.tree.iter() {
             let mut ahead = 0usize;
             let mut exclusive_ahead = false;
-            for (_, key) in self.tree.lock_queue(parent_key) {
+            for (_, key) in self.tree.lock_queue(parent_key, ..) {
                 let node = self.tree.node(key);
                 let Some(lock) = node.lock.as_deref() else {
                     return Err(format!("{} is queued but is no lock node", node.path));

@@ -7,6 +7,7 @@
 //! a bug in that validation, never bad input.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::RangeBounds;
 
 use latchkey_client::protocol::{self, Grant, LockInfo, NodeKind, SessionId, Stat, Zxid};
 use slab::Slab;
@@ -269,40 +270,38 @@ impl Tree {
 
     /// Replaces a node's data; renews its TTL.
     pub(crate) fn set_data(&mut self, key: usize, data: Vec<u8>, zxid: Zxid, now_ms: u64) {
-        let node = self
-            .nodes
-            .get_mut(key)
-            .expect("a set is planned only for a live node");
-        if let Some(deadline_ms) = node.ttl_deadline_ms() {
-            self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
-        }
+        let old_bytes = self.node(key).data.len();
         self.bytes = self
             .bytes
-            .saturating_sub(node.data.len())
+            .saturating_sub(old_bytes)
             .saturating_add(data.len());
-        node.data = data;
-        node.version = node.version.saturating_add(1);
-        node.mzxid = zxid;
-        node.mtime_ms = now_ms;
-        if let Some(deadline_ms) = node.ttl_deadline_ms() {
-            self.ttl_deadlines.insert((deadline_ms, node.czxid, key));
-        }
+        self.modify(key, zxid, now_ms, |node| node.data = data);
     }
 
     /// Renews a TTL node (a touch): its TTL becomes `ttl_ms` if given, and
     /// like a set it moves the version, mzxid and mtime, so the deadline
     /// moves to now plus the TTL.
     pub(crate) fn touch(&mut self, key: usize, ttl_ms: Option<u64>, zxid: Zxid, now_ms: u64) {
+        self.modify(key, zxid, now_ms, |node| {
+            if ttl_ms.is_some() {
+                node.ttl_ms = ttl_ms;
+            }
+        });
+    }
+
+    /// Applies `change` to a node as one write (a set or a touch): one
+    /// more version, mzxid and mtime move, and the TTL index follows the
+    /// new deadline. `change` must not touch what the indexes key on
+    /// besides the TTL, and must keep `bytes` in step itself.
+    fn modify(&mut self, key: usize, zxid: Zxid, now_ms: u64, change: impl FnOnce(&mut Node)) {
         let node = self
             .nodes
             .get_mut(key)
-            .expect("a touch is planned only for a live node");
+            .expect("a set or touch is planned only for a live node");
         if let Some(deadline_ms) = node.ttl_deadline_ms() {
             self.ttl_deadlines.remove(&(deadline_ms, node.czxid, key));
         }
-        if ttl_ms.is_some() {
-            node.ttl_ms = ttl_ms;
-        }
+        change(node);
         node.version = node.version.saturating_add(1);
         node.mzxid = zxid;
         node.mtime_ms = now_ms;
@@ -311,26 +310,20 @@ impl Tree {
         }
     }
 
-    /// The lock queue under `parent_key` (czxid -> key, in queue order);
-    /// empty if it has no lock children.
-    pub(crate) fn lock_queue(&self, parent_key: usize) -> impl Iterator<Item = (Zxid, usize)> + '_ {
-        self.lock_queues
-            .get(&parent_key)
-            .into_iter()
-            .flat_map(|queue| queue.iter().map(|(&czxid, &key)| (czxid, key)))
-    }
-
-    /// The nodes ahead of `czxid` in the lock queue under `parent_key`, in
-    /// queue order.
-    pub(crate) fn lock_queue_ahead(
-        &self,
+    /// The nodes of the lock queue under `parent_key` whose czxids lie in
+    /// `czxids` (`..` for all, `..czxid` for those ahead of a node), in
+    /// queue order; none if it has no lock children.
+    pub(crate) fn lock_queue<'a>(
+        &'a self,
         parent_key: usize,
-        czxid: Zxid,
-    ) -> impl Iterator<Item = (Zxid, usize)> + '_ {
+        czxids: impl RangeBounds<Zxid> + 'a,
+    ) -> impl Iterator<Item = (Zxid, usize)> + 'a {
         self.lock_queues
             .get(&parent_key)
+            .map(|queue| queue.range(czxids))
             .into_iter()
-            .flat_map(move |queue| queue.range(..czxid).map(|(&czxid, &key)| (czxid, key)))
+            .flatten()
+            .map(|(&czxid, &key)| (czxid, key))
     }
 
     /// Records a lock node's grant.
