@@ -12,6 +12,9 @@ use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod recipes;
+mod supervise;
+
 /// latchkey: a lock coordinator with sessions, queued locks, watches and
 /// fencing tokens.
 #[derive(Parser, Debug)]
@@ -98,6 +101,80 @@ enum Command {
         /// The node's path.
         path: String,
     },
+    /// Run CMD while holding a lock: wait for the lock, run CMD with
+    /// LATCHKEY_FENCING_TOKEN set, release when it exits, exit with its
+    /// status. If the lock is lost, CMD's process group gets SIGTERM, then
+    /// SIGKILL after --kill-grace, before the server can grant the lock to
+    /// anyone else, and latchkey exits 4. Not acquired within --timeout:
+    /// exits 3 without running CMD.
+    Lock {
+        #[command(flatten)]
+        common: Common,
+        /// The lock: a name (kept under /locks) or a path.
+        name: String,
+        /// Give up waiting after this long, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Run CMD while leading an election: wait to be leader, run CMD, same
+    /// rules on loss as `lock`.
+    Elect {
+        #[command(flatten)]
+        common: Common,
+        /// The election: a name (kept under /elections) or a path.
+        name: String,
+        /// This candidate's id, shown to observers (default host:pid).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Hold a name for a while, e.g. a ticket for a buyer: prints the
+    /// token. The hold outlives this command; it ends at its TTL, or when
+    /// released with the token.
+    Hold {
+        #[command(flatten)]
+        common: Common,
+        /// The hold: a name (kept under /holds) or a path.
+        name: String,
+        /// How long the hold lasts unless extended, e.g. 10m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// What the hold is for (stored with it).
+        data: Option<String>,
+    },
+    /// End a hold, with the token `hold` printed.
+    Release {
+        #[command(flatten)]
+        common: Common,
+        /// The hold's name or path.
+        name: String,
+        /// The token `hold` printed.
+        token: String,
+    },
+    /// Extend a hold: it now ends --ttl from now.
+    Extend {
+        #[command(flatten)]
+        common: Common,
+        /// The hold's name or path.
+        name: String,
+        /// The token `hold` printed.
+        token: String,
+        /// The new time to live, from now.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Show every lock, election, semaphore and hold under PATH: holders with
+    /// their fencing token and since when, waiters in order and for how long.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// Where to look (default the whole tree).
+        #[arg(default_value = "/")]
+        path: String,
+    },
     /// Print changes to a node (created, data changed, children changed,
     /// deleted) as they happen, until interrupted.
     Watch {
@@ -109,6 +186,23 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
     },
+}
+
+/// How `lock` and `elect` run their command.
+#[derive(ClapArgs, Debug, Clone)]
+struct RunArgs {
+    /// The session timeout: how long a crashed latchkey keeps the lock.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    session_timeout: Duration,
+    /// After SIGTERM on loss, how long CMD has before SIGKILL.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    kill_grace: Duration,
+    /// Print nothing while waiting.
+    #[arg(long)]
+    quiet: bool,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
 }
 
 /// Options every client command takes.
@@ -162,6 +256,10 @@ struct ServeArgs {
     /// Most watches all sessions hold together.
     #[arg(long, default_value_t = Config::default().coordinator.watches_max)]
     watches_max: usize,
+    /// After a lock holder's session expires, how long until the lock passes
+    /// to the next waiter (unless the lock asked for its own delay).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
+    lock_delay: Duration,
     /// How long one batch of replies may take to write before a client that
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -200,6 +298,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             nodes_max: args.nodes_max,
             tree_bytes_max: args.tree_bytes_max,
             watches_max: args.watches_max,
+            lock_delay_ms_default: millis(args.lock_delay),
             ..latchkey::state::Config::default()
         },
         connections_max: args.connections_max,
@@ -249,10 +348,12 @@ async fn wait_for_signal() {
     }
 }
 
-async fn connect(common: &Common) -> Result<Client, String> {
-    // Commands are short; a short session timeout means an interrupted
-    // command's ephemeral nodes do not linger.
-    let options = ClientOptions::new(common.server.clone()).session_timeout(Duration::from_secs(5));
+/// Session timeout of the one-shot commands: they are short, and an
+/// interrupted command's ephemeral nodes should not linger.
+const COMMAND_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn connect(common: &Common, session_timeout: Duration) -> Result<Client, String> {
+    let options = ClientOptions::new(common.server.clone()).session_timeout(session_timeout);
     Client::connect(options).await.map_err(|e| e.to_string())
 }
 
@@ -309,14 +410,52 @@ async fn client_command(command: Command) -> Result<ExitCode, String> {
         | Command::Delete { common, .. }
         | Command::Ls { common, .. }
         | Command::Stat { common, .. }
+        | Command::Lock { common, .. }
+        | Command::Elect { common, .. }
+        | Command::Hold { common, .. }
+        | Command::Release { common, .. }
+        | Command::Extend { common, .. }
+        | Command::Status { common, .. }
         | Command::Watch { common, .. } => common.clone(),
     };
-    let client = connect(&common).await?;
-    let result = execute(&client, &common, command).await;
+    let session_timeout = match &command {
+        Command::Lock { run, .. } | Command::Elect { run, .. } => run.session_timeout,
+        _ => COMMAND_SESSION_TIMEOUT,
+    };
+    let client = connect(&common, session_timeout).await?;
+    let result = match command {
+        Command::Lock {
+            name, timeout, run, ..
+        } => recipes::lock(&client, &name, timeout, run.into()).await,
+        Command::Elect { name, id, run, .. } => {
+            recipes::elect(&client, &name, id, run.into()).await
+        }
+        Command::Hold {
+            name, ttl, data, ..
+        } => recipes::hold(&client, &name, ttl, data, common.json).await,
+        Command::Release { name, token, .. } => recipes::release(&client, &name, &token).await,
+        Command::Extend {
+            name, token, ttl, ..
+        } => recipes::extend(&client, &name, &token, ttl).await,
+        Command::Status { path, .. } => recipes::status(&client, &path, common.json).await,
+        command => execute(&client, &common, command)
+            .await
+            .map_err(|e| e.to_string()),
+    };
     // The session's ephemeral nodes go with it; a failed close only means
     // they go at the session timeout instead.
     let _ = client.close().await;
-    result.map_err(|e| e.to_string())
+    result
+}
+
+impl From<RunArgs> for recipes::Supervised {
+    fn from(run: RunArgs) -> Self {
+        recipes::Supervised {
+            argv: run.cmd,
+            grace: run.kill_grace,
+            quiet: run.quiet,
+        }
+    }
 }
 
 async fn execute(
@@ -326,7 +465,13 @@ async fn execute(
 ) -> Result<ExitCode, ClientError> {
     let json = common.json;
     match command {
-        Command::Serve(_) => unreachable!("serve is handled by run"),
+        Command::Serve(_)
+        | Command::Lock { .. }
+        | Command::Elect { .. }
+        | Command::Hold { .. }
+        | Command::Release { .. }
+        | Command::Extend { .. }
+        | Command::Status { .. } => unreachable!("handled by client_command"),
         Command::Create {
             path,
             data,

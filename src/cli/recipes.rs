@@ -1,0 +1,451 @@
+//! The recipe commands: lock, elect, hold, release, extend, status.
+
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use latchkey_client::protocol::{LockMode, Stat, Zxid};
+use latchkey_client::recipes::{Election, Hold, HoldToken, Lock};
+use latchkey_client::{Client, ClientError};
+use serde_json::json;
+
+use super::supervise::{run_while_held, Ended, EXIT_LOST, EXIT_TIMEOUT};
+
+/// A lock's delay must outlast the kill grace, so that the command is dead
+/// before the server hands the lock to the next holder; this is the margin.
+const LOCK_DELAY_MARGIN: Duration = Duration::from_secs(1);
+
+/// How often the waiting line is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Most nodes `status` visits, so a huge tree cannot keep it reading.
+const STATUS_NODES_MAX: usize = 10_000;
+
+/// Most queue entries whose data the waiting line reads to find its place.
+const PLACE_SCAN_MAX: usize = 100;
+
+/// A recipe name: a path if it starts with `/`, else a name under `base`.
+pub fn recipe_path(name: &str, base: &str) -> String {
+    if name.starts_with('/') {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
+/// Who holds or waits: stored as a lock node's data, shown by `status` and
+/// by waiters' progress lines.
+fn holder_description(argv: &[String]) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into());
+    json!({
+        "host": host,
+        "pid": std::process::id(),
+        "cmd": argv.join(" "),
+    })
+    .to_string()
+}
+
+/// A short text for a holder description (the JSON above, or anything a
+/// program stored).
+fn describe(data: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(data) {
+        Ok(v) if v.get("pid").is_some() => format!(
+            "{}:{} ({})",
+            v["host"].as_str().unwrap_or("?"),
+            v["pid"],
+            v["cmd"].as_str().unwrap_or("")
+        ),
+        _ => String::from_utf8_lossy(data).chars().take(80).collect(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ago(since_ms: u64) -> String {
+    let secs = now_ms().saturating_sub(since_ms) / 1000;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// The lock nodes of a queue, in queue order, with stat and data.
+async fn queue(client: &Client, path: &str) -> Result<Vec<(String, Stat, Vec<u8>)>, ClientError> {
+    let (mut names, _) = match client.children(path).await {
+        Ok(found) => found,
+        Err(ClientError::NoNode { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    names.sort();
+    let mut nodes = Vec::new();
+    for name in names {
+        let child = format!("{}/{name}", path.trim_end_matches('/'));
+        match client.get(&child).await {
+            Ok((data, stat)) if stat.lock.is_some() => nodes.push((name, stat, data)),
+            Ok(_) | Err(ClientError::NoNode { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    nodes.sort_by_key(|(_, stat, _)| stat.czxid);
+    Ok(nodes)
+}
+
+/// One line on what a waiter waits for: who holds the lock and since when,
+/// and this waiter's place.
+async fn progress_line(client: &Client, path: &str, mine: &str) -> Result<String, ClientError> {
+    let nodes = queue(client, path).await?;
+    let holders: Vec<String> = nodes
+        .iter()
+        .filter_map(|(_, stat, data)| {
+            let grant = stat.lock.as_ref()?.granted?;
+            Some(format!("{} for {}", describe(data), ago(grant.at_ms)))
+        })
+        .collect();
+    let place = if nodes.len() <= PLACE_SCAN_MAX {
+        nodes
+            .iter()
+            .position(|(_, _, data)| data.as_slice() == mine.as_bytes())
+            .map(|i| format!("place {} of {}", i + 1, nodes.len()))
+    } else {
+        None
+    };
+    Ok(format!(
+        "waiting for {path}: held by {}; {}",
+        if holders.is_empty() {
+            "nobody (handing over)".to_string()
+        } else {
+            holders.join(", ")
+        },
+        place.unwrap_or_else(|| format!("{} in the queue", nodes.len()))
+    ))
+}
+
+/// Awaits `acquiring`, refreshing one live line on stderr while it waits.
+async fn with_progress<T>(
+    client: &Client,
+    path: &str,
+    mine: &str,
+    show: bool,
+    acquiring: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(acquiring);
+    if !show {
+        return acquiring.await;
+    }
+    let mut ticks = tokio::time::interval(PROGRESS_EVERY);
+    // The first tick fires at once: an uncontended lock shows no line.
+    ticks.tick().await;
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut acquiring => break result,
+            _ = ticks.tick() => {
+                if let Ok(line) = progress_line(client, path, mine).await {
+                    eprint!("\r\x1b[2K{line}");
+                    let _ = std::io::stderr().flush();
+                    shown = true;
+                }
+            }
+        }
+    };
+    if shown {
+        eprint!("\r\x1b[2K");
+    }
+    result
+}
+
+/// Options shared by `lock` and `elect`.
+pub struct Supervised {
+    pub argv: Vec<String>,
+    pub grace: Duration,
+    pub quiet: bool,
+}
+
+/// `latchkey lock NAME [--timeout D] -- CMD`.
+pub async fn lock(
+    client: &Client,
+    name: &str,
+    timeout: Option<Duration>,
+    run: Supervised,
+) -> Result<ExitCode, String> {
+    let path = recipe_path(name, "/locks");
+    let mine = holder_description(&run.argv);
+    let lock = Lock::new(client, &path)
+        .data(mine.as_str())
+        .lock_delay(run.grace + LOCK_DELAY_MARGIN);
+    let show = !run.quiet && std::io::stderr().is_terminal();
+    let acquiring = async {
+        match timeout {
+            Some(t) => lock.acquire_timeout(t).await,
+            None => lock.acquire().await.map(Some),
+        }
+    };
+    let guard = with_progress(client, &path, &mine, show, acquiring)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(guard) = guard else {
+        let waited = timeout.map(humantime::format_duration);
+        if !run.quiet {
+            eprintln!(
+                "latchkey: {path} was not acquired within {}; the command was not run",
+                waited.map_or_else(String::new, |w| w.to_string())
+            );
+        }
+        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    };
+    let token = guard.token();
+    let lost = async { guard.lost().await.to_string() };
+    let ended = run_while_held(&run.argv, token, lost, run.grace).await?;
+    finish(ended, &path, "lock", &run, async { guard.release().await }).await
+}
+
+/// `latchkey elect NAME [--id ID] -- CMD`.
+pub async fn elect(
+    client: &Client,
+    name: &str,
+    id: Option<String>,
+    run: Supervised,
+) -> Result<ExitCode, String> {
+    let path = recipe_path(name, "/elections");
+    let id = id.unwrap_or_else(|| describe(holder_description(&run.argv).as_bytes()));
+    let election = Election::new(client, &path, id.as_str());
+    let show = !run.quiet && std::io::stderr().is_terminal();
+    if show {
+        eprintln!("campaigning in {path} as {id}");
+    }
+    let leadership = election.campaign().await.map_err(|e| e.to_string())?;
+    if show {
+        eprintln!("leading {path} (fencing token {})", leadership.token());
+    }
+    let token = leadership.token();
+    let lost = async { leadership.lost().await.to_string() };
+    let ended = run_while_held(&run.argv, token, lost, run.grace).await?;
+    finish(ended, &path, "leadership", &run, async {
+        leadership.resign().await
+    })
+    .await
+}
+
+/// Releases after a normal exit; reports a loss.
+async fn finish(
+    ended: Ended,
+    path: &str,
+    what: &str,
+    run: &Supervised,
+    release: impl std::future::Future<Output = Result<(), ClientError>>,
+) -> Result<ExitCode, String> {
+    match ended {
+        Ended::Exited(code) => {
+            if let Err(e) = release.await {
+                eprintln!(
+                    "latchkey: releasing {path} failed: {e}; it is freed when the session ends"
+                );
+            }
+            Ok(code)
+        }
+        Ended::Lost(reason) => {
+            eprintln!(
+                "latchkey: lost the {what} on {path} ({reason}); `{}` was terminated",
+                run.argv.join(" ")
+            );
+            Ok(ExitCode::from(EXIT_LOST))
+        }
+    }
+}
+
+fn parse_token(token: &str) -> Result<HoldToken, String> {
+    token
+        .trim()
+        .parse::<u64>()
+        .map(|z| HoldToken(Zxid(z)))
+        .map_err(|_| format!("{token:?} is not a hold token (the number `latchkey hold` printed)"))
+}
+
+/// `latchkey hold NAME --ttl D [DATA]`: prints the token.
+pub async fn hold(
+    client: &Client,
+    name: &str,
+    ttl: Duration,
+    data: Option<String>,
+    json_out: bool,
+) -> Result<ExitCode, String> {
+    let path = recipe_path(name, "/holds");
+    let token = Hold::take(client, &path, ttl, data.unwrap_or_default().as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    if json_out {
+        println!("{}", json!({ "path": path, "token": token.0.0 }));
+    } else {
+        println!("{}", token.0 .0);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `latchkey release NAME TOKEN`.
+pub async fn release(client: &Client, name: &str, token: &str) -> Result<ExitCode, String> {
+    let path = recipe_path(name, "/holds");
+    Hold::release(client, &path, parse_token(token)?)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `latchkey extend NAME TOKEN --ttl D`.
+pub async fn extend(
+    client: &Client,
+    name: &str,
+    token: &str,
+    ttl: Duration,
+) -> Result<ExitCode, String> {
+    let path = recipe_path(name, "/holds");
+    Hold::extend(client, &path, parse_token(token)?, ttl)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mode_name(mode: LockMode) -> String {
+    match mode {
+        LockMode::Exclusive => "exclusive".into(),
+        LockMode::Shared => "shared".into(),
+        LockMode::Semaphore { permits } => format!("semaphore of {permits}"),
+    }
+}
+
+/// `latchkey status [PATH]`: every lock queue and hold under PATH.
+pub async fn status(client: &Client, root: &str, json_out: bool) -> Result<ExitCode, String> {
+    let mut pending = VecDeque::from([root.to_string()]);
+    let mut visited = 0usize;
+    let mut found = Vec::new();
+    while let Some(path) = pending.pop_front() {
+        visited += 1;
+        if visited > STATUS_NODES_MAX {
+            eprintln!("latchkey: stopped after {STATUS_NODES_MAX} nodes; name a narrower PATH");
+            break;
+        }
+        let (data, stat) = match client.get(&path).await {
+            Ok(found) => found,
+            Err(ClientError::NoNode { .. }) => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        if let Some(ttl) = stat.ttl_ms {
+            found.push(json!({
+                "path": path,
+                "kind": "hold",
+                "token": stat.czxid,
+                "held_by": describe(&data),
+                "until_ms": stat.mtime_ms.saturating_add(ttl),
+            }));
+        }
+        let nodes = queue(client, &path).await.map_err(|e| e.to_string())?;
+        if !nodes.is_empty() {
+            let mut holders = Vec::new();
+            let mut waiters = Vec::new();
+            for (name, stat, data) in &nodes {
+                let Some(lock) = &stat.lock else { continue };
+                match lock.granted {
+                    Some(grant) => holders.push(json!({
+                        "node": name,
+                        "token": grant.token,
+                        "since_ms": grant.at_ms,
+                        "held_by": describe(data),
+                        "mode": mode_name(lock.mode),
+                        "freed_at_ms": lock.freed_at_ms,
+                    })),
+                    None => waiters.push(json!({
+                        "node": name,
+                        "since_ms": stat.ctime_ms,
+                        "waiting": describe(data),
+                        "mode": mode_name(lock.mode),
+                    })),
+                }
+            }
+            found.push(json!({
+                "path": path,
+                "kind": "queue",
+                "holders": holders,
+                "waiters": waiters,
+            }));
+        }
+        let (mut children, _) = match client.children(&path).await {
+            Ok(listing) => listing,
+            Err(ClientError::NoNode { .. }) => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        children.sort();
+        for child in children {
+            let child_path = format!("{}/{child}", path.trim_end_matches('/'));
+            // Lock nodes have no children; skip reading them again.
+            if !nodes.iter().any(|(name, _, _)| *name == child) {
+                pending.push_back(child_path);
+            }
+        }
+    }
+    if json_out {
+        for entry in &found {
+            println!("{entry}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if found.is_empty() {
+        println!("no locks, elections, semaphores or holds under {root}");
+    }
+    for entry in &found {
+        print_entry(entry);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_entry(entry: &serde_json::Value) {
+    let path = entry["path"].as_str().unwrap_or("?");
+    if entry["kind"] == "hold" {
+        let until = entry["until_ms"].as_u64().unwrap_or(0);
+        let left = until.saturating_sub(now_ms()) / 1000;
+        println!(
+            "{path}: held by {} (token {}) for {} more",
+            entry["held_by"].as_str().unwrap_or("?"),
+            entry["token"],
+            humantime::format_duration(Duration::from_secs(left))
+        );
+        return;
+    }
+    println!("{path}:");
+    for holder in entry["holders"].as_array().into_iter().flatten() {
+        let freed = holder["freed_at_ms"]
+            .as_u64()
+            .map(|at| {
+                format!(
+                    "; its session expired, freed in {}ms",
+                    at.saturating_sub(now_ms())
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  holder  {} ({}) token {} for {}: {}{freed}",
+            holder["node"].as_str().unwrap_or("?"),
+            holder["mode"].as_str().unwrap_or("?"),
+            holder["token"],
+            ago(holder["since_ms"].as_u64().unwrap_or(0)),
+            holder["held_by"].as_str().unwrap_or("?"),
+        );
+    }
+    for (i, waiter) in entry["waiters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        println!(
+            "  {:>6}  {} ({}) waiting {}: {}",
+            format!("#{}", i + 1),
+            waiter["node"].as_str().unwrap_or("?"),
+            waiter["mode"].as_str().unwrap_or("?"),
+            ago(waiter["since_ms"].as_u64().unwrap_or(0)),
+            waiter["waiting"].as_str().unwrap_or("?"),
+        );
+    }
+}
