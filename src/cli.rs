@@ -419,7 +419,12 @@ async fn client_command(command: Command) -> Result<ExitCode, String> {
         | Command::Watch { common, .. } => common.clone(),
     };
     let session_timeout = match &command {
-        Command::Lock { run, .. } | Command::Elect { run, .. } => run.session_timeout,
+        Command::Lock { run, .. } | Command::Elect { run, .. } => {
+            // A bad --kill-grace is an argument error: say so before
+            // connecting.
+            recipes::lock_delay_for(run.kill_grace)?;
+            run.session_timeout
+        }
         _ => COMMAND_SESSION_TIMEOUT,
     };
     let client = connect(&common, session_timeout).await?;

@@ -276,3 +276,60 @@ async fn status_shows_the_holder_and_the_waiters_in_order() {
     }
     server.stop().await;
 }
+
+/// Postmortem: `elect` did not ask for a lock-delay covering its kill grace,
+/// so with a grace above the server's default delay, a command that ignores
+/// SIGTERM ran on while the next leader led.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_leadership_kills_the_command_before_the_next_leader_leads() {
+    let server = start_server().await;
+    let proxy = Proxy::start(server.addr()).await;
+    let mut leader = latchkey(&proxy.addr().to_string())
+        .args([
+            "elect",
+            "critical",
+            "--id",
+            "a",
+            "--session-timeout",
+            "1s",
+            // Longer than the server's default lock-delay (500 ms), and the
+            // command ignores SIGTERM: only SIGKILL, after the grace, ends it.
+            "--kill-grace",
+            "1500ms",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo $$; exec sleep 60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn latchkey elect");
+    let mut lines = BufReader::new(leader.stdout.take().expect("stdout")).lines();
+    let pid: u32 = within("the command to start", lines.next_line())
+        .await
+        .unwrap()
+        .expect("a pid line")
+        .trim()
+        .parse()
+        .expect("a pid");
+
+    let follower = connect(server.addr()).await;
+    let campaigning = tokio::spawn(async move {
+        let leadership =
+            latchkey_client::recipes::Election::new(&follower, "/elections/critical", "b")
+                .campaign()
+                .await;
+        (leadership, alive(pid))
+    });
+    proxy.partition(true);
+    let (leadership, was_alive) = within("the follower to lead", campaigning).await.unwrap();
+    let _leadership = leadership.expect("the follower leads after the leader's session ends");
+    assert!(
+        !was_alive,
+        "the old leader's command ran on under the new leader"
+    );
+    let status = within("latchkey to exit", leader.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(4));
+    server.stop().await;
+}

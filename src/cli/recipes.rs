@@ -16,6 +16,27 @@ use super::supervise::{run_while_held, Ended, EXIT_LOST, EXIT_TIMEOUT};
 /// before the server hands the lock to the next holder; this is the margin.
 const LOCK_DELAY_MARGIN: Duration = Duration::from_secs(1);
 
+/// The longest lock-delay a default server grants
+/// (`state::Config::lock_delay_ms_max`).
+const LOCK_DELAY_MAX: Duration = Duration::from_secs(60);
+
+/// The lock-delay that keeps the server from granting the lock to anyone
+/// else until a command killed on loss is surely dead.
+pub fn lock_delay_for(grace: Duration) -> Result<Duration, String> {
+    let delay = grace + LOCK_DELAY_MARGIN;
+    if delay > LOCK_DELAY_MAX {
+        return Err(format!(
+            "--kill-grace {} is too long: the lock is held back for the grace plus {} after a \
+             loss, and a server allows at most {}; use at most {}",
+            humantime::format_duration(grace),
+            humantime::format_duration(LOCK_DELAY_MARGIN),
+            humantime::format_duration(LOCK_DELAY_MAX),
+            humantime::format_duration(LOCK_DELAY_MAX - LOCK_DELAY_MARGIN),
+        ));
+    }
+    Ok(delay)
+}
+
 /// How often the waiting line is refreshed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -176,7 +197,7 @@ pub async fn lock(
     let mine = holder_description(&run.argv);
     let lock = Lock::new(client, &path)
         .data(mine.as_str())
-        .lock_delay(run.grace + LOCK_DELAY_MARGIN);
+        .lock_delay(lock_delay_for(run.grace)?);
     let show = !run.quiet && std::io::stderr().is_terminal();
     let acquiring = async {
         match timeout {
@@ -212,7 +233,7 @@ pub async fn elect(
 ) -> Result<ExitCode, String> {
     let path = recipe_path(name, "/elections");
     let id = id.unwrap_or_else(|| describe(holder_description(&run.argv).as_bytes()));
-    let election = Election::new(client, &path, id.as_str());
+    let election = Election::new(client, &path, id.as_str()).lock_delay(lock_delay_for(run.grace)?);
     let show = !run.quiet && std::io::stderr().is_terminal();
     if show {
         eprintln!("campaigning in {path} as {id}");
