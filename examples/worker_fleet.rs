@@ -32,7 +32,25 @@ async fn connect() -> Result<Client, ClientError> {
 /// done already. The doomed worker announces its first job and hangs in it.
 async fn worker(base: &str, me: usize) -> Result<(), ClientError> {
     let client = connect().await?;
-    for job in 0..JOBS {
+    // Start together: say we are ready, then wait for the boss's go.
+    client
+        .create(
+            &format!("{base}/ready/worker-{me}"),
+            "",
+            CreateOptions::ephemeral(),
+        )
+        .await?;
+    loop {
+        let (go, created) = client.exists_watch(&format!("{base}/go")).await?;
+        if go.is_some() {
+            break;
+        }
+        created.await?;
+    }
+    // Each worker starts at a different job, so the doomed one surely
+    // starts a job before the others have done them all.
+    let first = (me - 1) * JOBS / WORKERS;
+    for job in (0..JOBS).map(|k| (k + first) % JOBS) {
         let lock = Lock::new(&client, format!("{base}/locks/job-{job}"))
             .data(format!("worker-{me}").as_str());
         let guard = lock.acquire().await?;
@@ -86,7 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let base = format!("/demo/fleet-{}", std::process::id());
     let boss = connect().await?;
-    for dir in ["done", "started"] {
+    for dir in ["done", "started", "ready"] {
         boss.create(
             &format!("{base}/{dir}"),
             "",
@@ -98,6 +116,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for me in 1..=WORKERS {
         workers.push(spawn_worker(&base, me)?);
     }
+    loop {
+        let (ready, _, more) = boss.children_watch(&format!("{base}/ready")).await?;
+        if ready.len() == WORKERS {
+            break;
+        }
+        more.await?;
+    }
+    boss.create(&format!("{base}/go"), "", CreateOptions::persistent())
+        .await?;
 
     // Kill the doomed worker as soon as it has started a job.
     let started = format!("{base}/started");

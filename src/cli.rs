@@ -171,7 +171,8 @@ enum Command {
     Status {
         #[command(flatten)]
         common: Common,
-        /// Where to look (default the whole tree).
+        /// Where to look (default the whole tree); a bare name looks at the
+        /// lock, election and hold of that name.
         #[arg(default_value = "/")]
         path: String,
     },

@@ -333,3 +333,47 @@ async fn a_lost_leadership_kills_the_command_before_the_next_leader_leads() {
     assert_eq!(status.code(), Some(4));
     server.stop().await;
 }
+
+/// Postmortem: Ctrl-C killed a waiting `latchkey lock` with its place
+/// still queued, so everyone behind it waited out its session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_waiter_leaves_the_queue_at_once() {
+    let server = start_server().await;
+    let addr = server.addr().to_string();
+    let client = connect(server.addr()).await;
+    let _held = Lock::new(&client, "/locks/busy").acquire().await.unwrap();
+    let (_, _, joined) = client.children_watch("/locks/busy").await.unwrap();
+    let mut waiter = latchkey(&addr)
+        .args(["lock", "busy", "--quiet", "--", "true"])
+        .spawn()
+        .expect("spawn latchkey lock");
+    within("the waiter to queue", joined).await.unwrap();
+    let pid = waiter
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .expect("a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("send SIGINT");
+    let status = within("the waiter to exit", waiter.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(130));
+    // Its session was closed on the way out: its node is gone already.
+    let (queue, _) = client.children("/locks/busy").await.unwrap();
+    assert_eq!(queue.len(), 1, "only the holder is left: {queue:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_cannot_be_found_exits_127() {
+    let server = start_server().await;
+    let out = run(
+        &server.addr().to_string(),
+        &["lock", "x", "--", "/no/such/command"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(127));
+    assert!(text(&out.stderr).contains("cannot run /no/such/command"));
+    server.stop().await;
+}

@@ -79,6 +79,7 @@ fn describe(data: &[u8]) -> String {
             v["pid"],
             v["cmd"].as_str().unwrap_or("")
         ),
+        _ if data.is_empty() => "(no description)".into(),
         _ => String::from_utf8_lossy(data).chars().take(80).collect(),
     }
 }
@@ -126,11 +127,17 @@ async fn progress_line(client: &Client, path: &str, mine: &str) -> Result<String
             Some(format!("{} for {}", describe(data), ago(grant.at_ms)))
         })
         .collect();
-    let place = if nodes.len() <= PLACE_SCAN_MAX {
-        nodes
+    // Numbered among the waiters, as `status` numbers them.
+    let waiters: Vec<&Vec<u8>> = nodes
+        .iter()
+        .filter(|(_, stat, _)| stat.lock.as_ref().is_some_and(|l| l.granted.is_none()))
+        .map(|(_, _, data)| data)
+        .collect();
+    let place = if waiters.len() <= PLACE_SCAN_MAX {
+        waiters
             .iter()
-            .position(|(_, _, data)| data.as_slice() == mine.as_bytes())
-            .map(|i| format!("place {} of {}", i + 1, nodes.len()))
+            .position(|data| data.as_slice() == mine.as_bytes())
+            .map(|i| format!("waiter {} of {}", i + 1, waiters.len()))
     } else {
         None
     };
@@ -141,7 +148,7 @@ async fn progress_line(client: &Client, path: &str, mine: &str) -> Result<String
         } else {
             holders.join(", ")
         },
-        place.unwrap_or_else(|| format!("{} in the queue", nodes.len()))
+        place.unwrap_or_else(|| format!("{} waiting", waiters.len()))
     ))
 }
 
@@ -179,6 +186,29 @@ async fn with_progress<T>(
     result
 }
 
+/// Exit status after an interrupt while waiting, as shells report SIGINT.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Awaits `waiting`, unless SIGINT or SIGTERM comes first: then the wait is
+/// dropped (a pending acquire deletes its queue node) and `None` returned,
+/// and the caller's session close removes whatever is left at once. Without
+/// this, an interrupted waiter would die with its place still queued and
+/// hold up everyone behind it until its session timed out.
+async fn unless_interrupted<T>(waiting: impl std::future::Future<Output = T>) -> Option<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return Some(waiting.await);
+    };
+    tokio::select! {
+        done = waiting => Some(done),
+        _ = int.recv() => None,
+        _ = term.recv() => None,
+    }
+}
+
 /// Options shared by `lock` and `elect`.
 pub struct Supervised {
     pub argv: Vec<String>,
@@ -205,9 +235,12 @@ pub async fn lock(
             None => lock.acquire().await.map(Some),
         }
     };
-    let guard = with_progress(client, &path, &mine, show, acquiring)
-        .await
-        .map_err(|e| e.to_string())?;
+    let Some(guard) =
+        unless_interrupted(with_progress(client, &path, &mine, show, acquiring)).await
+    else {
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    };
+    let guard = guard.map_err(|e| e.to_string())?;
     let Some(guard) = guard else {
         let waited = timeout.map(humantime::format_duration);
         if !run.quiet {
@@ -238,7 +271,10 @@ pub async fn elect(
     if show {
         eprintln!("campaigning in {path} as {id}");
     }
-    let leadership = election.campaign().await.map_err(|e| e.to_string())?;
+    let Some(leadership) = unless_interrupted(election.campaign()).await else {
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    };
+    let leadership = leadership.map_err(|e| e.to_string())?;
     if show {
         eprintln!("leading {path} (fencing token {})", leadership.token());
     }
@@ -294,6 +330,9 @@ pub async fn hold(
     data: Option<String>,
     json_out: bool,
 ) -> Result<ExitCode, String> {
+    if ttl.is_zero() {
+        return Err("--ttl must be above 0, e.g. --ttl 10m".into());
+    }
     let path = recipe_path(name, "/holds");
     let token = Hold::take(client, &path, ttl, data.unwrap_or_default().as_str())
         .await
@@ -306,12 +345,27 @@ pub async fn hold(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A hold error in the terms of the hold commands.
+fn hold_error(path: &str, token: &str, error: ClientError) -> String {
+    match error {
+        ClientError::NoNode { .. } => format!(
+            "the hold on {path} has ended (it expired or was released); take it again with \
+             `latchkey hold`"
+        ),
+        ClientError::BadToken { .. } => format!(
+            "{token} is not the token of the current hold on {path} (a wrong token, or the hold \
+             ended and was taken again)"
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// `latchkey release NAME TOKEN`.
 pub async fn release(client: &Client, name: &str, token: &str) -> Result<ExitCode, String> {
     let path = recipe_path(name, "/holds");
     Hold::release(client, &path, parse_token(token)?)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| hold_error(&path, token, e))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -322,10 +376,13 @@ pub async fn extend(
     token: &str,
     ttl: Duration,
 ) -> Result<ExitCode, String> {
+    if ttl.is_zero() {
+        return Err("--ttl must be above 0, e.g. --ttl 10m".into());
+    }
     let path = recipe_path(name, "/holds");
     Hold::extend(client, &path, parse_token(token)?, ttl)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| hold_error(&path, token, e))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -337,9 +394,17 @@ fn mode_name(mode: LockMode) -> String {
     }
 }
 
-/// `latchkey status [PATH]`: every lock queue and hold under PATH.
+/// `latchkey status [PATH]`: every lock queue and hold under PATH; a bare
+/// name looks in the lock, election and hold of that name.
 pub async fn status(client: &Client, root: &str, json_out: bool) -> Result<ExitCode, String> {
-    let mut pending = VecDeque::from([root.to_string()]);
+    let mut pending: VecDeque<String> = if root.starts_with('/') {
+        VecDeque::from([root.to_string()])
+    } else {
+        ["/locks", "/elections", "/holds"]
+            .iter()
+            .map(|base| recipe_path(root, base))
+            .collect()
+    };
     let mut visited = 0usize;
     let mut found = Vec::new();
     while let Some(path) = pending.pop_front() {

@@ -13,6 +13,10 @@ use tokio::process::Command;
 pub const EXIT_TIMEOUT: u8 = 3;
 /// Exit status when the lock was lost while the command ran.
 pub const EXIT_LOST: u8 = 4;
+/// Exit status when the command cannot be found, as shells report it.
+const EXIT_NOT_FOUND: u8 = 127;
+/// Exit status when the command cannot be run, as shells report it.
+const EXIT_CANNOT_RUN: u8 = 126;
 
 /// How the supervised command ended.
 pub enum Ended {
@@ -36,12 +40,32 @@ pub async fn run_while_held(
     let Some((program, args)) = argv.split_first() else {
         return Err("no command given: write it after `--`, e.g. `-- ./job.sh`".into());
     };
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .env("LATCHKEY_FENCING_TOKEN", token.0.to_string())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+        .process_group(0);
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one syscall (prctl), which is async-signal-safe.
+    unsafe {
+        // If latchkey itself is killed (SIGKILL cannot be caught), the
+        // command must not run on unsupervised while another holds the lock.
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("latchkey: cannot run {program}: {e}");
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+                _ => EXIT_CANNOT_RUN,
+            };
+            return Ok(Ended::Exited(ExitCode::from(code)));
+        }
+    };
     let group = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
