@@ -585,3 +585,20 @@ async fn a_holder_cut_off_while_its_node_is_deleted_learns_it_after_resuming() {
     );
     server.stop().await;
 }
+
+/// Postmortem: the background delete of a dropped guard raced the next
+/// acquire's create, so the new node often queued behind the session's own
+/// old one, and the server refused it as a deadlock (156 times in 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_guard_and_acquiring_again_never_deadlocks() {
+    let server = start_server().await;
+    let client = connect(server.addr()).await;
+    let lock = Lock::new(&client, "/again");
+    for round in 0..200 {
+        let guard = within("an uncontended acquire", lock.acquire())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        drop(guard);
+    }
+    server.stop().await;
+}

@@ -7,7 +7,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::connection::{handshake, session_timeout, Command, Session, COMMAND_CAPACITY};
+use crate::connection::{
+    handshake, lease_end, session_timeout, Command, Session, COMMAND_CAPACITY,
+};
 use crate::error::ClientError;
 use crate::lock_node::{LockNode, Orphans};
 use crate::protocol::{
@@ -304,7 +306,7 @@ impl Client {
         let (status_tx, status_rx) = watch::channel(SessionStatus {
             session_id,
             state: SessionState::Connected,
-            lease_end: hs.hello_sent_at + session_timeout(&hs.welcome),
+            lease_end: lease_end(hs.hello_sent_at, session_timeout(&hs.welcome)),
         });
         let session = Session::new(
             options,

@@ -235,6 +235,15 @@ impl Queue {
     }
 }
 
+/// The conservative end of the lease that a request sent at `sent_at`
+/// and answered bought: the server heard it no earlier than `sent_at`, so it
+/// keeps the session at least `timeout` past that by its own clock. 1/32 of
+/// the timeout is kept back for the two clocks running at slightly
+/// different rates (Chubby keeps a margin for the same reason).
+pub(crate) fn lease_end(sent_at: Instant, timeout: Duration) -> Instant {
+    sent_at + (timeout - timeout / 32)
+}
+
 /// A pause between `delay / 2` and `delay`, different in every client, so
 /// that a fleet cut off together (a server restart) does not reconnect in
 /// lockstep. The randomness is the standard library's randomly keyed hasher:
@@ -403,7 +412,7 @@ impl Session {
             orphans,
             last_xid_received: Xid(0),
             last_zxid: Zxid(0),
-            lease_end: handshake.hello_sent_at + session_timeout,
+            lease_end: lease_end(handshake.hello_sent_at, session_timeout),
             server_next,
             closing: false,
             close_reply: None,
@@ -481,6 +490,8 @@ impl Session {
     /// Checks a request against the limits the server announced and queues
     /// it, or fails it at once.
     fn enqueue(&mut self, op: Op, reply: ReplySender, watch: Option<WatchSender>) {
+        // Deletes of dropped handles go before any later request.
+        self.adopt_orphans();
         if let Err(err) = self.check_size(&op) {
             let _ = reply.send(Err(err));
             return;
@@ -489,6 +500,10 @@ impl Session {
     }
 
     fn enqueue_lock(&mut self, op: Op, reply: LockReplySender) {
+        // A handle dropped before this command was sent has its delete go
+        // first: otherwise the new lock node could queue behind the
+        // session's own old one, which the server refuses as a deadlock.
+        self.adopt_orphans();
         if let Err(err) = self.check_size(&op) {
             let _ = reply.send(Err(err));
             return;
@@ -662,7 +677,7 @@ impl Session {
                 self.last_xid_received = self.last_xid_received.max(reply.xid);
                 self.last_zxid = self.last_zxid.max(reply.zxid);
                 if let Some(sent_at) = entry.sent_at {
-                    self.lease_end = self.lease_end.max(sent_at + self.session_timeout);
+                    self.lease_end = self.lease_end.max(lease_end(sent_at, self.session_timeout));
                     self.publish(SessionState::Connected);
                 }
                 self.on_reply(entry, reply.result)
@@ -903,7 +918,7 @@ impl Session {
         self.data_bytes_max = usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX);
         self.lease_end = self
             .lease_end
-            .max(handshake.hello_sent_at + self.session_timeout);
+            .max(lease_end(handshake.hello_sent_at, self.session_timeout));
         // A re-registration that went unanswered (the connection dropped
         // mid-resume) was based on an older zxid than the replies to its
         // siblings raised `last_zxid` to: changes in between would be missed

@@ -189,16 +189,17 @@ async fn with_progress<T>(
 /// Exit status after an interrupt while waiting, as shells report SIGINT.
 const EXIT_INTERRUPTED: u8 = 130;
 
-/// Awaits `waiting`, unless SIGINT or SIGTERM comes first: then the wait is
+/// Awaits `waiting`, unless SIGINT, SIGTERM or SIGHUP comes first: then the wait is
 /// dropped (a pending acquire deletes its queue node) and `None` returned,
 /// and the caller's session close removes whatever is left at once. Without
 /// this, an interrupted waiter would die with its place still queued and
 /// hold up everyone behind it until its session timed out.
 async fn unless_interrupted<T>(waiting: impl std::future::Future<Output = T>) -> Option<T> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) else {
         return Some(waiting.await);
     };
@@ -206,6 +207,7 @@ async fn unless_interrupted<T>(waiting: impl std::future::Future<Output = T>) ->
         done = waiting => Some(done),
         _ = int.recv() => None,
         _ = term.recv() => None,
+        _ = hup.recv() => None,
     }
 }
 

@@ -28,9 +28,11 @@ pub enum Ended {
 
 /// Runs `argv` in a process group of its own with `LATCHKEY_FENCING_TOKEN`
 /// set, until it exits or `lost` resolves. On loss, the group gets SIGTERM
-/// and, after `grace`, SIGKILL. SIGINT and SIGTERM sent to latchkey are
-/// passed on to the group (a group of its own does not get the terminal's
-/// Ctrl-C), and latchkey then waits for the command to finish.
+/// and, after `grace`, SIGKILL. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent
+/// to latchkey are passed on to the group (a group of its own does not get
+/// the terminal's signals), and latchkey then waits for the command to
+/// finish; Ctrl-Z is refused. If latchkey is killed, the command gets
+/// SIGKILL (Linux's parent-death signal).
 pub async fn run_while_held(
     argv: &[String],
     token: Zxid,
@@ -112,28 +114,52 @@ pub fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// SIGINT and SIGTERM as a stream of signals to forward.
+/// The signals latchkey passes on to the command's group, and Ctrl-Z.
 struct Interrupts {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    tstp: tokio::signal::unix::Signal,
 }
 
 fn interrupt_signals() -> Result<Interrupts, String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot catch SIGINT: {e}"))?;
-    let term = signal(SignalKind::terminate()).map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
-    Ok(Interrupts { int, term })
+    let catch = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| format!("cannot catch {name}: {e}"))
+    };
+    Ok(Interrupts {
+        int: catch(SignalKind::interrupt(), "SIGINT")?,
+        term: catch(SignalKind::terminate(), "SIGTERM")?,
+        hup: catch(SignalKind::hangup(), "SIGHUP")?,
+        quit: catch(SignalKind::quit(), "SIGQUIT")?,
+        tstp: catch(SignalKind::from_raw(Signal::SIGTSTP as i32), "SIGTSTP")?,
+    })
 }
 
 impl Interrupts {
-    /// The next interrupt, as the signal to forward.
+    /// The next signal to pass on to the command. Ctrl-Z (SIGTSTP) is
+    /// refused rather than passed on: a stopped latchkey stops
+    /// heartbeating, and the lock would go to someone else while the command
+    /// runs on.
     ///
     /// # Cancel safety
     /// Safe: tokio's signal `recv` is cancel-safe.
     async fn next(&mut self) -> Option<Signal> {
-        tokio::select! {
-            got = self.int.recv() => got.map(|()| Signal::SIGINT),
-            got = self.term.recv() => got.map(|()| Signal::SIGTERM),
+        loop {
+            tokio::select! {
+                got = self.int.recv() => return got.map(|()| Signal::SIGINT),
+                got = self.term.recv() => return got.map(|()| Signal::SIGTERM),
+                got = self.hup.recv() => return got.map(|()| Signal::SIGHUP),
+                got = self.quit.recv() => return got.map(|()| Signal::SIGQUIT),
+                got = self.tstp.recv() => {
+                    got?;
+                    eprintln!(
+                        "latchkey: not suspending: the lock would expire while the command runs \
+                         (stop the command, or press Ctrl-C)"
+                    );
+                }
+            }
         }
     }
 }
