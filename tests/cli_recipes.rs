@@ -37,6 +37,26 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Starts `latchkey ARGS` whose command prints its pid first; returns the
+/// latchkey process and the command's pid.
+async fn spawn_supervised(server: &str, args: &[&str]) -> (tokio::process::Child, u32) {
+    let mut child = latchkey(server)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn latchkey");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let pid = within("the command to start", lines.next_line())
+        .await
+        .unwrap()
+        .expect("a pid line")
+        .trim()
+        .parse()
+        .expect("a pid");
+    (child, pid)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_runs_the_command_with_its_token_and_passes_its_status() {
     let server = start_server().await;
@@ -113,8 +133,9 @@ async fn lock_with_a_timeout_gives_up_without_running_the_command() {
 async fn a_lost_lock_kills_the_command_before_anyone_else_holds_it() {
     let server = start_server().await;
     let proxy = Proxy::start(server.addr()).await;
-    let mut holder = latchkey(&proxy.addr().to_string())
-        .args([
+    let (mut holder, pid) = spawn_supervised(
+        &proxy.addr().to_string(),
+        &[
             "lock",
             "critical",
             "--session-timeout",
@@ -126,19 +147,9 @@ async fn a_lost_lock_kills_the_command_before_anyone_else_holds_it() {
             "-c",
             // Report our pid, then stay busy far longer than the test.
             "echo $$; exec sleep 60",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn latchkey lock");
-    let mut lines = BufReader::new(holder.stdout.take().expect("stdout")).lines();
-    let pid: u32 = within("the command to start", lines.next_line())
-        .await
-        .unwrap()
-        .expect("a pid line")
-        .trim()
-        .parse()
-        .expect("a pid");
+        ],
+    )
+    .await;
     assert!(alive(pid));
 
     // Queue a waiter, then cut the holder off from the server.
@@ -284,8 +295,9 @@ async fn status_shows_the_holder_and_the_waiters_in_order() {
 async fn a_lost_leadership_kills_the_command_before_the_next_leader_leads() {
     let server = start_server().await;
     let proxy = Proxy::start(server.addr()).await;
-    let mut leader = latchkey(&proxy.addr().to_string())
-        .args([
+    let (mut leader, pid) = spawn_supervised(
+        &proxy.addr().to_string(),
+        &[
             "elect",
             "critical",
             "--id",
@@ -300,19 +312,9 @@ async fn a_lost_leadership_kills_the_command_before_the_next_leader_leads() {
             "sh",
             "-c",
             "trap '' TERM; echo $$; exec sleep 60",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn latchkey elect");
-    let mut lines = BufReader::new(leader.stdout.take().expect("stdout")).lines();
-    let pid: u32 = within("the command to start", lines.next_line())
-        .await
-        .unwrap()
-        .expect("a pid line")
-        .trim()
-        .parse()
-        .expect("a pid");
+        ],
+    )
+    .await;
 
     let follower = connect(server.addr()).await;
     let campaigning = tokio::spawn(async move {
