@@ -71,6 +71,14 @@ pub(crate) fn format_utc(t: SystemTime) -> String {
     )
 }
 
+/// The instant `timeout` from now; a timeout too long to represent waits a
+/// year, which is as good as for ever for an acquire.
+pub(crate) fn deadline_after(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

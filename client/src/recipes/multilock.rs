@@ -93,10 +93,8 @@ impl MultiLock {
         &self,
         timeout: Duration,
     ) -> Result<Option<MultiLockGuard>, ClientError> {
-        let deadline = Instant::now()
-            .checked_add(timeout)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
-        self.acquire_until(Some(deadline)).await
+        self.acquire_until(Some(super::deadline_after(timeout)))
+            .await
     }
 
     async fn acquire_until(
