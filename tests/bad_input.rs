@@ -334,7 +334,6 @@ async fn a_client_that_never_reads_is_disconnected_and_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_refused_with_a_reason() {
     let mut config = test_config();
-    config.coordinator.session_timeout_ms_max = 60_000;
     config.connections_max = 2;
     let server = start_server_with(config).await;
     let _a = Raw::session(server.addr()).await;

@@ -175,10 +175,8 @@ async fn a_retried_create_after_a_cut_leaves_no_orphan() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fencing_tokens_strictly_increase_across_a_server_restart() {
-    let first = start_server().await;
-    let client = connect(first.addr()).await;
+/// Creates three lock-queue nodes; returns their creation zxids.
+async fn three_lock_nodes(client: &latchkey_client::Client) -> Vec<latchkey_client::Zxid> {
     let mut tokens = Vec::new();
     for _ in 0..3 {
         let created = client
@@ -191,22 +189,21 @@ async fn fencing_tokens_strictly_increase_across_a_server_restart() {
             .unwrap();
         tokens.push(created.stat.czxid);
     }
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_strictly_increase_across_a_server_restart() {
+    let first = start_server().await;
+    let client = connect(first.addr()).await;
+    let mut tokens = Vec::new();
+    tokens.extend(three_lock_nodes(&client).await);
     drop(client);
     first.stop().await;
 
     let second = start_server().await;
     let client = connect(second.addr()).await;
-    for _ in 0..3 {
-        let created = client
-            .create(
-                "/locks/x/lock-",
-                "",
-                CreateOptions::ephemeral().sequential().make_parents(),
-            )
-            .await
-            .unwrap();
-        tokens.push(created.stat.czxid);
-    }
+    tokens.extend(three_lock_nodes(&client).await);
     assert!(
         tokens.windows(2).all(|w| w[0] < w[1]),
         "tokens must strictly increase: {tokens:?}"
