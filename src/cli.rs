@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -265,6 +266,32 @@ struct ServeArgs {
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     write_timeout: Duration,
+    /// Grant no lock for this long after start. Default: as long as the
+    /// lease file says a lock holder of the previous run on this address may
+    /// still act as one (no wait on a first start).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    startup_grace: Option<Duration>,
+    /// Where to record how long this run's lock holders may act as holders,
+    /// for a restarted server to wait out. Default: latchkey-ADDR.lease in
+    /// the temporary folder (none when listening on port 0).
+    #[arg(long, conflicts_with = "no_lease_file")]
+    lease_file: Option<PathBuf>,
+    /// Keep no lease file: a restart then grants locks at once (after
+    /// --startup-grace, if given), even to a lock whose previous holder may
+    /// still believe it holds it.
+    #[arg(long)]
+    no_lease_file: bool,
+}
+
+/// The lease file `serve` uses unless told otherwise: one per listen
+/// address, in the temporary folder, so that a server restarted on the same
+/// address finds its predecessor's.
+fn default_lease_file(listen: SocketAddr) -> Option<PathBuf> {
+    if listen.port() == 0 {
+        return None;
+    }
+    let ip = listen.ip().to_string().replace(':', "_");
+    Some(std::env::temp_dir().join(format!("latchkey-{ip}-{}.lease", listen.port())))
 }
 
 /// Runs the parsed command; returns the exit code, or an error message for
@@ -306,6 +333,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         frame_bytes_max: args.frame_bytes_max,
         outbound_bytes_max: args.outbound_bytes_max,
         write_timeout: args.write_timeout,
+        startup_grace: args.startup_grace,
+        lease_file: if args.no_lease_file {
+            None
+        } else {
+            args.lease_file.or_else(|| default_lease_file(args.listen))
+        },
         ..Config::default()
     };
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
 //! The server's tunables, each with its default and the reason for it.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use latchkey_client::protocol::limits;
@@ -41,6 +42,19 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long shutdown waits for connections to flush. Default 5 s.
     pub shutdown_grace: Duration,
+    /// How long after start no lock is granted (requests queue meanwhile).
+    /// `None`, the default: as long as `lease_file` says a holder from a
+    /// previous run on this address may still act as one; no wait when
+    /// there is no such file. State is in memory, so a restart loses every
+    /// session, but a holder cut off from the server does not learn that
+    /// until its lease estimate runs out; granting its lock sooner would
+    /// give the lock to two holders at once.
+    pub startup_grace: Option<Duration>,
+    /// Where the server records, and reads at start, how long holders of
+    /// its locks may still act as holders (see `startup_grace`). Default
+    /// `None`: no file, for tests and embedding; `latchkey serve` uses one
+    /// in the temporary folder, named after the listen address.
+    pub lease_file: Option<PathBuf>,
     /// Check the coordinator's invariants after every step and stop on the
     /// first broken one. Default: on in debug builds. It costs a walk of the
     /// whole state per request, so load tests turn it off.
@@ -59,6 +73,8 @@ impl Default for Config {
             tick_interval: Duration::from_millis(50),
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            startup_grace: None,
+            lease_file: None,
             check_invariants: cfg!(debug_assertions),
         }
     }

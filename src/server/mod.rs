@@ -8,6 +8,7 @@
 //! watch event before any later reply reflecting the change.
 
 mod config;
+mod lease;
 mod outbound;
 
 use std::collections::HashMap;
@@ -46,6 +47,12 @@ pub enum ServerError {
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
+    },
+    /// The lease file could not be read or written.
+    #[error("cannot use the lease file {}: {message}; pass --lease-file with a writable path, or --no-lease-file with --startup-grace", path.display())]
+    LeaseFile {
+        path: std::path::PathBuf,
+        message: String,
     },
 }
 
@@ -107,6 +114,8 @@ struct Core {
     /// lock, so under contention their readings arrive out of order; the
     /// state machine is promised time that never goes back.
     last_now_ms: u64,
+    /// Keeps the lease file ahead of the coordinator's lease horizon.
+    lease: Option<lease::LeaseRecorder>,
 }
 
 struct Attached {
@@ -125,6 +134,7 @@ impl Core {
     /// Applies a command, checks invariants in debug builds, and queues the
     /// events it produced and the end of any session it ended.
     fn apply(&mut self, command: Command, now_ms: u64) -> Outcome {
+        let paused = self.coordinator.grants_paused_until_ms().is_some();
         let now_ms = now_ms.max(self.last_now_ms);
         self.last_now_ms = now_ms;
         let Output {
@@ -132,6 +142,15 @@ impl Core {
             events,
             ended,
         } = self.coordinator.apply(command, now_ms);
+        // Before anything is queued: no client may learn of a grant, or of
+        // a heartbeat that extends a holder's lease, that the file does not
+        // yet cover.
+        if let Some(lease) = &mut self.lease {
+            lease.cover(self.coordinator.lease_horizon_ms());
+        }
+        if paused && self.coordinator.grants_paused_until_ms().is_none() {
+            info!("startup grace over: granting locks");
+        }
         if self.check_invariants {
             if let Err(broken) = self.coordinator.check_invariants() {
                 // A panic would unwind this task only and leave the others
@@ -198,7 +217,9 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let coordinator = Coordinator::new(config.coordinator.clone(), zxid_start());
+        let clock = Clock::new();
+        let mut coordinator = Coordinator::new(config.coordinator.clone(), zxid_start());
+        let lease = startup_grace(&config, &mut coordinator, clock.now_ms())?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 coordinator,
@@ -206,10 +227,11 @@ impl Server {
                 next_connection: 0,
                 check_invariants: config.check_invariants,
                 last_now_ms: 0,
+                lease,
             }),
             connection_slots: Arc::new(Semaphore::new(config.connections_max)),
             config,
-            clock: Clock::new(),
+            clock,
         });
         Ok(Server { listener, shared })
     }
@@ -266,6 +288,51 @@ impl Server {
         if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
             warn!("some connection tasks did not end within {bound:?}; leaving them behind");
         }
+    }
+}
+
+/// Pauses lock grants for the startup grace (the configured one, or what
+/// the lease file of a previous run says), and opens the lease file for
+/// this run. The file keeps the previous run's horizon until this run's
+/// passes it, so that a second restart within the grace waits as long.
+fn startup_grace(
+    config: &Config,
+    coordinator: &mut Coordinator,
+    now_ms: u64,
+) -> Result<Option<lease::LeaseRecorder>, ServerError> {
+    let lease_error = |path: &std::path::Path, message: String| ServerError::LeaseFile {
+        path: path.to_owned(),
+        message,
+    };
+    let previous_ms = match &config.lease_file {
+        Some(path) => lease::read(path).map_err(|m| lease_error(path, m))?,
+        None => None,
+    };
+    let pause_until_ms = match config.startup_grace {
+        Some(grace) => {
+            let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+            (grace_ms > 0).then(|| now_ms.saturating_add(grace_ms))
+        }
+        None => previous_ms.filter(|&until| until > now_ms),
+    };
+    if let Some(until_ms) = pause_until_ms {
+        coordinator.pause_grants_until(until_ms);
+        let wait = Duration::from_millis(until_ms.saturating_sub(now_ms));
+        match (config.startup_grace, &config.lease_file) {
+            (None, Some(path)) => info!(
+                "no lock is granted for {wait:?}: {} says a lock holder of the previous \
+                 run on this address may act as one until then (--startup-grace 0s skips \
+                 this wait, at the risk of two holders at once)",
+                path.display()
+            ),
+            _ => info!("no lock is granted for {wait:?} (--startup-grace)"),
+        }
+    }
+    match &config.lease_file {
+        Some(path) => lease::LeaseRecorder::create(path.clone(), previous_ms.unwrap_or(0))
+            .map(Some)
+            .map_err(|m| lease_error(path, m)),
+        None => Ok(None),
     }
 }
 

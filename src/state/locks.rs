@@ -186,6 +186,9 @@ impl Coordinator {
     /// yet granted, in queue order. One pass over that queue.
     fn ready_in_queue(&self, parent_key: usize) -> Vec<usize> {
         let mut ready = Vec::new();
+        if self.grants_paused_until_ms.is_some() {
+            return ready;
+        }
         let mut ahead = 0usize;
         let mut exclusive_ahead = false;
         for (_, key) in self.tree.lock_queue(parent_key, ..) {
@@ -220,11 +223,40 @@ impl Coordinator {
                 },
             );
             let node = self.tree.node(key);
-            if let Some(s) = node.owner.and_then(|o| self.sessions.get_mut(o)) {
+            let delay_ms = node.lock.as_deref().map_or(0, |l| l.delay_ms);
+            let owner = node.owner;
+            if let Some(s) = owner.and_then(|o| self.sessions.get_mut(o)) {
                 s.waiting.remove(&node.czxid);
+                s.held_delay_ms_max = Some(s.held_delay_ms_max.unwrap_or(0).max(delay_ms));
+            }
+            if let Some(owner) = owner {
+                self.cover_holder(owner);
             }
         }
         ready
+    }
+
+    /// Grants, in every queue, the nodes that qualify and are not yet
+    /// granted, and tells their owners; each queue that grants anything
+    /// takes a zxid of its own, so that tokens stay unique across locks.
+    /// Visits every node once: run when a grant pause ends, not per request.
+    pub(super) fn grant_all_queues(&mut self, now_ms: u64, fx: &mut Effects) {
+        let parents: BTreeSet<(Zxid, usize)> = self
+            .tree
+            .iter()
+            .filter(|(_, node)| node.lock.is_some())
+            .filter_map(|(_, node)| protocol::parent_path(&node.path))
+            .filter_map(|parent| self.tree.key(parent))
+            .map(|key| (self.tree.node(key).czxid, key))
+            .collect();
+        for (_, parent_key) in parents {
+            if self.ready_in_queue(parent_key).is_empty() {
+                continue;
+            }
+            let token = self.next_zxid();
+            let granted = self.grant_ready(parent_key, token, now_ms);
+            self.announce_grants(&granted, token, fx);
+        }
     }
 
     /// Tells each owner of `granted` (from `grant_ready`) that its node was
@@ -293,7 +325,8 @@ impl Coordinator {
                 if node.kind != protocol::NodeKind::Ephemeral {
                     return Err(format!("lock node {} is {:?}", node.path, node.kind));
                 }
-                let due = qualifies(lock.mode, ahead, exclusive_ahead);
+                let due = self.grants_paused_until_ms.is_none()
+                    && qualifies(lock.mode, ahead, exclusive_ahead);
                 if due != lock.granted.is_some() {
                     return Err(format!(
                         "lock node {} in {} has {ahead} ahead (exclusive among them: \

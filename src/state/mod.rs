@@ -19,6 +19,8 @@ mod watches;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_grace;
+#[cfg(test)]
 mod tests_locks;
 #[cfg(test)]
 mod tests_random;
@@ -198,6 +200,13 @@ pub struct Coordinator {
     sessions: Sessions,
     watches: WatchTable,
     zxid: Zxid,
+    /// No lock node is granted before this time, if set: see
+    /// [`Coordinator::pause_grants_until`].
+    grants_paused_until_ms: Option<u64>,
+    /// The latest moment until which a holder of a lock granted by this
+    /// coordinator may still act as its holder: see
+    /// [`Coordinator::lease_horizon_ms`].
+    lease_horizon_ms: u64,
     /// The zxid seen by the last `check_invariants`, to catch a decrease.
     /// Atomic rather than `Cell` so that the coordinator stays `Sync`.
     zxid_checked: AtomicU64,
@@ -213,6 +222,8 @@ impl Coordinator {
             sessions: Sessions::default(),
             watches: WatchTable::default(),
             zxid: zxid_start,
+            grants_paused_until_ms: None,
+            lease_horizon_ms: 0,
             zxid_checked: AtomicU64::new(zxid_start.0),
         }
     }
@@ -266,10 +277,54 @@ impl Coordinator {
             self.sessions.next_deadline_ms(),
             self.tree.next_ttl_deadline_ms(),
             self.tree.next_zombie_deadline_ms(),
+            self.grants_paused_until_ms,
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Grants no lock node before `until_ms`: nodes queue as usual, and the
+    /// first `Tick` at or after `until_ms` grants every node that then
+    /// qualifies (each queue with a zxid of its own as the token). A server
+    /// restarted without its state calls this before serving, so that no
+    /// lock is granted while a holder from its previous run may still
+    /// believe it holds (see [`Coordinator::lease_horizon_ms`]). Must be
+    /// called before any lock node exists; later calls are ignored, so that
+    /// a grant already given is never in a paused queue.
+    pub fn pause_grants_until(&mut self, until_ms: u64) {
+        if self.tree.iter().all(|(_, node)| node.lock.is_none()) {
+            self.grants_paused_until_ms = Some(until_ms);
+        }
+    }
+
+    /// When lock grants resume, if they are paused.
+    pub fn grants_paused_until_ms(&self) -> Option<u64> {
+        self.grants_paused_until_ms
+    }
+
+    /// An upper bound on the moment until which some holder of a lock this
+    /// coordinator granted may still act as its holder: the latest, over
+    /// every session ever granted a lock, of its deadline (its client's
+    /// lease estimate ends before it) plus the longest lock-delay it was
+    /// granted under (the time the holder has to stop its work). Never
+    /// decreases; 0 before the first grant. A server records it so that its
+    /// successor can wait it out.
+    pub fn lease_horizon_ms(&self) -> u64 {
+        self.lease_horizon_ms
+    }
+
+    /// Raises the lease horizon to cover `session`'s current deadline, if
+    /// it was ever granted a lock. Called whenever a deadline moves or a
+    /// grant is given.
+    fn cover_holder(&mut self, session: SessionId) {
+        let Some(s) = self.sessions.get(session) else {
+            return;
+        };
+        if let Some(delay_ms) = s.held_delay_ms_max {
+            let until = s.deadline_ms().saturating_add(delay_ms);
+            self.lease_horizon_ms = self.lease_horizon_ms.max(until);
+        }
     }
 
     /// Number of zombies: lock nodes held through their lock-delay.
@@ -445,6 +500,7 @@ impl Coordinator {
             _ => return Err(session_expired(session)),
         };
         self.sessions.touch(session, now_ms);
+        self.cover_holder(session);
         self.watches.drop_session(session);
         Ok(grant)
     }
@@ -493,6 +549,13 @@ impl Coordinator {
     fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
         for session in self.sessions.expired(now_ms) {
             self.end_session(session, SessionEnd::Expired, now_ms, fx);
+        }
+        if self
+            .grants_paused_until_ms
+            .is_some_and(|until| until <= now_ms)
+        {
+            self.grants_paused_until_ms = None;
+            self.grant_all_queues(now_ms, fx);
         }
         // Bounded by the zombie index: every pop removes an entry, and a
         // deletion adds none.

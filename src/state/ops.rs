@@ -42,6 +42,7 @@ impl Coordinator {
             None
         };
         self.sessions.touch(session, now_ms);
+        self.cover_holder(session);
         let result = if xid > last {
             if let Some(s) = self.sessions.get_mut(session) {
                 s.last_xid_applied = xid;

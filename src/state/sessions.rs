@@ -88,6 +88,10 @@ pub(crate) struct Session {
     /// waits the deadlock search follows, so that it costs in proportion to
     /// the waits rather than to the tree.
     pub(crate) waiting: BTreeMap<Zxid, usize>,
+    /// The longest lock-delay of any lock node this session was granted, if
+    /// it was granted one: how long after its deadline a holder may still
+    /// be finishing. Never lowered while the session lives (conservative).
+    pub(crate) held_delay_ms_max: Option<u64>,
 }
 
 impl Session {
@@ -211,6 +215,7 @@ impl Sessions {
             pinned_through: Xid(0),
             ephemerals: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            held_delay_ms_max: None,
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Generous bound for waiting on an event that must happen.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -50,6 +51,75 @@ pub async fn connect_with(options: ClientOptions) -> Client {
         .await
         .expect("connect finished in time")
         .expect("connect succeeded")
+}
+
+/// A server on a tokio runtime of its own, so that a test can crash it:
+/// shutting that runtime down drops every task and closes every socket at
+/// once, and no client is told anything, as when the process is killed.
+pub struct CrashableServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    addr: SocketAddr,
+}
+
+impl CrashableServer {
+    /// Starts a server with `config`. A config whose port is one a crashed
+    /// server just used binds it again (the listener closes as the runtime
+    /// winds down; binding is retried until it has, within [`WAIT`]).
+    pub async fn start(config: Config) -> CrashableServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the server");
+        let started = Instant::now();
+        let server = loop {
+            match runtime.spawn(RunningServer::start(config.clone())).await {
+                Ok(Ok(server)) => break server,
+                Ok(Err(e)) if started.elapsed() < WAIT => {
+                    eprintln!("restart: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Err(e)) => panic!("the server did not start within {WAIT:?}: {e}"),
+                Err(e) => panic!("the server's start task failed: {e}"),
+            }
+        };
+        let addr = server.addr();
+        // Kept running by its own runtime; the handle is not needed to stop
+        // it, since a crash is the point.
+        std::mem::forget(server);
+        CrashableServer {
+            runtime: Some(runtime),
+            addr,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills the server: every task and socket goes, nothing is sent.
+    pub fn crash(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for CrashableServer {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one's task would panic.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A fresh, empty temporary folder for one test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("latchkey-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a temporary folder");
+    dir
 }
 
 /// A proxy in front of `server` and a client connected through it.
