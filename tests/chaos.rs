@@ -1,9 +1,11 @@
 //! A Jepsen-style chaos test: clients behind proxies take two locks in turn
 //! and write to fenced resources with their tokens, while a seeded schedule
-//! cuts, partitions and stalls their connections and drops clients without
-//! closing. A checker then reads the history: no stale write accepted,
-//! tokens unique and rising, no overlap between holders never in doubt, and
-//! every client acquires again once the faults stop.
+//! cuts, partitions and stalls their connections, drops clients without
+//! closing, and kills and restarts the server. A checker then reads the
+//! history: no stale write accepted, tokens unique and rising, no lock
+//! granted before its previous holder was told its hold was over, no
+//! overlap between holders never in doubt, and every client acquires again
+//! once the faults stop.
 //!
 //! `LATCHKEY_SEED=<n>` replays a schedule (as far as timing allows);
 //! `LATCHKEY_CHAOS_SECS=<n>` runs a soak of that many seconds.
@@ -17,8 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{within, Proxy};
+use common::{within, CrashableServer, Proxy};
 use history::{check, excerpt, Event, History};
+use latchkey::server::Config;
 use latchkey_client::{Client, ClientError, ClientOptions, Lock, SessionState};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -30,6 +33,11 @@ const SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
 const LOCK_DELAY: Duration = Duration::from_millis(300);
 /// How long every client has, once the faults are healed, to acquire again.
 const LIVENESS: Duration = Duration::from_secs(15);
+/// At least this long between two server restarts: each costs every client
+/// its session and holds grants back for up to a session timeout plus a
+/// lock-delay plus a second, so back-to-back restarts would leave little
+/// else to test.
+const RESTART_GAP: Duration = Duration::from_secs(3);
 
 /// xorshift64*: a tiny, seeded generator for the schedule.
 struct Rng(u64);
@@ -305,7 +313,12 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     let run_for = Duration::from_secs(env_u64("LATCHKEY_CHAOS_SECS").unwrap_or(15));
     let mut rng = Rng::new(seed);
 
-    let server = common::start_server().await;
+    let config = Config {
+        lease_file: Some(common::temp_dir("chaos").join("lease")),
+        ..common::test_config()
+    };
+    let mut server = Some(CrashableServer::start(config.clone()).await);
+    let server_addr = server.as_ref().map(|s| s.addr()).expect("started");
     let shared = Arc::new(Shared {
         history: History::new(),
         stop: AtomicBool::new(false),
@@ -316,7 +329,7 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     for index in 0..SLOTS {
         slots.push(Arc::new(Slot {
             index,
-            proxy: Mutex::new(Arc::new(Proxy::start(server.addr()).await)),
+            proxy: Mutex::new(Arc::new(Proxy::start(server_addr).await)),
             fault_gen: AtomicU64::new(0),
             faulted: AtomicBool::new(false),
             holding: AtomicBool::new(false),
@@ -331,8 +344,42 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     let started = Instant::now();
     let busy: Arc<Vec<AtomicBool>> = Arc::new((0..SLOTS).map(|_| AtomicBool::new(false)).collect());
     let mut heals = JoinSet::new();
+    let mut last_restart = Instant::now();
     while started.elapsed() < run_for {
         tokio::time::sleep(rng.millis(50, 300)).await;
+        // Now and then, kill the server and start it again on its address:
+        // every session is lost, and the lease file must hold grants back
+        // until the old holders know.
+        if rng.below(25) == 0 && last_restart.elapsed() >= RESTART_GAP {
+            for slot in &slots {
+                slot.fault_begins();
+            }
+            shared.history.record(Event::Fault {
+                slot: SLOTS,
+                kind: "server_restart",
+                start: true,
+            });
+            if let Some(running) = server.take() {
+                running.crash();
+            }
+            server = Some(
+                CrashableServer::start(Config {
+                    listen: server_addr,
+                    ..config.clone()
+                })
+                .await,
+            );
+            for slot in &slots {
+                slot.fault_ends();
+            }
+            shared.history.record(Event::Fault {
+                slot: SLOTS,
+                kind: "server_restart",
+                start: false,
+            });
+            last_restart = Instant::now();
+            continue;
+        }
         // Half the time, aim at a client that holds a lock now.
         let holders: Vec<usize> = slots
             .iter()
@@ -359,7 +406,7 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
         });
         fault.apply(&slot.proxy());
         if let Fault::Crash = fault {
-            crash(&slot, &shared, server.addr(), worker_seed).await;
+            crash(&slot, &shared, server_addr, worker_seed).await;
         }
         let (shared, busy) = (shared.clone(), busy.clone());
         heals.spawn(async move {
@@ -464,5 +511,5 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
         faults > 0,
         "no fault was injected; rerun with LATCHKEY_SEED={seed}"
     );
-    server.stop().await;
+    drop(server);
 }

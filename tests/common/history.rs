@@ -246,6 +246,9 @@ struct Hold {
     in_doubt: bool,
     lost: bool,
     crashed: bool,
+    /// Where the holder stopped believing it held: its release, the first
+    /// report of its loss, or its crash.
+    told: Option<Entry>,
 }
 
 impl Hold {
@@ -258,6 +261,18 @@ impl Hold {
     /// The sequence number where the hold ended (or the end of time).
     fn end(&self) -> u64 {
         self.releasing.as_ref().map_or(u64::MAX, |e| e.seq)
+    }
+
+    /// The sequence number where the holder stopped believing it held (or
+    /// the end of time).
+    fn told_at(&self) -> u64 {
+        self.told.as_ref().map_or(u64::MAX, |e| e.seq)
+    }
+
+    fn tell(&mut self, entry: &Entry) {
+        if self.told.is_none() {
+            self.told = Some(entry.clone());
+        }
     }
 }
 
@@ -324,6 +339,7 @@ pub fn check(entries: &[Entry]) -> (Counts, Vec<Violation>) {
                         in_doubt: false,
                         lost: false,
                         crashed: false,
+                        told: None,
                     },
                 );
                 open_by_slot.entry(*slot).or_default().push(*hold);
@@ -376,11 +392,13 @@ pub fn check(entries: &[Entry]) -> (Counts, Vec<Violation>) {
                 // A loss after the hold ended does not put it in doubt.
                 if let Some(h) = holds.get_mut(hold).filter(|h| h.releasing.is_none()) {
                     h.lost = true;
+                    h.tell(entry);
                 }
             }
             Event::Releasing { hold, in_doubt } => {
                 if let Some(h) = holds.get_mut(hold) {
                     h.releasing = Some(entry.clone());
+                    h.tell(entry);
                     h.in_doubt |= *in_doubt;
                     if let Some(open) = open_by_slot.get_mut(&h.slot) {
                         open.retain(|o| o != hold);
@@ -404,6 +422,7 @@ pub fn check(entries: &[Entry]) -> (Counts, Vec<Violation>) {
                 for hold in open_by_slot.remove(slot).unwrap_or_default() {
                     if let Some(h) = holds.get_mut(&hold) {
                         h.crashed = true;
+                        h.tell(entry);
                     }
                 }
             }
@@ -437,6 +456,39 @@ pub fn check(entries: &[Entry]) -> (Counts, Vec<Violation>) {
     }
 
     counts.holds_in_doubt = holds.values().filter(|h| !h.clean()).count() as u64;
+
+    // No lock is granted while an earlier holder of it may still act as
+    // one: every holder is told of a loss (by its lease estimate, if by
+    // nothing else) before the server can give the lock to anyone else,
+    // across server restarts too.
+    let mut all_by_lock: HashMap<usize, Vec<&Hold>> = HashMap::new();
+    for hold in holds.values() {
+        all_by_lock.entry(hold.lock).or_default().push(hold);
+    }
+    for (lock, mut of_lock) in all_by_lock {
+        of_lock.sort_by_key(|h| h.acquired.seq);
+        // Bounded by the holds of this lock: each is an earlier one at most
+        // once per later acquisition, and only while it believes it holds.
+        let mut believing: Vec<&Hold> = Vec::new();
+        for b in of_lock {
+            believing.retain(|a| a.told_at() > b.acquired.seq);
+            if let Some(a) = believing.first() {
+                let mut evidence = vec![a.acquired.clone(), b.acquired.clone()];
+                evidence.extend(a.told.clone());
+                evidence.sort_by_key(|e| e.seq);
+                violations.push(Violation {
+                    rule: "granted before the holder was told",
+                    detail: format!(
+                        "lock {lock}: session {} got token {} while session {} (token {}) \
+                         had not been told its hold was over",
+                        b.session, b.token, a.session, a.token
+                    ),
+                    evidence,
+                });
+            }
+            believing.push(b);
+        }
+    }
 
     // Two clean holds of one lock must not overlap.
     let mut by_lock: HashMap<usize, Vec<&Hold>> = HashMap::new();
@@ -520,9 +572,19 @@ fn the_checker_sees_each_broken_rule() {
     assert_eq!(counts.acquisitions, 4);
     assert_eq!(counts.writes_refused, 1);
 
-    // The same overlap with one hold in doubt is fine.
+    assert!(
+        rules.contains(&"granted before the holder was told"),
+        "{rules:?}"
+    );
+
+    // The same overlap with one hold in doubt is fine, once the first
+    // holder has been told of its loss.
     let history = History::new();
     let a = history.acquired(0, 10, 0, 5);
+    history.record(Event::Lost {
+        hold: a,
+        reason: "LeaseEnded".into(),
+    });
     let b = history.acquired(1, 11, 0, 6);
     assert!(history.write(b, 0, 6));
     assert!(!history.write(a, 0, 5));
