@@ -21,6 +21,8 @@ mod tests;
 #[cfg(test)]
 mod tests_locks;
 #[cfg(test)]
+mod tests_model;
+#[cfg(test)]
 mod tests_random;
 
 use sessions::Sessions;
