@@ -794,6 +794,20 @@ impl Model {
             .map(|(id, s)| (*id, (s.timeout_ms, s.last_heard_ms + s.timeout_ms + 1)))
             .collect()
     }
+
+    /// The first instant at which a tick would expire a session or remove
+    /// a TTL node (empty containers go at any tick).
+    fn next_deadline_ms(&self) -> Option<u64> {
+        let sessions = self
+            .sessions
+            .values()
+            .map(|s| s.last_heard_ms + s.timeout_ms + 1);
+        let ttls = self.nodes.iter().filter_map(|(p, n)| {
+            let deadline_ms = n.mtime_ms + n.ttl_ms?;
+            self.children(p).is_empty().then_some(deadline_ms)
+        });
+        sessions.chain(ttls).min()
+    }
 }
 
 // ---- observing the coordinator ----
@@ -966,10 +980,25 @@ struct Who {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Open { timeout_ms: u64 },
-    Resume { who: Who, right_secret: bool },
-    Request { who: Who, request: Request },
-    Time { advance_ms: u64, tick: bool },
+    Open {
+        timeout_ms: u64,
+    },
+    Resume {
+        who: Who,
+        right_secret: bool,
+    },
+    Request {
+        who: Who,
+        request: Request,
+    },
+    Time {
+        advance_ms: u64,
+        tick: bool,
+    },
+    /// The ticker's tick at the model's next deadline, or 1 ms before it.
+    Deadline {
+        early: bool,
+    },
 }
 
 fn path_pick() -> impl Strategy<Value = PathPick> {
@@ -1081,6 +1110,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (0u64..60, prop::bool::weighted(0.7))
             .prop_map(|(advance_ms, tick)| Step::Time { advance_ms, tick }),
         1 => (100u64..1_200).prop_map(|advance_ms| Step::Time { advance_ms, tick: true }),
+        1 => any::<bool>().prop_map(|early| Step::Deadline { early }),
     ]
 }
 
@@ -1314,6 +1344,12 @@ fn resolve(step: &Step, model: &Model, clients: &mut Clients, now_ms: &mut u64) 
                 op: resolve_request(request, model),
             })
         }
+        Step::Deadline { early } => {
+            if let Some(deadline_ms) = model.next_deadline_ms() {
+                *now_ms = (*now_ms).max(deadline_ms - u64::from(*early));
+            }
+            Some(Command::Tick)
+        }
         Step::Time { advance_ms, tick } => {
             *now_ms += advance_ms;
             tick.then_some(Command::Tick)
@@ -1381,6 +1417,16 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
         if let Some(diff) = first_difference(&model.session_table(), &real_sessions(&c)) {
             return fail(format!("session table differs {diff}"));
         }
+        // The ticker sleeps until the coordinator's next deadline: it must
+        // not be later than the first one the model knows of.
+        if let Some(due_ms) = model.next_deadline_ms() {
+            if c.next_deadline_ms().map_or(true, |at_ms| at_ms > due_ms) {
+                return fail(format!(
+                    "next deadline: the model has one at {due_ms} ms, the coordinator says {:?}",
+                    c.next_deadline_ms()
+                ));
+            }
+        }
         if model.zxid != c.zxid() {
             return fail(format!(
                 "zxid: model {}, coordinator {}",
@@ -1396,63 +1442,57 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
 }
 
 fn count(tally: &mut Tally, command: &Command, answer: &Answer, model: &Model) {
-    let mut add = |label: String| *tally.entry(label).or_default() += 1;
-    match answer {
-        Answer::Session(Err(code))
-        | Answer::Reply {
-            result: Err((code, None)),
+    let mut add = |label: &str| *tally.entry(label.to_owned()).or_default() += 1;
+    let sequential = matches!(
+        command,
+        Command::Request {
+            op: Op::Create(Create {
+                sequential: true,
+                ..
+            }),
             ..
-        } => add(format!("{code:?}")),
+        }
+    );
+    match answer {
+        Answer::Session(Err(code)) => add(&format!("{code:?}")),
         Answer::Reply {
-            result: Err((code, Some(index))),
+            result: Err((code, index)),
             ..
         } => {
-            add(format!("{code:?}"));
-            if *index > 0 {
-                add("multi failed past its first step".into());
+            add(&format!("{code:?}"));
+            if index.is_some_and(|i| i > 0) {
+                add("multi failed past its first step");
+            }
+            if sequential && *code == ErrorCode::NodeExists {
+                add("sequential name taken");
             }
         }
         Answer::Reply {
             result: Ok(OpResult::Multi { results }),
             ..
-        } if results.len() > 1 => add("multi of several steps".into()),
+        } if results.len() > 1 => add("multi of several steps"),
         Answer::Reply {
-            result: Ok(OpResult::Created { path, .. }),
+            result: Ok(OpResult::Created { .. }),
             ..
-        } if path.ends_with(|c: char| c.is_ascii_digit()) => add("sequential created".into()),
+        } if sequential => add("sequential created"),
         _ => {}
-    }
-    if let Command::Request {
-        op: Op::Create(Create { sequential, .. }),
-        ..
-    } = command
-    {
-        if let Answer::Reply {
-            result: Err((ErrorCode::NodeExists, _)),
-            ..
-        } = answer
-        {
-            if *sequential {
-                add("sequential name taken".into());
-            }
-        }
     }
     if let (Command::Request { op, .. }, Answer::Reply { result, .. }) = (command, answer) {
         let name = format!("{op:?}");
         let name = name.split([' ', '(', '{']).next().unwrap_or_default();
         match result {
-            Ok(_) => add(format!("{name} ok")),
-            Err((code, _)) => add(format!("{name} {code:?}")),
+            Ok(_) => add(&format!("{name} ok")),
+            Err((code, _)) => add(&format!("{name} {code:?}")),
         }
     }
     for (_, event) in &model.events {
-        add(format!("{:?}", event.kind));
+        add(&format!("{:?}", event.kind));
     }
     for (_, why) in &model.ended {
-        add(format!("session {why:?}"));
+        add(&format!("session {why:?}"));
     }
     if !model.ended.is_empty() && !model.events.is_empty() {
-        add("events at a session's end".into());
+        add("events at a session's end");
     }
 }
 
