@@ -23,6 +23,8 @@ mod tests_grace;
 #[cfg(test)]
 mod tests_locks;
 #[cfg(test)]
+mod tests_model;
+#[cfg(test)]
 mod tests_random;
 
 use sessions::Sessions;
