@@ -265,6 +265,12 @@ struct ServeArgs {
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     write_timeout: Duration,
+    /// Check the coordinator's invariants after every step, and abort on
+    /// the first one broken. Each check walks the whole state, so it is on
+    /// by default only in debug builds; load tests of a debug build turn it
+    /// off.
+    #[arg(long, default_value_t = Config::default().check_invariants, action = clap::ArgAction::Set)]
+    check_invariants: bool,
 }
 
 /// Runs the parsed command; returns the exit code, or an error message for
@@ -306,6 +312,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         frame_bytes_max: args.frame_bytes_max,
         outbound_bytes_max: args.outbound_bytes_max,
         write_timeout: args.write_timeout,
+        check_invariants: args.check_invariants,
         ..Config::default()
     };
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;
