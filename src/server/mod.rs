@@ -158,7 +158,7 @@ impl Core {
                 if let Some(attached) = self.connections.remove(&session) {
                     attached.outbound.push_last(
                         protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                        CloseReason::SessionEnded,
+                        CloseReason::SessionExpired,
                     );
                 }
             }
@@ -403,7 +403,10 @@ impl Connection {
                 warn!(%peer, "closing connection: no handshake within {:?}", shared.config.handshake_timeout);
                 return;
             }
-            Ok(None) => return,
+            Ok(None) => {
+                debug!(%peer, "client closed the connection before its handshake");
+                return;
+            }
             Ok(Some(Err(e))) => {
                 warn!(%peer, "closing connection: broken handshake frame: {e}");
                 let _ = writer
@@ -481,7 +484,11 @@ impl Connection {
             Outcome::Session(Ok(grant)) => grant,
             Outcome::Session(Err(refusal)) => {
                 drop(core);
-                debug!(%peer, "handshake refused: {}", refusal.message);
+                if refusal.code == ErrorCode::LimitExceeded {
+                    warn!(%peer, "closing connection: handshake refused: {}", refusal.message);
+                } else {
+                    info!(%peer, "closing connection: handshake refused: {}", refusal.message);
+                }
                 return Err(protocol::encode(&ServerMessage::Fatal(refusal)));
             }
             other => unreachable!("open and resume answer with a session outcome, not {other:?}"),
@@ -539,7 +546,7 @@ impl Connection {
                 _ = shutdown.cancelled() => {
                     self.outbound.push_last(
                         protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                        CloseReason::SessionEnded,
+                        CloseReason::ShuttingDown,
                     );
                     break;
                 }
@@ -611,6 +618,8 @@ impl Connection {
         if closed {
             core.connections.remove(&self.session);
             self.outbound.push_last(message, CloseReason::Done);
+            drop(core);
+            info!(peer = %self.peer, session = %self.session, "closing connection: its client closed the session");
             return false;
         }
         self.outbound.push(message)
@@ -766,7 +775,14 @@ async fn writer_loop(
                     CloseReason::Moved => {
                         info!(%peer, "closing connection: its session was resumed elsewhere")
                     }
-                    CloseReason::SessionEnded | CloseReason::Done => {}
+                    CloseReason::SessionExpired => {
+                        info!(%peer, "closing connection: its session expired")
+                    }
+                    // One line for the whole server says it is stopping.
+                    CloseReason::ShuttingDown => {}
+                    // Whoever closed with `Done` logged why, or the client
+                    // closed or asked to.
+                    CloseReason::Done => {}
                 }
                 let _ =
                     tokio::time::timeout(write_timeout, SinkExt::<Bytes>::close(&mut writer)).await;
