@@ -265,6 +265,14 @@ struct ServeArgs {
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     write_timeout: Duration,
+    /// How long a new connection has to send its handshake before it is
+    /// closed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    handshake_timeout: Duration,
+    /// Once a frame's first byte has come, how long the rest may take before
+    /// the connection is closed (its session lives on).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    frame_timeout: Duration,
     /// Check the coordinator's invariants after every step, and abort on
     /// the first one broken. Each check walks the whole state, so it is on
     /// by default only in debug builds; load tests of a debug build turn it
@@ -312,6 +320,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         frame_bytes_max: args.frame_bytes_max,
         outbound_bytes_max: args.outbound_bytes_max,
         write_timeout: args.write_timeout,
+        handshake_timeout: args.handshake_timeout,
+        frame_timeout: args.frame_timeout,
         check_invariants: args.check_invariants,
         ..Config::default()
     };

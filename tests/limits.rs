@@ -1,8 +1,9 @@
 //! Limits under load, through real sockets: many sessions on one server, a
 //! client flooding requests without reading, a burst of watches on one node,
-//! a frame header announcing 4 GiB. Each shows that the limit holds, that
-//! the server says why it closes a connection, that the others are still
-//! answered, and that the server's memory stays bounded.
+//! connections that stall before or inside a frame, a frame header
+//! announcing 4 GiB. Each shows that the limit holds, that the server says
+//! why it closes a connection, that the others are still answered, and that
+//! the server's memory stays bounded.
 //!
 //! Where memory or logs are checked, the server is the real `latchkey serve`
 //! in a child process: its resident memory is then its own (read from
@@ -23,7 +24,7 @@ use common::{connect, within, Raw};
 use futures_util::StreamExt;
 use latchkey_client::protocol::{self, Op, Request, ServerMessage, Xid};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 
 const BIN: &str = env!("CARGO_BIN_EXE_latchkey");
@@ -455,6 +456,141 @@ async fn a_burst_of_watches_on_one_node_all_fire_and_the_watch_limits_hold() {
         .await;
     assert!(reply.result.is_ok(), "{:?}", reply.result);
     writer.close().await.expect("close");
+    server.stop().await;
+}
+
+/// Whether the server has closed this socket or sent on it, without
+/// waiting: a read that would block means neither.
+fn closed_by_server(socket: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(socket.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Connections that never finish a frame (no handshake, half a handshake,
+/// half a request after the handshake, or just a request's length header)
+/// fill most of the connection limit; a real client still connects and
+/// works while they are open, and each of them is closed within a bound
+/// far below its session timeout, with a log line saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_are_closed_in_bounded_time_and_do_not_crowd_out_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let each = 90usize;
+    let server = ServerProcess::start(&[
+        "--connections-max",
+        "300",
+        // Wide enough that opening them all and one client's work fit well
+        // inside it, so they are all still open then.
+        "--handshake-timeout",
+        "4s",
+        "--frame-timeout",
+        "4s",
+    ])
+    .await;
+    let addr = server.addr;
+    let rss_before_kib = server.status_kib("VmRSS");
+
+    let silent: Vec<TcpStream> = futures_util::stream::iter(0..each)
+        .map(|_| async move { TcpStream::connect(addr).await.expect("connect") })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let half_hello: Vec<TcpStream> = futures_util::stream::iter(0..each)
+        .map(|_| async move {
+            let mut socket = TcpStream::connect(addr).await.expect("connect");
+            socket.write_all(&[0, 0, 0, 50, b'{']).await.expect("write");
+            socket
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    // Sessions that outlive the test: their expiry cannot be what closes
+    // them.
+    let half_request: Vec<Raw> = futures_util::stream::iter(0..each)
+        .map(|i| async move {
+            let (mut raw, welcome) = Raw::open(addr).await.hello(120_000).await;
+            assert!(welcome.session_timeout_ms > 60_000);
+            // Half of them send only the length header, which the codec
+            // consumes at once: no buffered byte tells it is inside a frame.
+            let partial: &[u8] = if i % 2 == 0 {
+                &[0, 0, 0, 100]
+            } else {
+                &[0, 0, 0, 100, b'{', b'"', b'x', b'i', b'd']
+            };
+            raw.framed
+                .get_mut()
+                .write_all(partial)
+                .await
+                .expect("write");
+            raw
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+
+    let client = connect(addr).await;
+    round_trip(&client, "/among-stalled").await;
+    client.close().await.expect("close");
+    let open = silent
+        .iter()
+        .chain(&half_hello)
+        .chain(half_request.iter().map(|raw| raw.framed.get_ref()))
+        .filter(|socket| !closed_by_server(socket))
+        .count();
+    assert_eq!(
+        open,
+        3 * each,
+        "some stalled connections were closed before the client finished; the test's 4 s \
+         margin was too small for this machine"
+    );
+
+    let started = std::time::Instant::now();
+    for mut socket in silent.into_iter().chain(half_hello) {
+        let mut rest = Vec::new();
+        let read = within(
+            "a stalled handshake to be closed",
+            socket.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(
+            read.is_ok() && rest.is_empty(),
+            "closed without a word: {read:?}"
+        );
+    }
+    for mut raw in half_request {
+        match raw.recv().await {
+            Some(ServerMessage::Fatal(error)) => {
+                assert_eq!(error.code, protocol::ErrorCode::Malformed);
+                assert!(error.message.contains("incomplete"), "{}", error.message);
+            }
+            other => panic!("expected a fatal error for the stalled frame, got {other:?}"),
+        }
+        assert!(raw.recv().await.is_none(), "closed after the fatal error");
+    }
+    println!(
+        "{} stalled connections all closed {:?} after the client's round trip",
+        3 * each,
+        started.elapsed()
+    );
+    server
+        .wait_for_log("closing connection: no handshake within 4s", 2 * each)
+        .await;
+    server
+        .wait_for_log("closing connection: a frame stalled", each)
+        .await;
+
+    // Every slot is free again, and the server still serves.
+    let mut last = common::all_slots_free(addr, 300).await;
+    let reply = last
+        .request(1, serde_json::json!({"exists": {"path": "/"}}))
+        .await;
+    assert!(reply.result.is_ok(), "{:?}", reply.result);
+    let rss_after_kib = server.status_kib("VmRSS");
+    println!("server RSS {rss_before_kib} KiB before, {rss_after_kib} KiB after");
+    assert!(
+        rss_after_kib < rss_before_kib + 128 * 1024,
+        "the server's RSS rose from {rss_before_kib} KiB to {rss_after_kib} KiB"
+    );
     server.stop().await;
 }
 

@@ -8,6 +8,7 @@
 //! watch event before any later reply reflecting the change.
 
 mod config;
+mod frames;
 mod outbound;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub use config::Config;
+use frames::{next_frame, FrameCodec, FrameReader, NextFrame};
 use outbound::{CloseReason, Outbound};
 
 use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
@@ -385,7 +387,7 @@ impl Connection {
         shutdown: CancellationToken,
     ) {
         let (read_half, write_half) = socket.into_split();
-        let mut reader = FramedRead::new(read_half, protocol::codec(shared.config.frame_bytes_max));
+        let mut reader = FramedRead::new(read_half, FrameCodec::new(shared.config.frame_bytes_max));
         let mut writer = FramedWrite::new(
             write_half,
             protocol::codec(protocol::limits::REPLY_FRAME_BYTES_MAX),
@@ -529,14 +531,8 @@ impl Connection {
         })
     }
 
-    async fn read_loop(
-        &self,
-        reader: &mut FramedRead<
-            tokio::net::tcp::OwnedReadHalf,
-            tokio_util::codec::LengthDelimitedCodec,
-        >,
-        shutdown: &CancellationToken,
-    ) {
+    async fn read_loop(&self, reader: &mut FrameReader, shutdown: &CancellationToken) {
+        let frame_timeout = self.shared.config.frame_timeout;
         loop {
             let frame = tokio::select! {
                 // A closed queue (session moved, expired, client not reading)
@@ -550,16 +546,31 @@ impl Connection {
                     );
                     break;
                 }
-                frame = reader.next() => frame,
+                frame = next_frame(reader, frame_timeout) => frame,
             };
             match frame {
-                None => {
+                NextFrame::End => {
                     debug!(peer = %self.peer, session = %self.session, "client closed the connection");
+                    break;
+                }
+                NextFrame::Stalled => {
+                    warn!(
+                        peer = %self.peer, session = %self.session,
+                        "closing connection: a frame stalled: its first bytes came but not the \
+                         rest within {frame_timeout:?} (its session can resume)"
+                    );
+                    self.fatal(
+                        ErrorCode::Malformed,
+                        format!(
+                            "a frame was still incomplete {frame_timeout:?} after its first byte; \
+                             send each frame whole"
+                        ),
+                    );
                     break;
                 }
                 // The codec reports a frame over the limit as invalid data,
                 // before reading or allocating its body.
-                Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                NextFrame::Failed(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     warn!(peer = %self.peer, session = %self.session, "closing connection: {e}");
                     self.fatal(
                         ErrorCode::TooLarge,
@@ -570,11 +581,11 @@ impl Connection {
                     );
                     break;
                 }
-                Some(Err(e)) => {
+                NextFrame::Failed(e) => {
                     debug!(peer = %self.peer, session = %self.session, "connection failed: {e}");
                     break;
                 }
-                Some(Ok(frame)) => {
+                NextFrame::Frame(frame) => {
                     if !self.handle_frame(&frame) {
                         break;
                     }
