@@ -12,6 +12,8 @@
 //!
 //! The many-sessions test opens 10,000 sessions (fewer if `ulimit -n` is
 //! too low for them; `LATCHKEY_LIMITS_SESSIONS=<n>` sets the number).
+//! `LATCHKEY_SERVE_BIN=target/release/latchkey` runs them against a release
+//! build.
 
 mod common;
 
@@ -27,7 +29,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 
-const BIN: &str = env!("CARGO_BIN_EXE_latchkey");
+/// The server binary: this build's, or `LATCHKEY_SERVE_BIN` (a release
+/// build, to measure what users run).
+fn server_binary() -> String {
+    std::env::var("LATCHKEY_SERVE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_latchkey").into())
+}
 
 /// A `latchkey serve` child process on a free loopback port, with its log
 /// lines collected as they come.
@@ -50,7 +56,7 @@ impl ServerProcess {
     /// Starts `latchkey serve --listen 127.0.0.1:0 ARGS` and waits for the
     /// line that says it listens.
     async fn start(args: &[&str]) -> ServerProcess {
-        let mut child = tokio::process::Command::new(BIN)
+        let mut child = tokio::process::Command::new(server_binary())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
