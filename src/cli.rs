@@ -281,6 +281,20 @@ struct ServeArgs {
     /// still believe it holds it.
     #[arg(long)]
     no_lease_file: bool,
+    /// How long a new connection has to send its handshake before it is
+    /// closed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    handshake_timeout: Duration,
+    /// Once a frame's first byte has come, how long the rest may take before
+    /// the connection is closed (its session lives on).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    frame_timeout: Duration,
+    /// Check the coordinator's invariants after every step, and abort on
+    /// the first one broken. Each check walks the whole state, so it is on
+    /// by default only in debug builds; load tests of a debug build turn it
+    /// off.
+    #[arg(long, default_value_t = Config::default().check_invariants, action = clap::ArgAction::Set)]
+    check_invariants: bool,
 }
 
 /// The lease file `serve` uses unless told otherwise: one per listen
@@ -339,6 +353,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         } else {
             args.lease_file.or_else(|| default_lease_file(args.listen))
         },
+        handshake_timeout: args.handshake_timeout,
+        frame_timeout: args.frame_timeout,
+        check_invariants: args.check_invariants,
         ..Config::default()
     };
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;

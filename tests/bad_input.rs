@@ -10,93 +10,14 @@ mod common;
 use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{start_server, start_server_with, test_config, within};
-use futures_util::{SinkExt, StreamExt};
+use common::{all_slots_free, start_server, start_server_with, test_config, within, Raw};
+use futures_util::SinkExt;
 use latchkey_client::protocol::{
-    self, limits, ErrorCode, Hello, OpResult, Reply, ServerMessage, SessionEvent, Welcome, Xid,
+    self, ErrorCode, Hello, OpResult, ServerMessage, SessionEvent, Xid,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
-
-/// A client that speaks raw frames.
-struct Raw {
-    framed: Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
-}
-
-impl Raw {
-    async fn open(addr: SocketAddr) -> Raw {
-        let socket = TcpStream::connect(addr).await.expect("connect");
-        Raw {
-            framed: Framed::new(socket, protocol::codec(limits::REPLY_FRAME_BYTES_MAX)),
-        }
-    }
-
-    /// Opens a connection and a session.
-    async fn session(addr: SocketAddr) -> Raw {
-        Raw::session_welcome(addr).await.0
-    }
-
-    /// Opens a connection and a session; returns the server's welcome too.
-    async fn session_welcome(addr: SocketAddr) -> (Raw, Welcome) {
-        Raw::open(addr).await.hello(10_000).await
-    }
-
-    /// Opens a session on this connection.
-    async fn hello(self, session_timeout_ms: u64) -> (Raw, Welcome) {
-        let mut raw = self;
-        raw.send_json(&json!(Hello {
-            protocol_version: protocol::PROTOCOL_VERSION,
-            session_timeout_ms,
-            resume: None,
-        }))
-        .await;
-        match raw.recv().await {
-            Some(ServerMessage::Welcome(welcome)) => (raw, welcome),
-            other => panic!("expected a welcome, got {other:?}"),
-        }
-    }
-
-    async fn send_json(&mut self, value: &serde_json::Value) {
-        self.send_bytes(Bytes::from(value.to_string())).await;
-    }
-
-    async fn send_bytes(&mut self, body: Bytes) {
-        self.framed.send(body).await.expect("send frame");
-    }
-
-    /// The next message, or None at end of stream.
-    async fn recv(&mut self) -> Option<ServerMessage> {
-        let frame = within("a frame from the server", self.framed.next()).await?;
-        let frame = frame.ok()?;
-        Some(serde_json::from_slice(&frame).expect("the server sends valid messages"))
-    }
-
-    async fn request(&mut self, xid: u64, op: serde_json::Value) -> Reply {
-        self.send_json(&json!({ "xid": xid, "op": op })).await;
-        match self.recv().await {
-            Some(ServerMessage::Reply(reply)) => reply,
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
-
-    /// Expects a fatal error with this code, then the end of the stream.
-    async fn expect_fatal(&mut self, code: ErrorCode) -> String {
-        let message = match self.recv().await {
-            Some(ServerMessage::Fatal(error)) => {
-                assert_eq!(error.code, code, "{}", error.message);
-                error.message
-            }
-            other => panic!("expected a fatal {code:?}, got {other:?}"),
-        };
-        assert!(
-            self.recv().await.is_none(),
-            "the server closes after a fatal error"
-        );
-        message
-    }
-}
 
 /// The root's children and child version, seen by a fresh session: proof
 /// that nothing changed.
@@ -425,42 +346,6 @@ async fn resuming_on_a_new_connection_moves_the_session_and_closes_the_old_one()
     server.stop().await;
 }
 
-/// Waits until all `slots` connection slots are free at once, which proves
-/// that every earlier connection's task has ended. Returns one session on
-/// one of them.
-async fn all_slots_free(addr: SocketAddr, slots: usize) -> Raw {
-    within("every connection slot to be free", async {
-        loop {
-            let mut admitted = Vec::new();
-            for _ in 0..slots {
-                let mut probe = Raw::open(addr).await;
-                probe
-                    .send_json(&json!(Hello {
-                        protocol_version: protocol::PROTOCOL_VERSION,
-                        session_timeout_ms: 10_000,
-                        resume: None,
-                    }))
-                    .await;
-                match probe.recv().await {
-                    Some(ServerMessage::Welcome(_)) => admitted.push(probe),
-                    Some(ServerMessage::Fatal(e)) if e.code == ErrorCode::TooManyConnections => {
-                        break
-                    }
-                    other => panic!("unexpected answer to a probe: {other:?}"),
-                }
-            }
-            if admitted.len() == slots {
-                return admitted.swap_remove(0);
-            }
-            // Pace the rounds; slots free on the server's own schedule,
-            // which no message announces.
-            drop(admitted);
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
 /// Postmortem: a frame already buffered on a connection whose session had
 /// just been resumed elsewhere was still applied, after the new
 /// connection's welcome had reported it as never applied; the client then
@@ -541,10 +426,7 @@ async fn a_client_that_never_reads_gives_its_connection_slot_back() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.addr()).await.unwrap();
-    let raw = Raw {
-        framed: Framed::new(stream, protocol::codec(limits::REPLY_FRAME_BYTES_MAX)),
-    };
-    let (mut sluggard, _) = raw.hello(60_000).await;
+    let (mut sluggard, _) = Raw::over(stream).hello(60_000).await;
     let requests = 20u64;
     for xid in 1..=requests {
         let frame = Bytes::from(json!({"xid": xid, "op": {"get": {"path": "/big"}}}).to_string());

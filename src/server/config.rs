@@ -33,6 +33,13 @@ pub struct Config {
     /// 10 s: long enough for a slow client, short enough that idle sockets
     /// cannot hold connection slots.
     pub handshake_timeout: Duration,
+    /// How long the rest of a frame may take once its first byte has come.
+    /// Default 10 s: a frame at the default 2 MiB limit at 200 KB/s. Time
+    /// between frames is bounded by the session timeout instead; without
+    /// this, a client that stops inside a frame would hold its connection
+    /// slot and its partial frame's buffer until its session expires, up to
+    /// `coordinator.session_timeout_ms_max`.
+    pub frame_timeout: Duration,
     /// How often session expiry, TTLs and empty containers are checked.
     /// Default 50 ms: the slack added to every expiry.
     pub tick_interval: Duration,
@@ -70,6 +77,7 @@ impl Default for Config {
             frame_bytes_max: limits::FRAME_BYTES_MAX,
             outbound_bytes_max: 4 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(50),
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
@@ -122,8 +130,11 @@ impl Config {
                 limits::CHILDREN_PER_NODE_MAX
             ));
         }
-        if self.write_timeout.is_zero() || self.handshake_timeout.is_zero() {
-            return Err("the write and handshake timeouts must be above 0".into());
+        if self.write_timeout.is_zero()
+            || self.handshake_timeout.is_zero()
+            || self.frame_timeout.is_zero()
+        {
+            return Err("the write, handshake and frame timeouts must be above 0".into());
         }
         if self.tick_interval.is_zero() {
             return Err("the tick interval must be above 0".into());

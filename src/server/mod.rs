@@ -8,6 +8,7 @@
 //! watch event before any later reply reflecting the change.
 
 mod config;
+mod frames;
 mod lease;
 mod outbound;
 
@@ -32,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub use config::Config;
+use frames::{next_frame, FrameCodec, FrameReader, NextFrame};
 use outbound::{CloseReason, Outbound};
 
 use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
@@ -177,7 +179,7 @@ impl Core {
                 if let Some(attached) = self.connections.remove(&session) {
                     attached.outbound.push_last(
                         protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                        CloseReason::SessionEnded,
+                        CloseReason::SessionExpired,
                     );
                 }
             }
@@ -452,7 +454,7 @@ impl Connection {
         shutdown: CancellationToken,
     ) {
         let (read_half, write_half) = socket.into_split();
-        let mut reader = FramedRead::new(read_half, protocol::codec(shared.config.frame_bytes_max));
+        let mut reader = FramedRead::new(read_half, FrameCodec::new(shared.config.frame_bytes_max));
         let mut writer = FramedWrite::new(
             write_half,
             protocol::codec(protocol::limits::REPLY_FRAME_BYTES_MAX),
@@ -470,7 +472,10 @@ impl Connection {
                 warn!(%peer, "closing connection: no handshake within {:?}", shared.config.handshake_timeout);
                 return;
             }
-            Ok(None) => return,
+            Ok(None) => {
+                debug!(%peer, "client closed the connection before its handshake");
+                return;
+            }
             Ok(Some(Err(e))) => {
                 warn!(%peer, "closing connection: broken handshake frame: {e}");
                 let _ = writer
@@ -548,7 +553,11 @@ impl Connection {
             Outcome::Session(Ok(grant)) => grant,
             Outcome::Session(Err(refusal)) => {
                 drop(core);
-                debug!(%peer, "handshake refused: {}", refusal.message);
+                if refusal.code == ErrorCode::LimitExceeded {
+                    warn!(%peer, "closing connection: handshake refused: {}", refusal.message);
+                } else {
+                    info!(%peer, "closing connection: handshake refused: {}", refusal.message);
+                }
                 return Err(protocol::encode(&ServerMessage::Fatal(refusal)));
             }
             other => unreachable!("open and resume answer with a session outcome, not {other:?}"),
@@ -589,14 +598,8 @@ impl Connection {
         })
     }
 
-    async fn read_loop(
-        &self,
-        reader: &mut FramedRead<
-            tokio::net::tcp::OwnedReadHalf,
-            tokio_util::codec::LengthDelimitedCodec,
-        >,
-        shutdown: &CancellationToken,
-    ) {
+    async fn read_loop(&self, reader: &mut FrameReader, shutdown: &CancellationToken) {
+        let frame_timeout = self.shared.config.frame_timeout;
         loop {
             let frame = tokio::select! {
                 // A closed queue (session moved, expired, client not reading)
@@ -606,20 +609,35 @@ impl Connection {
                 _ = shutdown.cancelled() => {
                     self.outbound.push_last(
                         protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                        CloseReason::SessionEnded,
+                        CloseReason::ShuttingDown,
                     );
                     break;
                 }
-                frame = reader.next() => frame,
+                frame = next_frame(reader, frame_timeout) => frame,
             };
             match frame {
-                None => {
+                NextFrame::End => {
                     debug!(peer = %self.peer, session = %self.session, "client closed the connection");
+                    break;
+                }
+                NextFrame::Stalled => {
+                    warn!(
+                        peer = %self.peer, session = %self.session,
+                        "closing connection: a frame stalled: its first bytes came but not the \
+                         rest within {frame_timeout:?} (its session can resume)"
+                    );
+                    self.fatal(
+                        ErrorCode::Malformed,
+                        format!(
+                            "a frame was still incomplete {frame_timeout:?} after its first byte; \
+                             send each frame whole"
+                        ),
+                    );
                     break;
                 }
                 // The codec reports a frame over the limit as invalid data,
                 // before reading or allocating its body.
-                Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                NextFrame::Failed(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     warn!(peer = %self.peer, session = %self.session, "closing connection: {e}");
                     self.fatal(
                         ErrorCode::TooLarge,
@@ -630,11 +648,11 @@ impl Connection {
                     );
                     break;
                 }
-                Some(Err(e)) => {
+                NextFrame::Failed(e) => {
                     debug!(peer = %self.peer, session = %self.session, "connection failed: {e}");
                     break;
                 }
-                Some(Ok(frame)) => {
+                NextFrame::Frame(frame) => {
                     if !self.handle_frame(&frame) {
                         break;
                     }
@@ -678,6 +696,8 @@ impl Connection {
         if closed {
             core.connections.remove(&self.session);
             self.outbound.push_last(message, CloseReason::Done);
+            drop(core);
+            info!(peer = %self.peer, session = %self.session, "closing connection: its client closed the session");
             return false;
         }
         self.outbound.push(message)
@@ -833,7 +853,14 @@ async fn writer_loop(
                     CloseReason::Moved => {
                         info!(%peer, "closing connection: its session was resumed elsewhere")
                     }
-                    CloseReason::SessionEnded | CloseReason::Done => {}
+                    CloseReason::SessionExpired => {
+                        info!(%peer, "closing connection: its session expired")
+                    }
+                    // One line for the whole server says it is stopping.
+                    CloseReason::ShuttingDown => {}
+                    // Whoever closed with `Done` logged why, or the client
+                    // closed or asked to.
+                    CloseReason::Done => {}
                 }
                 let _ =
                     tokio::time::timeout(write_timeout, SinkExt::<Bytes>::close(&mut writer)).await;

@@ -18,8 +18,10 @@ pub enum CloseReason {
     Overflow { bytes_max: usize },
     /// The session was resumed on another connection.
     Moved,
-    /// The session ended (expired or closed) or the server is shutting down.
-    SessionEnded,
+    /// The session expired.
+    SessionExpired,
+    /// The server is shutting down.
+    ShuttingDown,
 }
 
 struct State {

@@ -1,5 +1,6 @@
-//! Test support: a server on 127.0.0.1:0 and a TCP proxy that can cut
-//! connections or hold back the server's replies, from the test.
+//! Test support: a server on 127.0.0.1:0, a client that speaks raw frames,
+//! and a TCP proxy that can cut connections or hold back the server's
+//! replies, from the test.
 
 #![allow(dead_code)]
 
@@ -7,13 +8,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use latchkey::server::{Config, RunningServer};
+use latchkey_client::protocol::{self, limits, ErrorCode, Hello, Reply, ServerMessage, Welcome};
 use latchkey_client::{Client, ClientOptions};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::codec::Framed;
 
 /// Generous bound for waiting on an event that must happen.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -137,6 +143,125 @@ pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output 
         Ok(output) => output,
         Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
     }
+}
+
+/// A client that speaks raw frames.
+pub struct Raw {
+    pub framed: Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+}
+
+impl Raw {
+    pub async fn open(addr: SocketAddr) -> Raw {
+        Raw::over(TcpStream::connect(addr).await.expect("connect"))
+    }
+
+    /// Frames an open socket (one bound to a chosen source address, or
+    /// with small buffers).
+    pub fn over(socket: TcpStream) -> Raw {
+        Raw {
+            framed: Framed::new(socket, protocol::codec(limits::REPLY_FRAME_BYTES_MAX)),
+        }
+    }
+
+    /// Opens a connection and a session.
+    pub async fn session(addr: SocketAddr) -> Raw {
+        Raw::session_welcome(addr).await.0
+    }
+
+    /// Opens a connection and a session; returns the server's welcome too.
+    pub async fn session_welcome(addr: SocketAddr) -> (Raw, Welcome) {
+        Raw::open(addr).await.hello(10_000).await
+    }
+
+    /// Opens a session on this connection.
+    pub async fn hello(self, session_timeout_ms: u64) -> (Raw, Welcome) {
+        let mut raw = self;
+        raw.send_json(&json!(Hello {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            session_timeout_ms,
+            resume: None,
+        }))
+        .await;
+        match raw.recv().await {
+            Some(ServerMessage::Welcome(welcome)) => (raw, welcome),
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send_json(&mut self, value: &serde_json::Value) {
+        self.send_bytes(Bytes::from(value.to_string())).await;
+    }
+
+    pub async fn send_bytes(&mut self, body: Bytes) {
+        self.framed.send(body).await.expect("send frame");
+    }
+
+    /// The next message, or None at end of stream.
+    pub async fn recv(&mut self) -> Option<ServerMessage> {
+        let frame = within("a frame from the server", self.framed.next()).await?;
+        let frame = frame.ok()?;
+        Some(serde_json::from_slice(&frame).expect("the server sends valid messages"))
+    }
+
+    pub async fn request(&mut self, xid: u64, op: serde_json::Value) -> Reply {
+        self.send_json(&json!({ "xid": xid, "op": op })).await;
+        match self.recv().await {
+            Some(ServerMessage::Reply(reply)) => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// Expects a fatal error with this code, then the end of the stream.
+    pub async fn expect_fatal(&mut self, code: ErrorCode) -> String {
+        let message = match self.recv().await {
+            Some(ServerMessage::Fatal(error)) => {
+                assert_eq!(error.code, code, "{}", error.message);
+                error.message
+            }
+            other => panic!("expected a fatal {code:?}, got {other:?}"),
+        };
+        assert!(
+            self.recv().await.is_none(),
+            "the server closes after a fatal error"
+        );
+        message
+    }
+}
+
+/// Waits until all `slots` connection slots are free at once, which proves
+/// that every earlier connection's task has ended. Returns one session on
+/// one of them.
+pub async fn all_slots_free(addr: SocketAddr, slots: usize) -> Raw {
+    within("every connection slot to be free", async {
+        loop {
+            let mut admitted = Vec::new();
+            for _ in 0..slots {
+                let mut probe = Raw::open(addr).await;
+                probe
+                    .send_json(&json!(Hello {
+                        protocol_version: protocol::PROTOCOL_VERSION,
+                        session_timeout_ms: 10_000,
+                        resume: None,
+                    }))
+                    .await;
+                match probe.recv().await {
+                    Some(ServerMessage::Welcome(_)) => admitted.push(probe),
+                    Some(ServerMessage::Fatal(e)) if e.code == ErrorCode::TooManyConnections => {
+                        break
+                    }
+                    other => panic!("unexpected answer to a probe: {other:?}"),
+                }
+            }
+            if admitted.len() == slots {
+                return admitted.swap_remove(0);
+            }
+            // Pace the rounds; slots free on the server's own schedule,
+            // which no message announces.
+            drop(admitted);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
