@@ -266,14 +266,16 @@ struct ServeArgs {
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     write_timeout: Duration,
-    /// Grant no lock for this long after start. Default: as long as the
-    /// lease file says a lock holder of the previous run on this address may
-    /// still act as one (no wait on a first start).
+    /// Grant no lock for at least this long after start, and as long as the
+    /// lease file says a lock holder of the previous run may still act as
+    /// one. For restarts where the file may be lost (a reboot, another
+    /// machine): the longest session timeout in use plus the lock-delay.
     #[arg(long, value_parser = humantime::parse_duration)]
     startup_grace: Option<Duration>,
     /// Where to record how long this run's lock holders may act as holders,
-    /// for a restarted server to wait out. Default: latchkey-ADDR.lease in
-    /// the temporary folder (none when listening on port 0).
+    /// for a restarted server to wait out. Default: lease-PORT in
+    /// $STATE_DIRECTORY, $XDG_STATE_HOME/latchkey or ~/.local/state/latchkey
+    /// (none when listening on port 0).
     #[arg(long, conflicts_with = "no_lease_file")]
     lease_file: Option<PathBuf>,
     /// Keep no lease file: a restart then grants locks at once (after
@@ -297,15 +299,14 @@ struct ServeArgs {
     check_invariants: bool,
 }
 
-/// The lease file `serve` uses unless told otherwise: one per listen
-/// address, in the temporary folder, so that a server restarted on the same
-/// address finds its predecessor's.
+/// The lease file `serve` uses unless told otherwise: one per port, in a
+/// folder private to the user, so that a server restarted on the same port
+/// finds its predecessor's whichever address it was given.
 fn default_lease_file(listen: SocketAddr) -> Option<PathBuf> {
     if listen.port() == 0 {
         return None;
     }
-    let ip = listen.ip().to_string().replace(':', "_");
-    Some(std::env::temp_dir().join(format!("latchkey-{ip}-{}.lease", listen.port())))
+    Some(latchkey::server::default_lease_folder().join(format!("lease-{}", listen.port())))
 }
 
 /// Runs the parsed command; returns the exit code, or an error message for

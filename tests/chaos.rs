@@ -345,12 +345,16 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     let busy: Arc<Vec<AtomicBool>> = Arc::new((0..SLOTS).map(|_| AtomicBool::new(false)).collect());
     let mut heals = JoinSet::new();
     let mut last_restart = Instant::now();
+    let mut restarts = 0u64;
     while started.elapsed() < run_for {
         tokio::time::sleep(rng.millis(50, 300)).await;
         // Now and then, kill the server and start it again on its address:
         // every session is lost, and the lease file must hold grants back
         // until the old holders know.
-        if rng.below(25) == 0 && last_restart.elapsed() >= RESTART_GAP {
+        // At least one restart a run: forced a third of the way in.
+        let due = restarts == 0 && started.elapsed() >= run_for / 3;
+        if (due || rng.below(25) == 0) && last_restart.elapsed() >= RESTART_GAP {
+            restarts += 1;
             for slot in &slots {
                 slot.fault_begins();
             }
@@ -510,6 +514,10 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     assert!(
         faults > 0,
         "no fault was injected; rerun with LATCHKEY_SEED={seed}"
+    );
+    assert!(
+        restarts > 0,
+        "the server was never restarted; rerun with LATCHKEY_SEED={seed}"
     );
     drop(server);
 }

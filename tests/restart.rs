@@ -34,6 +34,16 @@ async fn take_over_after_restart(config: Config) -> (bool, u64, u64) {
     )
     .await
     .expect("acquired");
+    // The holder keeps its session for two more timeouts, heartbeating, so
+    // the lease file must follow its deadline, not just record the grant.
+    let mut status = holder.session_status();
+    let heard_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    within("the holder's heartbeats", async {
+        while status.borrow_and_update().lease_end < heard_until {
+            status.changed().await.expect("the client is alive");
+        }
+    })
+    .await;
     let told = Arc::new(AtomicBool::new(false));
     let lost = {
         let (lost, told) = (guard.lost(), told.clone());
@@ -91,4 +101,43 @@ async fn without_a_lease_file_a_fixed_startup_grace_holds_grants_back() {
     let (told_first, before, after) = take_over_after_restart(config).await;
     assert!(told_first, "granted during the startup grace");
     assert!(after > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_file_asking_for_too_long_a_wait_is_cut_to_what_the_settings_allow() {
+    let path = common::temp_dir("huge").join("lease");
+    let config = Config {
+        lease_file: Some(path.clone()),
+        coordinator: latchkey::state::Config {
+            session_timeout_ms_max: 1_000,
+            lock_delay_ms_max: 1_000,
+            ..test_config().coordinator
+        },
+        ..test_config()
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    std::fs::write(&path, format!("{}\n", now_ms + 3_600_000)).expect("write the lease file");
+    let server = CrashableServer::start(config).await;
+    let client = connect(server.addr()).await;
+    // At most 1 s + 1 s + 1 s of slack, not an hour.
+    let guard = within(
+        "a lock after a bounded wait",
+        Lock::new(&client, "/jobs/x").acquire(),
+    )
+    .await
+    .expect("acquired");
+    guard.release().await.expect("released");
+    let recorded: u64 = std::fs::read_to_string(&path)
+        .expect("the lease file")
+        .trim()
+        .parse()
+        .expect("a number");
+    assert!(
+        recorded < now_ms + 60_000,
+        "the file still asks for {} s",
+        (recorded - now_ms) / 1000
+    );
 }

@@ -49,18 +49,21 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long shutdown waits for connections to flush. Default 5 s.
     pub shutdown_grace: Duration,
-    /// How long after start no lock is granted (requests queue meanwhile).
-    /// `None`, the default: as long as `lease_file` says a holder from a
-    /// previous run on this address may still act as one; no wait when
-    /// there is no such file. State is in memory, so a restart loses every
+    /// Grant no lock for at least this long after start (requests queue
+    /// meanwhile). Whatever it says, grants also wait as long as
+    /// `lease_file` says a holder from a previous run on this address may
+    /// still act as one. State is in memory, so a restart loses every
     /// session, but a holder cut off from the server does not learn that
     /// until its lease estimate runs out; granting its lock sooner would
-    /// give the lock to two holders at once.
+    /// give the lock to two holders at once. Default `None`: no wait beyond
+    /// the lease file's. A grace is for when the file may be lost, as after
+    /// a reboot or a move: the longest session timeout in use plus the
+    /// lock-delay.
     pub startup_grace: Option<Duration>,
     /// Where the server records, and reads at start, how long holders of
     /// its locks may still act as holders (see `startup_grace`). Default
-    /// `None`: no file, for tests and embedding; `latchkey serve` uses one
-    /// in the temporary folder, named after the listen address.
+    /// `None`: no file, for tests and embedding; `latchkey serve` keeps one
+    /// per port in [`default_lease_folder`](super::default_lease_folder).
     pub lease_file: Option<PathBuf>,
     /// Check the coordinator's invariants after every step and stop on the
     /// first broken one. Default: on in debug builds. It costs a walk of the

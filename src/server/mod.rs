@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 pub use config::Config;
 use frames::{next_frame, FrameCodec, FrameReader, NextFrame};
+pub use lease::default_folder as default_lease_folder;
 use outbound::{CloseReason, Outbound};
 
 use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
@@ -148,7 +149,7 @@ impl Core {
         // a heartbeat that extends a holder's lease, that the file does not
         // yet cover.
         if let Some(lease) = &mut self.lease {
-            lease.cover(self.coordinator.lease_horizon_ms());
+            lease.cover(self.coordinator.lease_horizon_ms(), now_ms);
         }
         if paused && self.coordinator.grants_paused_until_ms().is_none() {
             info!("startup grace over: granting locks");
@@ -293,45 +294,69 @@ impl Server {
     }
 }
 
-/// Pauses lock grants for the startup grace (the configured one, or what
-/// the lease file of a previous run says), and opens the lease file for
-/// this run. The file keeps the previous run's horizon until this run's
-/// passes it, so that a second restart within the grace waits as long.
+/// Pauses lock grants for the startup grace: until the later of the
+/// configured grace and what the lease file of a previous run says (in
+/// wall-clock time), the latter bounded by the longest wait this server's
+/// settings could need. Opens the lease file for this run, recording at
+/// least the end of the pause, so that a crash during the pause leaves the
+/// next run as long a wait.
 fn startup_grace(
     config: &Config,
     coordinator: &mut Coordinator,
-    now_ms: u64,
+    clock_now_ms: u64,
 ) -> Result<Option<lease::LeaseRecorder>, ServerError> {
     let lease_error = |path: &std::path::Path, message: String| ServerError::LeaseFile {
         path: path.to_owned(),
         message,
     };
+    let wall_now_ms = lease::wall_now_ms();
     let previous_ms = match &config.lease_file {
         Some(path) => lease::read(path).map_err(|m| lease_error(path, m))?,
         None => None,
     };
-    let pause_until_ms = match config.startup_grace {
-        Some(grace) => {
-            let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-            (grace_ms > 0).then(|| now_ms.saturating_add(grace_ms))
+    // A holder's deadline is at most a session timeout after it was last
+    // heard, its lock-delay at most the maximum, the file a second more.
+    let wait_max_ms = config
+        .coordinator
+        .session_timeout_ms_max
+        .saturating_add(config.coordinator.lock_delay_ms_max)
+        .saturating_add(1_000);
+    let mut file_wait_ms = previous_ms.map_or(0, |until| until.saturating_sub(wall_now_ms));
+    if file_wait_ms > wait_max_ms {
+        if let Some(path) = &config.lease_file {
+            warn!(
+                "{} asks for a wait of {:?}, longer than any holder of this server's \
+                 settings could need; waiting {:?} (was the clock set back?)",
+                path.display(),
+                Duration::from_millis(file_wait_ms),
+                Duration::from_millis(wait_max_ms)
+            );
         }
-        None => previous_ms.filter(|&until| until > now_ms),
-    };
-    if let Some(until_ms) = pause_until_ms {
-        coordinator.pause_grants_until(until_ms);
-        let wait = Duration::from_millis(until_ms.saturating_sub(now_ms));
-        match (config.startup_grace, &config.lease_file) {
-            (None, Some(path)) => info!(
+        file_wait_ms = wait_max_ms;
+    }
+    let grace_ms = config
+        .startup_grace
+        .map_or(0, |g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX));
+    let wait_ms = grace_ms.max(file_wait_ms);
+    if wait_ms > 0 {
+        coordinator.pause_grants_until(clock_now_ms.saturating_add(wait_ms));
+        let wait = Duration::from_millis(wait_ms);
+        match &config.lease_file {
+            Some(path) if file_wait_ms >= grace_ms => info!(
                 "no lock is granted for {wait:?}: {} says a lock holder of the previous \
-                 run on this address may act as one until then (--startup-grace 0s skips \
-                 this wait, at the risk of two holders at once)",
+                 run on this address may act as one until then (delete that file, or pass \
+                 --no-lease-file, to skip this wait, at the risk of two holders at once)",
                 path.display()
             ),
             _ => info!("no lock is granted for {wait:?} (--startup-grace)"),
         }
     }
+    let record_ms = previous_ms
+        .unwrap_or(0)
+        .min(wall_now_ms.saturating_add(wait_max_ms))
+        .max(wall_now_ms.saturating_add(wait_ms));
     match &config.lease_file {
-        Some(path) => lease::LeaseRecorder::create(path.clone(), previous_ms.unwrap_or(0))
+        Some(path) => lease::LeaseRecorder::create(path.clone(), record_ms)
             .map(Some)
             .map_err(|m| lease_error(path, m)),
         None => Ok(None),

@@ -404,6 +404,16 @@ impl Coordinator {
             }
         }
         for (id, session) in self.sessions.iter() {
+            if let Some(delay_ms) = session.held_delay_ms_max {
+                let until = session.deadline_ms().saturating_add(delay_ms);
+                if self.lease_horizon_ms < until {
+                    return Err(format!(
+                        "session {id} was granted a lock and may act on it until {until}, \
+                         past the lease horizon {}",
+                        self.lease_horizon_ms
+                    ));
+                }
+            }
             for (czxid, &key) in &session.ephemerals {
                 let owned = self
                     .tree

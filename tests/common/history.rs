@@ -460,7 +460,8 @@ pub fn check(entries: &[Entry]) -> (Counts, Vec<Violation>) {
     // No lock is granted while an earlier holder of it may still act as
     // one: every holder is told of a loss (by its lease estimate, if by
     // nothing else) before the server can give the lock to anyone else,
-    // across server restarts too.
+    // across server restarts too. For exclusive locks only, which is all
+    // this history records: shared holders may overlap.
     let mut all_by_lock: HashMap<usize, Vec<&Hold>> = HashMap::new();
     for hold in holds.values() {
         all_by_lock.entry(hold.lock).or_default().push(hold);
