@@ -92,6 +92,10 @@ pub(crate) struct Session {
     /// it was granted one: how long after its deadline a holder may still
     /// be finishing. Never lowered while the session lives (conservative).
     pub(crate) held_delay_ms_max: Option<u64>,
+    /// How many lock nodes the session owns, granted or waiting. A session
+    /// that owns none is in no queue, so no wait can lead back to it: its
+    /// first wait needs no deadlock search.
+    pub(crate) lock_nodes: usize,
 }
 
 impl Session {
@@ -216,6 +220,7 @@ impl Sessions {
             ephemerals: BTreeMap::new(),
             waiting: BTreeMap::new(),
             held_delay_ms_max: None,
+            lock_nodes: 0,
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);
