@@ -79,6 +79,17 @@ pub struct Config {
     /// Estimated from type sizes, not measured. Without it the per-session
     /// bound times `sessions_max` allowed billions.
     pub watches_max: usize,
+    /// Most bytes all sessions' reply caches hold together, as the caches
+    /// estimate them (each reply's fixed size plus the strings it owns).
+    /// Default 256 MiB. Each session's cache is bounded (1 MiB, or its one
+    /// newest reply of up to ~1.2 MB), but times `sessions_max` that is
+    /// ~120 GB at the defaults. Clients acknowledge replies with every
+    /// heartbeat, so caches are normally small; 256 MiB keeps full caches
+    /// for 256 sessions at once, or ~2.6 KB (about a dozen ordinary
+    /// replies) for each of 100,000. Past it, the oldest unpinned replies of
+    /// the sessions caching the most are dropped first; a retry of a
+    /// dropped reply gets RetryUnknown, never a second apply.
+    pub reply_cache_bytes_max: usize,
     /// The lock-delay of a lock node whose create gives none. Default 500
     /// ms: at most one second, as the brief asks; long enough for a holder
     /// cut off from the server to notice through its lease estimate, short
@@ -102,6 +113,7 @@ impl Default for Config {
             children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
             watches_max: 2_000_000,
+            reply_cache_bytes_max: 256 * 1024 * 1024,
             lock_delay_ms_default: 500,
             lock_delay_ms_max: 60_000,
         }
@@ -375,6 +387,12 @@ impl Coordinator {
         self.watches.total()
     }
 
+    /// The bytes all sessions' cached replies hold, as
+    /// `Config::reply_cache_bytes_max` counts them.
+    pub fn reply_cache_bytes(&self) -> usize {
+        self.sessions.replies_bytes()
+    }
+
     /// Checks the invariants (every ephemeral owner is a live session and
     /// lists the node, every lock queue grants exactly the nodes its rules
     /// let through, each session's waits are its ungranted lock nodes and
@@ -383,7 +401,8 @@ impl Coordinator {
     /// matches the tree, child sets match the nodes, the tree's byte total
     /// matches its nodes, ephemerals have no children, every watch belongs
     /// to a live session, the two watch indexes and the watch total agree,
-    /// each reply cache's byte total matches its replies, no zxid in the
+    /// each reply cache's byte total matches its replies and all of them
+    /// together stay within their budget, no zxid in the
     /// tree is above the latest, the latest zxid did not decrease since the
     /// previous check); returns what is broken. Run after each `apply` in
     /// tests and debug builds.
@@ -393,7 +412,8 @@ impl Coordinator {
             return Err(format!("zxid went back from {previous} to {}", self.zxid));
         }
         self.tree.check(self.zxid)?;
-        self.sessions.check(self.zxid)?;
+        self.sessions
+            .check(self.zxid, self.config.reply_cache_bytes_max)?;
         self.watches.check()?;
         for (key, node) in self.tree.iter() {
             if let Some(owner) = node.owner {
@@ -497,21 +517,19 @@ impl Coordinator {
         last_xid_received: Xid,
         now_ms: u64,
     ) -> Result<SessionGrant, ErrorReply> {
-        let grant = match self.sessions.get_mut(session) {
-            Some(s) if s.secret == *secret => {
-                s.forget_through(last_xid_received);
-                s.pin_cached();
-                SessionGrant {
-                    session,
-                    secret: s.secret.clone(),
-                    timeout_ms: s.timeout_ms,
-                    zxid: self.zxid,
-                    last_xid_applied: s.last_xid_applied,
-                }
-            }
+        let grant = match self.sessions.get(session) {
+            Some(s) if s.secret == *secret => SessionGrant {
+                session,
+                secret: s.secret.clone(),
+                timeout_ms: s.timeout_ms,
+                zxid: self.zxid,
+                last_xid_applied: s.last_xid_applied,
+            },
             // One message for both cases, so a guesser learns nothing.
             _ => return Err(session_expired(session)),
         };
+        self.sessions.forget_through(session, last_xid_received);
+        self.sessions.pin_cached(session);
         self.sessions.touch(session, now_ms);
         self.cover_holder(session);
         self.watches.drop_session(session);
