@@ -258,6 +258,12 @@ struct ServeArgs {
     /// Most watches all sessions hold together.
     #[arg(long, default_value_t = Config::default().coordinator.watches_max)]
     watches_max: usize,
+    /// Most bytes all sessions' cached replies (kept so that a write retried
+    /// after a reconnect is answered, not applied twice) hold together; past
+    /// it the largest caches' oldest replies go, and their retries get
+    /// retry_unknown.
+    #[arg(long, default_value_t = Config::default().coordinator.reply_cache_bytes_max)]
+    reply_cache_bytes_max: usize,
     /// After a lock holder's session expires, how long until the lock passes
     /// to the next waiter (unless the lock asked for its own delay).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
@@ -341,6 +347,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             nodes_max: args.nodes_max,
             tree_bytes_max: args.tree_bytes_max,
             watches_max: args.watches_max,
+            reply_cache_bytes_max: args.reply_cache_bytes_max,
             lock_delay_ms_default: millis(args.lock_delay),
             ..latchkey::state::Config::default()
         },

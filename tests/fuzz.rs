@@ -624,6 +624,7 @@ fn small_config() -> Config {
         children_per_node_max: 5,
         watches_per_session_max: 4,
         watches_max: 6,
+        reply_cache_bytes_max: Config::default().reply_cache_bytes_max,
         lock_delay_ms_default: 200,
         lock_delay_ms_max: 400,
     }

@@ -1,5 +1,6 @@
-//! Lock queues: which lock nodes a queue grants, and the grants a removal
-//! passes on.
+//! Lock queues: which lock nodes a queue grants, the grants a removal
+//! passes on, and the search of the wait-for graph that refuses a wait
+//! that would close a cycle.
 //!
 //! A parent's lock children form its queue, in czxid order; other children
 //! are not part of it. A node is granted by the rule of its mode over the
@@ -7,8 +8,19 @@
 //! set ahead of a node only shrinks, and every rule holds on a subset of the
 //! nodes it held on. A scan after each removal therefore grants exactly the
 //! nodes that newly qualify.
+//!
+//! The wait-for graph has an edge from a session to each session it waits
+//! for: a waiting exclusive node waits for the owners of every node ahead
+//! of it, a waiting shared node for those of every exclusive node ahead, a
+//! semaphore node for no one in particular. Listed edge by edge, one queue
+//! of N exclusive waiters has N^2/2 edges. Neither search here lists them:
+//! the deadlock check reads each queue node at most twice per search (see
+//! `Coordinator::find_cycle`), and the invariant check follows at most
+//! about two edges per node that reach the same sessions (see
+//! `Coordinator::for_each_wait_target`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 
 use latchkey_client::protocol::{
     self, ErrorCode, ErrorReply, Grant, LockMode, SessionId, WaitEdge, WatchEvent, WatchEventKind,
@@ -22,6 +34,9 @@ use super::{Coordinator, Effects};
 /// would otherwise make a message nobody reads.
 const CYCLE_EDGES_IN_MESSAGE_MAX: usize = 8;
 
+/// Above every czxid in any queue: the place of a node about to join.
+const QUEUE_BACK: Zxid = Zxid(u64::MAX);
+
 /// Whether a node of `mode` with `ahead` lock nodes ahead of it, of which at
 /// least one is exclusive if `exclusive_ahead`, is granted.
 pub(crate) fn qualifies(mode: LockMode, ahead: usize, exclusive_ahead: bool) -> bool {
@@ -33,26 +48,21 @@ pub(crate) fn qualifies(mode: LockMode, ahead: usize, exclusive_ahead: bool) -> 
     }
 }
 
-/// The sessions a waiting node of `mode` waits for, given the nodes ahead
-/// of it: an exclusive node waits for every node ahead, a shared one for the
-/// exclusive ones. A zombie has no owner and adds no one; a semaphore node
-/// waits for any one of several holders to leave (an OR-wait), which no
-/// single edge describes, so it adds no one either.
-fn blockers<'n>(
-    mode: LockMode,
-    ahead: impl Iterator<Item = &'n super::tree::Node>,
-) -> BTreeSet<SessionId> {
-    match mode {
-        LockMode::Semaphore { .. } => BTreeSet::new(),
-        LockMode::Exclusive => ahead.filter_map(|n| n.owner).collect(),
-        LockMode::Shared => ahead
-            .filter(|n| {
-                n.lock
-                    .as_deref()
-                    .is_some_and(|l| l.mode == LockMode::Exclusive)
-            })
-            .filter_map(|n| n.owner)
-            .collect(),
+/// How far one search has read a queue: the nodes ahead of `all` were all
+/// read, the exclusive nodes ahead of `exclusive` too (`None`: none yet).
+#[derive(Clone, Copy, Default)]
+struct Scanned {
+    all: Option<Zxid>,
+    exclusive: Option<Zxid>,
+}
+
+/// The range from `from` (the front if `None`) up to, not including, `to`;
+/// `None` if empty.
+fn unread(from: Option<Zxid>, to: Zxid) -> Option<(Bound<Zxid>, Bound<Zxid>)> {
+    match from {
+        None => Some((Bound::Unbounded, Bound::Excluded(to))),
+        Some(from) if from < to => Some((Bound::Included(from), Bound::Excluded(to))),
+        Some(_) => None,
     }
 }
 
@@ -65,6 +75,9 @@ impl Coordinator {
     /// Every wait is checked when it starts, and the waits a node has only
     /// shrink as the nodes ahead of it leave or turn into zombies, so the
     /// graph is acyclic before this wait and a cycle must pass through it.
+    /// Cost: at most two reads of each node of the queues the search
+    /// reaches (linear in them, not quadratic), and none at all for a
+    /// session that owns no other lock node.
     pub(super) fn check_lock_wait(
         &self,
         session: SessionId,
@@ -78,28 +91,205 @@ impl Coordinator {
         let Some(parent_key) = self.tree.key(lock) else {
             return Ok(());
         };
-        let queue: Vec<&super::tree::Node> = self
+        let ahead = self.tree.lock_queue_len(parent_key);
+        let exclusive_ahead = self
             .tree
-            .lock_queue(parent_key, ..)
-            .map(|(_, key)| self.tree.node(key))
-            .collect();
-        let exclusive_ahead = queue.iter().any(|n| {
-            n.lock
-                .as_deref()
-                .is_some_and(|l| l.mode == LockMode::Exclusive)
-        });
-        if qualifies(mode, queue.len(), exclusive_ahead) {
+            .exclusive_ahead_of(parent_key, QUEUE_BACK)
+            .is_some();
+        if qualifies(mode, ahead, exclusive_ahead) {
             return Ok(());
         }
-        let holders = blockers(mode, queue.into_iter());
-        match self.find_cycle(session, lock, holders) {
+        // Every edge points at the owner of a lock node, so no wait leads
+        // back to a session that owns none: a session's first wait, the
+        // common case, costs no search.
+        if self
+            .sessions
+            .get(session)
+            .map_or(true, |s| s.lock_nodes == 0)
+        {
+            return Ok(());
+        }
+        match self.find_cycle(session, lock, parent_key, mode) {
             None => Ok(()),
             Some(cycle) => Err(deadlock(path, cycle)),
         }
     }
 
-    /// The sessions `waiter` waits for, each with the queue (the parent
-    /// path) of its oldest wait on it, in SessionId order.
+    /// A shortest cycle that `session`, waiting with a node of `mode` at
+    /// the back of the queue `lock` (under `parent_key`), would close,
+    /// starting with its own edge; `None` if none would.
+    ///
+    /// A breadth-first search over sessions, each expanded at most once
+    /// (its waits in czxid order, each queue read in queue order), so the
+    /// answer is the same on every replica. Expanding a wait does not list
+    /// its edges one by one: an exclusive node's edges go to the owners of
+    /// the nodes ahead of it, and of those, the ones ahead of a node this
+    /// search has already expanded in the same queue were reached then, at
+    /// no greater distance (the search goes in order of distance). So each
+    /// queue keeps how far from its front it has been read (`Scanned`), and
+    /// a wait reads only the nodes between that mark and itself; a shared
+    /// node likewise reads only the exclusive nodes past both marks,
+    /// through the queue's exclusive index. Each node is thus read at most
+    /// twice per search, and the distances, hence the cycle's length, are
+    /// those of the search over every edge.
+    fn find_cycle(
+        &self,
+        session: SessionId,
+        lock: &str,
+        parent_key: usize,
+        mode: LockMode,
+    ) -> Option<Vec<WaitEdge>> {
+        let edge = |session: SessionId, lock: &str, holder: SessionId| WaitEdge {
+            session,
+            lock: lock.to_owned(),
+            holder,
+        };
+        let mut scanned: BTreeMap<usize, Scanned> = BTreeMap::new();
+        let mut holders = Vec::new();
+        self.read_wait(&mut scanned, parent_key, mode, QUEUE_BACK, &mut holders);
+        if holders.contains(&session) {
+            return Some(vec![edge(session, lock, session)]);
+        }
+        // Each reached session -> the session and queue it was reached from.
+        let mut reached: BTreeMap<SessionId, (SessionId, &str)> = BTreeMap::new();
+        let mut frontier = VecDeque::new();
+        for holder in holders.drain(..) {
+            if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
+                e.insert((session, lock));
+                frontier.push_back(holder);
+            }
+        }
+        // Bounded: a session enters the frontier at most once, and each of
+        // its waits is read once.
+        while let Some(waiter) = frontier.pop_front() {
+            let Some(s) = self.sessions.get(waiter) else {
+                continue;
+            };
+            for (&czxid, &key) in &s.waiting {
+                let node = self.tree.node(key);
+                let (Some(info), Some(via)) =
+                    (node.lock.as_deref(), protocol::parent_path(&node.path))
+                else {
+                    continue;
+                };
+                let Some(via_key) = self.tree.key(via) else {
+                    continue;
+                };
+                self.read_wait(&mut scanned, via_key, info.mode, czxid, &mut holders);
+                for holder in holders.drain(..) {
+                    if holder == session {
+                        let mut cycle = vec![edge(waiter, via, session)];
+                        let mut at = waiter;
+                        // Bounded: each step goes back one edge of the
+                        // search tree, whose root is `session`.
+                        for _ in 0..reached.len() {
+                            let Some(&(from, via)) = reached.get(&at) else {
+                                break;
+                            };
+                            cycle.push(edge(from, via, at));
+                            if from == session {
+                                break;
+                            }
+                            at = from;
+                        }
+                        cycle.reverse();
+                        return Some(cycle);
+                    }
+                    if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
+                        e.insert((waiter, via));
+                        frontier.push_back(holder);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Appends to `holders` the owners, not read before in this search (by
+    /// `scanned`), of the nodes that a waiting node of `mode` at `czxid` in
+    /// the queue under `parent_key` waits for, in queue order; repeats
+    /// possible. Zombies have no owner and add no one; semaphore nodes wait
+    /// for any one of several holders to leave (an OR-wait), which no
+    /// single edge describes, so they add no one either.
+    fn read_wait(
+        &self,
+        scanned: &mut BTreeMap<usize, Scanned>,
+        parent_key: usize,
+        mode: LockMode,
+        czxid: Zxid,
+        holders: &mut Vec<SessionId>,
+    ) {
+        let mark = scanned.entry(parent_key).or_default();
+        let mut read = |key: usize| {
+            #[cfg(test)]
+            self.wait_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(owner) = self.tree.node(key).owner {
+                holders.push(owner);
+            }
+        };
+        match mode {
+            LockMode::Semaphore { .. } => {}
+            LockMode::Exclusive => {
+                if let Some(range) = unread(mark.all, czxid) {
+                    for (_, key) in self.tree.lock_queue(parent_key, range) {
+                        read(key);
+                    }
+                    mark.all = Some(czxid);
+                }
+            }
+            LockMode::Shared => {
+                if let Some(range) = unread(mark.all.max(mark.exclusive), czxid) {
+                    for (_, key) in self.tree.lock_queue_exclusive(parent_key, range) {
+                        read(key);
+                    }
+                    mark.exclusive = Some(czxid);
+                }
+            }
+        }
+    }
+
+    /// Calls `target` with the owner of each node that a waiting node of
+    /// `mode` at `czxid` in the queue under `parent_key` points to in a
+    /// graph with fewer edges than the wait-for graph but the same
+    /// reachability, which the invariant check searches for cycles: for an
+    /// exclusive node, the nearest exclusive node ahead of it (if any) and
+    /// every node between the two; for a shared node, that nearest
+    /// exclusive node alone; for a semaphore node, none.
+    ///
+    /// Why these reach every session the node waits for: the nodes it waits
+    /// for that lie ahead of the nearest exclusive node `e` are also ahead
+    /// of `e`, so `e` is not first and therefore waits (an exclusive node is
+    /// granted only when first), for all of them. A waiting node's owner is
+    /// a live session (only granted nodes become ownerless zombies), so the
+    /// edge to `e`'s owner, then `e`'s own edges (by induction on the place
+    /// in the queue), reach their owners. Over a queue, the ranges of its
+    /// exclusive nodes do not overlap, so its waiting nodes together list
+    /// at most about twice its length.
+    fn for_each_wait_target(
+        &self,
+        parent_key: usize,
+        mode: LockMode,
+        czxid: Zxid,
+        mut target: impl FnMut(SessionId),
+    ) {
+        let nearest = self.tree.exclusive_ahead_of(parent_key, czxid);
+        let range = match (mode, nearest) {
+            (LockMode::Semaphore { .. }, _) | (LockMode::Shared, None) => return,
+            (LockMode::Shared, Some(e)) => (Bound::Included(e), Bound::Included(e)),
+            (LockMode::Exclusive, Some(e)) => (Bound::Included(e), Bound::Excluded(czxid)),
+            (LockMode::Exclusive, None) => (Bound::Unbounded, Bound::Excluded(czxid)),
+        };
+        for (_, key) in self.tree.lock_queue(parent_key, range) {
+            if let Some(owner) = self.tree.node(key).owner {
+                target(owner);
+            }
+        }
+    }
+
+    /// The sessions `waiter` points to by `for_each_wait_target`, each with
+    /// the queue (the parent path) of its oldest wait that points there, in
+    /// SessionId order.
     fn wait_edges(&self, waiter: SessionId) -> BTreeMap<SessionId, &str> {
         let mut edges = BTreeMap::new();
         let Some(s) = self.sessions.get(waiter) else {
@@ -115,71 +305,11 @@ impl Coordinator {
             let Some(parent_key) = self.tree.key(parent) else {
                 continue;
             };
-            let ahead = self
-                .tree
-                .lock_queue(parent_key, ..czxid)
-                .map(|(_, key)| self.tree.node(key));
-            for holder in blockers(lock.mode, ahead) {
+            self.for_each_wait_target(parent_key, lock.mode, czxid, |holder| {
                 edges.entry(holder).or_insert(parent);
-            }
+            });
         }
         edges
-    }
-
-    /// A shortest cycle that `session`, waiting in `lock` for `holders`,
-    /// would close, starting with its own edge; `None` if none would. A
-    /// breadth-first search over the sessions' waits in SessionId order:
-    /// each session is expanded at most once, so the cost is that of the
-    /// waits it reaches, and the answer is the same on every replica.
-    fn find_cycle(
-        &self,
-        session: SessionId,
-        lock: &str,
-        holders: BTreeSet<SessionId>,
-    ) -> Option<Vec<WaitEdge>> {
-        let edge = |session: SessionId, lock: &str, holder: SessionId| WaitEdge {
-            session,
-            lock: lock.to_owned(),
-            holder,
-        };
-        if holders.contains(&session) {
-            return Some(vec![edge(session, lock, session)]);
-        }
-        // Each reached session -> the session and queue it was reached from.
-        let mut reached: BTreeMap<SessionId, (SessionId, &str)> = BTreeMap::new();
-        let mut frontier = VecDeque::new();
-        for holder in holders {
-            reached.insert(holder, (session, lock));
-            frontier.push_back(holder);
-        }
-        // Bounded: a session enters the frontier at most once.
-        while let Some(waiter) = frontier.pop_front() {
-            for (holder, via) in self.wait_edges(waiter) {
-                if holder == session {
-                    let mut cycle = vec![edge(waiter, via, session)];
-                    let mut at = waiter;
-                    // Bounded: each step goes back one edge of the search
-                    // tree, whose root is `session`.
-                    for _ in 0..reached.len() {
-                        let Some(&(from, via)) = reached.get(&at) else {
-                            break;
-                        };
-                        cycle.push(edge(from, via, at));
-                        if from == session {
-                            break;
-                        }
-                        at = from;
-                    }
-                    cycle.reverse();
-                    return Some(cycle);
-                }
-                if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
-                    e.insert((waiter, via));
-                    frontier.push_back(holder);
-                }
-            }
-        }
-        None
     }
 
     /// The nodes of the queue under `parent_key` that qualify and are not
@@ -215,23 +345,7 @@ impl Coordinator {
     ) -> Vec<usize> {
         let ready = self.ready_in_queue(parent_key);
         for &key in &ready {
-            self.tree.grant(
-                key,
-                Grant {
-                    token,
-                    at_ms: now_ms,
-                },
-            );
-            let node = self.tree.node(key);
-            let delay_ms = node.lock.as_deref().map_or(0, |l| l.delay_ms);
-            let owner = node.owner;
-            if let Some(s) = owner.and_then(|o| self.sessions.get_mut(o)) {
-                s.waiting.remove(&node.czxid);
-                s.held_delay_ms_max = Some(s.held_delay_ms_max.unwrap_or(0).max(delay_ms));
-            }
-            if let Some(owner) = owner {
-                self.cover_holder(owner);
-            }
+            self.grant(key, token, now_ms);
         }
         ready
     }
@@ -256,6 +370,46 @@ impl Coordinator {
             let token = self.next_zxid();
             let granted = self.grant_ready(parent_key, token, now_ms);
             self.announce_grants(&granted, token, fx);
+        }
+    }
+
+    /// Grants the lock node `key`, which has just joined the back of the
+    /// queue under `parent_key`, if its rule lets it through and grants are
+    /// not paused. Joining at the back lets no other node through, so this
+    /// looks at the new node alone: no scan of the queue.
+    pub(super) fn grant_joined(&mut self, parent_key: usize, key: usize, token: Zxid, now_ms: u64) {
+        let node = self.tree.node(key);
+        let Some(lock) = node.lock.as_deref() else {
+            return;
+        };
+        let ahead = self.tree.lock_queue_len(parent_key).saturating_sub(1);
+        let exclusive_ahead = self
+            .tree
+            .exclusive_ahead_of(parent_key, node.czxid)
+            .is_some();
+        if self.grants_paused_until_ms.is_none() && qualifies(lock.mode, ahead, exclusive_ahead) {
+            self.grant(key, token, now_ms);
+        }
+    }
+
+    /// Grants one lock node and takes it off its owner's waits.
+    fn grant(&mut self, key: usize, token: Zxid, now_ms: u64) {
+        self.tree.grant(
+            key,
+            Grant {
+                token,
+                at_ms: now_ms,
+            },
+        );
+        let node = self.tree.node(key);
+        let delay_ms = node.lock.as_deref().map_or(0, |l| l.delay_ms);
+        let owner = node.owner;
+        if let Some(s) = owner.and_then(|o| self.sessions.get_mut(o)) {
+            s.waiting.remove(&node.czxid);
+            s.held_delay_ms_max = Some(s.held_delay_ms_max.unwrap_or(0).max(delay_ms));
+        }
+        if let Some(owner) = owner {
+            self.cover_holder(owner);
         }
     }
 
@@ -311,9 +465,11 @@ impl Coordinator {
     /// a node is granted exactly when its rule lets it through (no grant is
     /// missed, none given early); a grant's token lies between the node's
     /// czxid and the latest zxid; a session's waits are exactly its lock
-    /// nodes not yet granted.
+    /// nodes not yet granted, and its lock node count is right; the
+    /// sessions' waits form no cycle.
     pub(super) fn check_locks(&self) -> Result<(), String> {
         let mut waits = 0usize;
+        let mut owned: BTreeMap<SessionId, usize> = BTreeMap::new();
         for (parent_key, parent) in self.tree.iter() {
             let mut ahead = 0usize;
             let mut exclusive_ahead = false;
@@ -324,6 +480,9 @@ impl Coordinator {
                 };
                 if node.kind != protocol::NodeKind::Ephemeral {
                     return Err(format!("lock node {} is {:?}", node.path, node.kind));
+                }
+                if let Some(owner) = node.owner {
+                    *owned.entry(owner).or_default() += 1;
                 }
                 let due = self.grants_paused_until_ms.is_none()
                     && qualifies(lock.mode, ahead, exclusive_ahead);
@@ -358,22 +517,66 @@ impl Coordinator {
                 exclusive_ahead |= lock.mode == LockMode::Exclusive;
             }
         }
-        // No cycle: every waiting session, searched as if it were starting
-        // its waits again, reaches no path back to itself.
-        for (&id, s) in self.sessions.iter() {
-            if s.waiting.is_empty() {
-                continue;
-            }
-            let holders = self.wait_edges(id).into_keys().collect();
-            if let Some(cycle) = self.find_cycle(id, "", holders) {
-                return Err(format!("the sessions' waits form a cycle: {cycle:?}"));
+        for (id, s) in self.sessions.iter() {
+            let count = owned.get(id).copied().unwrap_or(0);
+            if s.lock_nodes != count {
+                return Err(format!(
+                    "session {id} counts {} lock nodes but owns {count}",
+                    s.lock_nodes
+                ));
             }
         }
+        self.check_acyclic()?;
         let listed: usize = self.sessions.iter().map(|(_, s)| s.waiting.len()).sum();
         if listed != waits {
             return Err(format!(
                 "sessions list {listed} waits but {waits} lock nodes wait"
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Coordinator {
+    /// Checks that the sessions' waits form no cycle: one depth-first search
+    /// over the edges of `wait_edges` (which reach what all waits reach, so
+    /// they have a cycle exactly when all waits have one), each session
+    /// expanded once: linear in those edges, so tests can run it after
+    /// every step.
+    fn check_acyclic(&self) -> Result<(), String> {
+        // Absent: not reached yet; true: on the current path; false: done,
+        // no cycle through it.
+        let mut on_path: BTreeMap<SessionId, bool> = BTreeMap::new();
+        for (&root, s) in self.sessions.iter() {
+            if s.waiting.is_empty() || on_path.contains_key(&root) {
+                continue;
+            }
+            on_path.insert(root, true);
+            let mut path = vec![(root, self.wait_edges(root).into_iter())];
+            // Bounded: each pass takes an edge or pops a session, each
+            // session is pushed once, and each edge taken once.
+            while let Some((at, edges)) = path.last_mut() {
+                let at = *at;
+                let Some((to, _)) = edges.next() else {
+                    on_path.insert(at, false);
+                    path.pop();
+                    continue;
+                };
+                match on_path.get(&to) {
+                    Some(false) => {}
+                    Some(true) => {
+                        let start = path.iter().position(|(s, _)| *s == to).unwrap_or(0);
+                        let cycle: Vec<SessionId> = path[start..].iter().map(|(s, _)| *s).collect();
+                        return Err(format!(
+                            "the sessions' waits form a cycle: {cycle:?} back to {to}"
+                        ));
+                    }
+                    None => {
+                        on_path.insert(to, true);
+                        path.push((to, self.wait_edges(to).into_iter()));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -410,4 +613,220 @@ fn deadlock(path: &str, cycle: Vec<WaitEdge>) -> ErrorReply {
         cycle,
         ..ErrorReply::new(ErrorCode::Deadlock, message)
     }
+}
+
+/// The deadlock check as it was before it followed fewer edges: each wait
+/// lists every session it waits for. Quadratic in a long queue; kept to
+/// check the one in use against.
+#[cfg(test)]
+impl Coordinator {
+    /// The sessions a node of `mode` waits for, given the nodes ahead of it.
+    fn blockers_reference<'n>(
+        mode: LockMode,
+        ahead: impl Iterator<Item = &'n super::tree::Node>,
+    ) -> BTreeSet<SessionId> {
+        match mode {
+            LockMode::Semaphore { .. } => BTreeSet::new(),
+            LockMode::Exclusive => ahead.filter_map(|n| n.owner).collect(),
+            LockMode::Shared => ahead
+                .filter(|n| {
+                    n.lock
+                        .as_deref()
+                        .is_some_and(|l| l.mode == LockMode::Exclusive)
+                })
+                .filter_map(|n| n.owner)
+                .collect(),
+        }
+    }
+
+    /// The sessions a node of `mode` joining the queue of `lock` would wait
+    /// for, by the full rule; empty if it would be granted at once.
+    pub(super) fn joining_blockers_reference(
+        &self,
+        lock: &str,
+        mode: LockMode,
+    ) -> BTreeSet<SessionId> {
+        let Some(parent_key) = self.tree.key(lock) else {
+            return BTreeSet::new();
+        };
+        let queue: Vec<&super::tree::Node> = self
+            .tree
+            .lock_queue(parent_key, ..)
+            .map(|(_, key)| self.tree.node(key))
+            .collect();
+        let exclusive_ahead = queue.iter().any(|n| {
+            n.lock
+                .as_deref()
+                .is_some_and(|l| l.mode == LockMode::Exclusive)
+        });
+        if qualifies(mode, queue.len(), exclusive_ahead) {
+            return BTreeSet::new();
+        }
+        Self::blockers_reference(mode, queue.into_iter())
+    }
+
+    /// `check_lock_wait` by the full edges.
+    pub(super) fn check_lock_wait_reference(
+        &self,
+        session: SessionId,
+        path: &str,
+        mode: LockMode,
+    ) -> Result<(), ErrorReply> {
+        let Some(lock) = protocol::parent_path(path) else {
+            return Ok(());
+        };
+        let holders = self.joining_blockers_reference(lock, mode);
+        if holders.is_empty() {
+            return Ok(());
+        }
+        match find_cycle_reference(session, lock, holders, |waiter| {
+            self.wait_edges_reference(waiter)
+        }) {
+            None => Ok(()),
+            Some(cycle) => Err(deadlock(path, cycle)),
+        }
+    }
+
+    /// `wait_edges` by the full rule.
+    pub(super) fn wait_edges_reference(&self, waiter: SessionId) -> BTreeMap<SessionId, &str> {
+        let mut edges = BTreeMap::new();
+        let Some(s) = self.sessions.get(waiter) else {
+            return edges;
+        };
+        for (&czxid, &key) in &s.waiting {
+            let node = self.tree.node(key);
+            let (Some(lock), Some(parent)) =
+                (node.lock.as_deref(), protocol::parent_path(&node.path))
+            else {
+                continue;
+            };
+            let Some(parent_key) = self.tree.key(parent) else {
+                continue;
+            };
+            let ahead = self
+                .tree
+                .lock_queue(parent_key, ..czxid)
+                .map(|(_, key)| self.tree.node(key));
+            for holder in Self::blockers_reference(lock.mode, ahead) {
+                edges.entry(holder).or_insert(parent);
+            }
+        }
+        edges
+    }
+
+    /// Whether `edge` is a wait by the full rule: its session has a waiting
+    /// node in its queue that waits for its holder.
+    pub(super) fn is_wait_reference(&self, edge: &WaitEdge) -> bool {
+        let Some(s) = self.sessions.get(edge.session) else {
+            return false;
+        };
+        s.waiting.iter().any(|(&czxid, &key)| {
+            let node = self.tree.node(key);
+            let Some(lock) = node.lock.as_deref() else {
+                return false;
+            };
+            if protocol::parent_path(&node.path) != Some(edge.lock.as_str()) {
+                return false;
+            }
+            let Some(parent_key) = self.tree.key(&edge.lock) else {
+                return false;
+            };
+            let ahead = self
+                .tree
+                .lock_queue(parent_key, ..czxid)
+                .map(|(_, key)| self.tree.node(key));
+            Self::blockers_reference(lock.mode, ahead).contains(&edge.holder)
+        })
+    }
+
+    /// Every session with waits -> the sessions it reaches through one or
+    /// more edges: by the full edges if `reference`, else by the ones the
+    /// deadlock check follows.
+    pub(super) fn reach(&self, reference: bool) -> BTreeMap<SessionId, BTreeSet<SessionId>> {
+        let edges = |s: SessionId| -> Vec<SessionId> {
+            if reference {
+                self.wait_edges_reference(s).into_keys().collect()
+            } else {
+                self.wait_edges(s).into_keys().collect()
+            }
+        };
+        let mut reach = BTreeMap::new();
+        for (&id, s) in self.sessions.iter() {
+            if s.waiting.is_empty() {
+                continue;
+            }
+            let mut seen = BTreeSet::new();
+            let mut todo = edges(id);
+            while let Some(next) = todo.pop() {
+                if seen.insert(next) {
+                    todo.extend(edges(next));
+                }
+            }
+            reach.insert(id, seen);
+        }
+        reach
+    }
+
+    /// How many lock-queue nodes the wait-for edges have read so far.
+    pub(super) fn wait_reads(&self) -> u64 {
+        self.wait_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A shortest cycle (in the graph `wait_edges` lists, all edges listed) that `session`,
+/// waiting in `lock` for `holders`, would close, starting with its own edge;
+/// `None` if none would. A breadth-first search over the sessions' edges in
+/// SessionId order: each session is expanded at most once, so the cost is
+/// that of the edges it reaches, and the answer is the same on every
+/// replica.
+#[cfg(test)]
+fn find_cycle_reference<'a>(
+    session: SessionId,
+    lock: &'a str,
+    holders: BTreeSet<SessionId>,
+    wait_edges: impl Fn(SessionId) -> BTreeMap<SessionId, &'a str>,
+) -> Option<Vec<WaitEdge>> {
+    let edge = |session: SessionId, lock: &str, holder: SessionId| WaitEdge {
+        session,
+        lock: lock.to_owned(),
+        holder,
+    };
+    if holders.contains(&session) {
+        return Some(vec![edge(session, lock, session)]);
+    }
+    // Each reached session -> the session and queue it was reached from.
+    let mut reached: BTreeMap<SessionId, (SessionId, &str)> = BTreeMap::new();
+    let mut frontier = VecDeque::new();
+    for holder in holders {
+        reached.insert(holder, (session, lock));
+        frontier.push_back(holder);
+    }
+    // Bounded: a session enters the frontier at most once.
+    while let Some(waiter) = frontier.pop_front() {
+        for (holder, via) in wait_edges(waiter) {
+            if holder == session {
+                let mut cycle = vec![edge(waiter, via, session)];
+                let mut at = waiter;
+                // Bounded: each step goes back one edge of the search
+                // tree, whose root is `session`.
+                for _ in 0..reached.len() {
+                    let Some(&(from, via)) = reached.get(&at) else {
+                        break;
+                    };
+                    cycle.push(edge(from, via, at));
+                    if from == session {
+                        break;
+                    }
+                    at = from;
+                }
+                cycle.reverse();
+                return Some(cycle);
+            }
+            if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
+                e.insert((waiter, via));
+                frontier.push_back(holder);
+            }
+        }
+    }
+    None
 }

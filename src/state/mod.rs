@@ -19,6 +19,8 @@ mod watches;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_deadlock;
+#[cfg(test)]
 mod tests_grace;
 #[cfg(test)]
 mod tests_locks;
@@ -77,6 +79,17 @@ pub struct Config {
     /// Estimated from type sizes, not measured. Without it the per-session
     /// bound times `sessions_max` allowed billions.
     pub watches_max: usize,
+    /// Most bytes all sessions' reply caches hold together, as the caches
+    /// estimate them (each reply's fixed size plus the strings it owns).
+    /// Default 256 MiB. Each session's cache is bounded (1 MiB, or its one
+    /// newest reply of up to ~1.2 MB), but times `sessions_max` that is
+    /// ~120 GB at the defaults. Clients acknowledge replies with every
+    /// heartbeat, so caches are normally small; 256 MiB keeps full caches
+    /// for 256 sessions at once, or ~2.6 KB (about a dozen ordinary
+    /// replies) for each of 100,000. Past it, the oldest unpinned replies of
+    /// the sessions caching the most are dropped first; a retry of a
+    /// dropped reply gets RetryUnknown, never a second apply.
+    pub reply_cache_bytes_max: usize,
     /// The lock-delay of a lock node whose create gives none. Default 500
     /// ms: at most one second, as the brief asks; long enough for a holder
     /// cut off from the server to notice through its lease estimate, short
@@ -100,6 +113,7 @@ impl Default for Config {
             children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
             watches_max: 2_000_000,
+            reply_cache_bytes_max: 256 * 1024 * 1024,
             lock_delay_ms_default: 500,
             lock_delay_ms_max: 60_000,
         }
@@ -212,6 +226,10 @@ pub struct Coordinator {
     /// The zxid seen by the last `check_invariants`, to catch a decrease.
     /// Atomic rather than `Cell` so that the coordinator stays `Sync`.
     zxid_checked: AtomicU64,
+    /// Lock-queue nodes the deadlock check has read, so that tests can
+    /// bound its work by counting rather than timing.
+    #[cfg(test)]
+    wait_reads: AtomicU64,
 }
 
 impl Coordinator {
@@ -227,6 +245,8 @@ impl Coordinator {
             grants_paused_until_ms: None,
             lease_horizon_ms: 0,
             zxid_checked: AtomicU64::new(zxid_start.0),
+            #[cfg(test)]
+            wait_reads: AtomicU64::new(0),
         }
     }
 
@@ -367,22 +387,33 @@ impl Coordinator {
         self.watches.total()
     }
 
+    /// The bytes all sessions' cached replies hold, as
+    /// `Config::reply_cache_bytes_max` counts them.
+    pub fn reply_cache_bytes(&self) -> usize {
+        self.sessions.replies_bytes()
+    }
+
     /// Checks the invariants (every ephemeral owner is a live session and
     /// lists the node, every lock queue grants exactly the nodes its rules
-    /// let through and each session's waits are its ungranted lock nodes, the path index matches the tree, child sets match the
-    /// nodes, the tree's byte total matches its nodes, ephemerals have no
-    /// children, every watch belongs to a live session, the two watch
-    /// indexes and the watch total agree, each reply cache's byte total
-    /// matches its replies, no zxid in the tree is above the latest, the
-    /// latest zxid did not decrease since the previous check); returns what
-    /// is broken. Run after each `apply` in tests and debug builds.
+    /// let through, each session's waits are its ungranted lock nodes and
+    /// its lock node count is right, each queue's index of exclusive nodes
+    /// matches it, the sessions' waits form no cycle, the path index
+    /// matches the tree, child sets match the nodes, the tree's byte total
+    /// matches its nodes, ephemerals have no children, every watch belongs
+    /// to a live session, the two watch indexes and the watch total agree,
+    /// each reply cache's byte total matches its replies and all of them
+    /// together stay within their budget, no zxid in the
+    /// tree is above the latest, the latest zxid did not decrease since the
+    /// previous check); returns what is broken. Run after each `apply` in
+    /// tests and debug builds.
     pub fn check_invariants(&self) -> Result<(), String> {
         let previous = Zxid(self.zxid_checked.fetch_max(self.zxid.0, Ordering::Relaxed));
         if self.zxid < previous {
             return Err(format!("zxid went back from {previous} to {}", self.zxid));
         }
         self.tree.check(self.zxid)?;
-        self.sessions.check(self.zxid)?;
+        self.sessions
+            .check(self.zxid, self.config.reply_cache_bytes_max)?;
         self.watches.check()?;
         for (key, node) in self.tree.iter() {
             if let Some(owner) = node.owner {
@@ -496,21 +527,19 @@ impl Coordinator {
         last_xid_received: Xid,
         now_ms: u64,
     ) -> Result<SessionGrant, ErrorReply> {
-        let grant = match self.sessions.get_mut(session) {
-            Some(s) if s.secret == *secret => {
-                s.forget_through(last_xid_received);
-                s.pin_cached();
-                SessionGrant {
-                    session,
-                    secret: s.secret.clone(),
-                    timeout_ms: s.timeout_ms,
-                    zxid: self.zxid,
-                    last_xid_applied: s.last_xid_applied,
-                }
-            }
+        let grant = match self.sessions.get(session) {
+            Some(s) if s.secret == *secret => SessionGrant {
+                session,
+                secret: s.secret.clone(),
+                timeout_ms: s.timeout_ms,
+                zxid: self.zxid,
+                last_xid_applied: s.last_xid_applied,
+            },
             // One message for both cases, so a guesser learns nothing.
             _ => return Err(session_expired(session)),
         };
+        self.sessions.forget_through(session, last_xid_received);
+        self.sessions.pin_cached(session);
         self.sessions.touch(session, now_ms);
         self.cover_holder(session);
         self.watches.drop_session(session);
@@ -541,6 +570,7 @@ impl Coordinator {
                     let czxid = self.tree.node(key).czxid;
                     if let Some(s) = self.sessions.get_mut(session) {
                         s.ephemerals.remove(&czxid);
+                        s.lock_nodes = s.lock_nodes.saturating_sub(1);
                     }
                     self.tree.zombify(key, now_ms.saturating_add(delay_ms));
                 }
@@ -605,6 +635,9 @@ impl Coordinator {
             if let Some(s) = self.sessions.get_mut(owner) {
                 s.ephemerals.remove(&node.czxid);
                 s.waiting.remove(&node.czxid);
+                if node.lock.is_some() {
+                    s.lock_nodes = s.lock_nodes.saturating_sub(1);
+                }
             }
         }
         let parent = latchkey_client::protocol::parent_path(&node.path).unwrap_or("/");
@@ -655,6 +688,7 @@ impl Coordinator {
                 s.ephemerals.insert(zxid, key);
                 if is_lock {
                     s.waiting.insert(zxid, key);
+                    s.lock_nodes = s.lock_nodes.saturating_add(1);
                 }
             }
         }
@@ -679,8 +713,7 @@ impl Coordinator {
             // Joining at the back lets no other node through: only the new
             // node can be granted here, and its owner learns it from the
             // create's stat, not from an event.
-            let granted = self.grant_ready(parent_key, zxid, now_ms);
-            debug_assert!(granted.iter().all(|&k| k == key), "a join granted others");
+            self.grant_joined(parent_key, key, zxid, now_ms);
         }
         key
     }

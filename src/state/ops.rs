@@ -49,12 +49,13 @@ impl Coordinator {
             }
             let is_write = op.is_write();
             let result = self.execute(session, op, now_ms, fx);
-            // A closed session is gone, and so is its cache.
-            if let Some(s) = self.sessions.get_mut(session) {
-                if is_write {
-                    s.remember(xid, result.clone());
-                }
-                s.forget_outside_window(xid);
+            // A closed session is gone, and so is its cache: both are then
+            // no-ops.
+            if is_write {
+                let budget = self.config.reply_cache_bytes_max;
+                self.sessions.remember(session, xid, result.clone(), budget);
+            } else {
+                self.sessions.forget_outside_window(session, xid);
             }
             result
         } else if let Some(cached) = cached {
@@ -67,12 +68,14 @@ impl Coordinator {
                 format!(
                     "write {} of session {session} is at or below the last applied xid {} and its \
                      reply is no longer kept (acknowledged, more than {} requests old, or dropped \
-                     to keep the session's cached replies within {} bytes); read the nodes it \
-                     touches to learn whether it took effect",
+                     to keep the session's cached replies within {} bytes or all sessions' \
+                     within {} bytes); it was not applied again: read the nodes it touches to \
+                     learn whether it took effect",
                     xid.0,
                     last.0,
                     limits::INFLIGHT_MAX,
-                    sessions::REPLY_CACHE_BYTES_MAX
+                    sessions::REPLY_CACHE_BYTES_MAX,
+                    self.config.reply_cache_bytes_max
                 ),
             ))
         };
@@ -163,9 +166,7 @@ impl Coordinator {
             Op::Exists { path, watch } => self.exists(session, &path, watch),
             Op::Children { path, watch } => self.children(session, &path, watch),
             Op::Ping { ack } => {
-                if let Some(s) = self.sessions.get_mut(session) {
-                    s.forget_through(ack);
-                }
+                self.sessions.forget_through(session, ack);
                 Ok(OpResult::Pong)
             }
             Op::SetWatches {

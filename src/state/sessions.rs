@@ -14,9 +14,9 @@ use latchkey_client::protocol::{
 /// paths) take ~150 MB per session. 1 MiB still keeps a full window of
 /// ordinary writes (~200 bytes each by `reply_bytes`) or of multis of up to
 /// ~8 KB. With the newest always kept, a session's cache holds at most the
-/// larger of this and its newest reply (~1.2 MB), so the worst case across
-/// `sessions_max` sessions is still ~120 GB at the default of 100,000:
-/// `sessions_max` is the knob for that product.
+/// larger of this and its newest reply (~1.2 MB); across `sessions_max`
+/// sessions that would still be ~120 GB at the default of 100,000, which
+/// `Config::reply_cache_bytes_max` bounds.
 pub(crate) const REPLY_CACHE_BYTES_MAX: usize = 1024 * 1024;
 
 /// A cached reply to a write, keyed by its xid, with its size estimate.
@@ -72,10 +72,14 @@ pub(crate) struct Session {
     /// strictly increase and entries more than that far below the newest
     /// are dropped; and at most `REPLY_CACHE_BYTES_MAX` bytes unless the
     /// newest alone is larger. Changed only through the methods below, which
-    /// keep `replies_bytes` in step.
+    /// keep `replies_bytes` and `pinned_bytes` in step, each called through
+    /// `Sessions::change_cache`, which keeps the total and its indexes in
+    /// step.
     replies: VecDeque<CachedReply>,
     /// The sum of the `bytes` of `replies`.
     replies_bytes: usize,
+    /// The part of `replies_bytes` held by pinned replies.
+    pinned_bytes: usize,
     /// At a resume, the replies up to the last applied xid are pinned: the
     /// client may send new xids (its watch re-registrations, renumbered
     /// requests) before retrying those writes, and the window must not push
@@ -92,6 +96,10 @@ pub(crate) struct Session {
     /// it was granted one: how long after its deadline a holder may still
     /// be finishing. Never lowered while the session lives (conservative).
     pub(crate) held_delay_ms_max: Option<u64>,
+    /// How many lock nodes the session owns, granted or waiting. A session
+    /// that owns none is in no queue, so no wait can lead back to it: its
+    /// first wait needs no deadlock search.
+    pub(crate) lock_nodes: usize,
 }
 
 impl Session {
@@ -122,53 +130,98 @@ impl Session {
         self.replies_bytes
     }
 
+    fn is_pinned(&self, xid: Xid) -> bool {
+        xid <= self.pinned_through
+    }
+
+    /// The bytes of the replies not pinned: the ones the total budget
+    /// drops first.
+    fn unpinned_bytes(&self) -> usize {
+        self.replies_bytes.saturating_sub(self.pinned_bytes)
+    }
+
     /// Forgets replies the client has acknowledged receiving.
-    pub(crate) fn forget_through(&mut self, ack: Xid) {
+    fn forget_through(&mut self, ack: Xid) {
         self.retain_replies(|xid| xid > ack);
         if ack >= self.pinned_through {
             self.pinned_through = Xid(0);
+            self.pinned_bytes = 0;
         }
     }
 
     /// Pins every cached reply (see `pinned_through`).
-    pub(crate) fn pin_cached(&mut self) {
+    fn pin_cached(&mut self) {
         self.pinned_through = self.last_xid_applied;
+        let pinned = self.pinned_through;
+        self.pinned_bytes = self
+            .replies
+            .iter()
+            .filter(|cached| cached.xid <= pinned)
+            .fold(0usize, |sum, cached| sum.saturating_add(cached.bytes));
     }
 
     /// Caches the reply to write `xid` (above every cached xid), then drops
     /// the oldest replies, pinned ones included, until the cache is within
-    /// `REPLY_CACHE_BYTES_MAX`; the newest always stays. A retry of a
-    /// dropped reply gets RetryUnknown, the documented outcome for a reply no
-    /// longer kept: the client reads to learn whether the write took effect.
-    pub(crate) fn remember(&mut self, xid: Xid, result: Result<OpResult, ErrorReply>) {
+    /// `REPLY_CACHE_BYTES_MAX`; the newest always stays.
+    fn remember(&mut self, xid: Xid, result: Result<OpResult, ErrorReply>) {
         let bytes = reply_bytes(&result);
         self.replies.push_back(CachedReply { xid, result, bytes });
         self.replies_bytes = self.replies_bytes.saturating_add(bytes);
         // Bounded: each pass removes an entry, and the last one stays.
         while self.replies_bytes > REPLY_CACHE_BYTES_MAX && self.replies.len() > 1 {
-            if let Some(oldest) = self.replies.pop_front() {
-                self.replies_bytes = self.replies_bytes.saturating_sub(oldest.bytes);
-            }
+            self.take(0);
         }
     }
 
-    /// Keeps the replies whose xid passes `keep`, and the byte total in step.
+    /// Removes the reply at `index`, keeping the byte totals in step.
+    fn take(&mut self, index: usize) -> Option<CachedReply> {
+        let cached = self.replies.remove(index)?;
+        self.replies_bytes = self.replies_bytes.saturating_sub(cached.bytes);
+        if self.is_pinned(cached.xid) {
+            self.pinned_bytes = self.pinned_bytes.saturating_sub(cached.bytes);
+        }
+        Some(cached)
+    }
+
+    /// Drops the oldest reply not pinned if there is one, else the oldest.
+    /// Pinned replies are the oldest ones (a pin covers every xid applied
+    /// so far, and later replies have higher xids), so the first unpinned
+    /// one follows them.
+    fn drop_one(&mut self) {
+        let pinned = self.pinned_through;
+        let first_unpinned = self.replies.partition_point(|cached| cached.xid <= pinned);
+        let index = if first_unpinned < self.replies.len() {
+            first_unpinned
+        } else {
+            0
+        };
+        self.take(index);
+    }
+
+    /// Keeps the replies whose xid passes `keep`, and the byte totals in
+    /// step.
     fn retain_replies(&mut self, keep: impl Fn(Xid) -> bool) {
         let mut bytes = self.replies_bytes;
+        let mut pinned_bytes = self.pinned_bytes;
+        let pinned = self.pinned_through;
         self.replies.retain(|cached| {
             let kept = keep(cached.xid);
             if !kept {
                 bytes = bytes.saturating_sub(cached.bytes);
+                if cached.xid <= pinned {
+                    pinned_bytes = pinned_bytes.saturating_sub(cached.bytes);
+                }
             }
             kept
         });
         self.replies_bytes = bytes;
+        self.pinned_bytes = pinned_bytes;
     }
 
     /// Drops replies too old to be retried by a client that keeps at most
     /// `limits::INFLIGHT_MAX` requests in flight: those with xid <= `xid -
     /// INFLIGHT_MAX`, where `xid` is the newest applied.
-    pub(crate) fn forget_outside_window(&mut self, xid: Xid) {
+    fn forget_outside_window(&mut self, xid: Xid) {
         let window = u64::try_from(limits::INFLIGHT_MAX).unwrap_or(u64::MAX);
         let floor = xid.0.saturating_sub(window);
         let pinned = self.pinned_through;
@@ -181,6 +234,29 @@ pub(crate) struct Sessions {
     table: BTreeMap<SessionId, Session>,
     /// `(deadline_ms, session)` for every live session.
     deadlines: BTreeSet<(u64, SessionId)>,
+    /// The sum of every session's `replies_bytes`, which
+    /// `Config::reply_cache_bytes_max` bounds.
+    replies_bytes: usize,
+    /// `(bytes, session)` of the unpinned replies of each session that has
+    /// some, so that the total budget drops from the largest cache first,
+    /// found in one look-up and in an order every replica shares.
+    unpinned: BTreeSet<(usize, SessionId)>,
+    /// The same for pinned replies, dropped only when no unpinned one is
+    /// left.
+    pinned: BTreeSet<(usize, SessionId)>,
+}
+
+/// Moves `id` in a `(bytes, session)` index from `before` to `after` bytes;
+/// sessions with none are left out.
+fn reindex(index: &mut BTreeSet<(usize, SessionId)>, id: SessionId, before: usize, after: usize) {
+    if before != after {
+        if before > 0 {
+            index.remove(&(before, id));
+        }
+        if after > 0 {
+            index.insert((after, id));
+        }
+    }
 }
 
 impl Sessions {
@@ -212,19 +288,100 @@ impl Sessions {
             last_xid_applied: Xid(0),
             replies: VecDeque::new(),
             replies_bytes: 0,
+            pinned_bytes: 0,
             pinned_through: Xid(0),
             ephemerals: BTreeMap::new(),
             waiting: BTreeMap::new(),
             held_delay_ms_max: None,
+            lock_nodes: 0,
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);
     }
 
     pub(crate) fn remove(&mut self, id: SessionId) -> Option<Session> {
+        self.change_cache(id, |s| s.retain_replies(|_| false));
         let session = self.table.remove(&id)?;
         self.deadlines.remove(&(session.deadline_ms(), id));
         Some(session)
+    }
+
+    /// The bytes all sessions' reply caches hold, by `reply_bytes`.
+    pub(crate) fn replies_bytes(&self) -> usize {
+        self.replies_bytes
+    }
+
+    /// Applies `change` to the reply cache of `id` (if live) and keeps the
+    /// total and the two indexes in step: the one way the caches change.
+    fn change_cache(&mut self, id: SessionId, change: impl FnOnce(&mut Session)) {
+        let Some(s) = self.table.get_mut(&id) else {
+            return;
+        };
+        let (unpinned, pinned) = (s.unpinned_bytes(), s.pinned_bytes);
+        change(s);
+        let (unpinned_now, pinned_now) = (s.unpinned_bytes(), s.pinned_bytes);
+        reindex(&mut self.unpinned, id, unpinned, unpinned_now);
+        reindex(&mut self.pinned, id, pinned, pinned_now);
+        self.replies_bytes = self
+            .replies_bytes
+            .saturating_sub(unpinned.saturating_add(pinned))
+            .saturating_add(unpinned_now.saturating_add(pinned_now));
+    }
+
+    /// Caches the reply to write `xid` of session `id` (the newest it
+    /// applied), drops its replies outside the window and past its own
+    /// bound, then drops replies across all sessions until they hold at
+    /// most `total_bytes_max` (see `drop_to`).
+    ///
+    /// A retry of any dropped reply gets RetryUnknown (see `ops.rs`): its
+    /// xid is at or below the session's last applied one, so it is never
+    /// applied again, and the client reads to learn whether it took effect.
+    pub(crate) fn remember(
+        &mut self,
+        id: SessionId,
+        xid: Xid,
+        result: Result<OpResult, ErrorReply>,
+        total_bytes_max: usize,
+    ) {
+        self.change_cache(id, |s| {
+            s.remember(xid, result);
+            s.forget_outside_window(xid);
+        });
+        self.drop_to(total_bytes_max);
+    }
+
+    /// Drops cached replies until all sessions hold at most
+    /// `total_bytes_max`: each time the oldest unpinned reply of the session
+    /// whose unpinned replies hold the most bytes (the largest SessionId
+    /// among equals), and only when none is left unpinned, the oldest
+    /// pinned reply of the session holding the most pinned bytes. Pinning
+    /// moves bytes and never adds any, so while the budget stays the same
+    /// the pinned ones fit in it and are not dropped here.
+    fn drop_to(&mut self, total_bytes_max: usize) {
+        // Bounded: each pass drops one reply (each has a non-zero size),
+        // and stops when none is left.
+        while self.replies_bytes > total_bytes_max {
+            let Some(&(_, id)) = self.unpinned.last().or_else(|| self.pinned.last()) else {
+                break;
+            };
+            self.change_cache(id, Session::drop_one);
+        }
+    }
+
+    /// Forgets the replies of `id` that its client has acknowledged.
+    pub(crate) fn forget_through(&mut self, id: SessionId, ack: Xid) {
+        self.change_cache(id, |s| s.forget_through(ack));
+    }
+
+    /// Pins every reply `id` has cached (see `Session::pinned_through`).
+    pub(crate) fn pin_cached(&mut self, id: SessionId) {
+        self.change_cache(id, Session::pin_cached);
+    }
+
+    /// Drops the replies of `id` outside the window below `xid`, its newest
+    /// applied (see `Session::forget_outside_window`).
+    pub(crate) fn forget_outside_window(&mut self, id: SessionId, xid: Xid) {
+        self.change_cache(id, |s| s.forget_outside_window(xid));
     }
 
     /// Records that the session was heard from at `now_ms`.
@@ -252,8 +409,58 @@ impl Sessions {
         self.deadlines.first().map(|&(deadline_ms, _)| deadline_ms)
     }
 
-    /// Checks the deadline index against the table.
-    pub(crate) fn check(&self, zxid: Zxid) -> Result<(), String> {
+    /// Checks the deadline index against the table, each session's reply
+    /// cache against its bounds and byte totals, and the caches' total
+    /// against its indexes and `total_bytes_max`.
+    pub(crate) fn check(&self, zxid: Zxid, total_bytes_max: usize) -> Result<(), String> {
+        let mut total = 0usize;
+        for (id, session) in &self.table {
+            let pinned = session
+                .replies
+                .iter()
+                .filter(|cached| session.is_pinned(cached.xid))
+                .fold(0usize, |sum, cached| sum.saturating_add(cached.bytes));
+            if pinned != session.pinned_bytes {
+                return Err(format!(
+                    "session {id}'s pinned replies hold {pinned} bytes but it records {}",
+                    session.pinned_bytes
+                ));
+            }
+            for (index, bytes, kind) in [
+                (&self.unpinned, session.unpinned_bytes(), "unpinned"),
+                (&self.pinned, session.pinned_bytes, "pinned"),
+            ] {
+                if (bytes > 0) != index.contains(&(bytes, *id)) {
+                    return Err(format!(
+                        "session {id} holds {bytes} {kind} reply bytes, which its index \
+                         does not match"
+                    ));
+                }
+            }
+            total = total.saturating_add(session.replies_bytes);
+        }
+        let indexed = self.unpinned.len().saturating_add(self.pinned.len());
+        let expected = self
+            .table
+            .values()
+            .map(|s| usize::from(s.unpinned_bytes() > 0) + usize::from(s.pinned_bytes > 0))
+            .sum::<usize>();
+        if indexed != expected {
+            return Err(format!(
+                "the reply cache indexes list {indexed} entries for {expected}"
+            ));
+        }
+        if total != self.replies_bytes {
+            return Err(format!(
+                "the reply caches hold {total} bytes but their running total is {}",
+                self.replies_bytes
+            ));
+        }
+        if total > total_bytes_max {
+            return Err(format!(
+                "the reply caches hold {total} bytes; the budget is {total_bytes_max}"
+            ));
+        }
         if self.deadlines.len() != self.table.len() {
             return Err(format!(
                 "{} session deadlines for {} sessions",

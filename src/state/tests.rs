@@ -23,6 +23,7 @@ pub(super) fn config() -> Config {
         children_per_node_max: 1_000,
         watches_per_session_max: 1_000,
         watches_max: 10_000,
+        reply_cache_bytes_max: 1 << 30,
         lock_delay_ms_default: 500,
         lock_delay_ms_max: 60_000,
     }
@@ -1811,6 +1812,146 @@ fn the_reply_cache_keeps_its_newest_reply_even_past_its_byte_bound() {
     let session = h.c.sessions.get(s).expect("live");
     let kept: Vec<Xid> = session.replies().map(|cached| cached.xid).collect();
     assert_eq!(kept, vec![Xid(3)]);
+}
+
+/// The xids of the replies `session` caches, oldest first.
+fn cached_xids(h: &Harness, session: SessionId) -> Vec<u64> {
+    h.c.sessions
+        .get(session)
+        .expect("live")
+        .replies()
+        .map(|cached| cached.xid.0)
+        .collect()
+}
+
+/// Sends creates of `/{prefix}{i}` with xids `xids` as `session`; returns
+/// each reply and the size of one (all have three-byte paths).
+fn create_each(
+    h: &mut Harness,
+    session: SessionId,
+    prefix: &str,
+    xids: std::ops::RangeInclusive<u64>,
+) -> (BTreeMap<u64, Result<OpResult, ErrorReply>>, usize) {
+    let mut replies = BTreeMap::new();
+    let mut bytes = 0;
+    for xid in xids {
+        let out = h.send_xid(session, Xid(xid), create(mk(&format!("/{prefix}{xid}"))));
+        bytes = sessions::reply_bytes(result(&out));
+        replies.insert(xid, result(&out).clone());
+    }
+    (replies, bytes)
+}
+
+/// The size of the reply to one create with a three-byte path.
+fn create_reply_bytes() -> usize {
+    let mut h = Harness::new();
+    let s = h.open();
+    create_each(&mut h, s, "z", 1..=1).1
+}
+
+/// Retries `xid` of `session` (a create of `path`) and checks that it was
+/// refused with RetryUnknown and nothing was applied.
+fn assert_retry_unknown(h: &mut Harness, session: SessionId, xid: u64, path: &str) {
+    let (zxid, nodes) = (h.c.zxid(), h.c.node_count());
+    let out = h.send_xid(session, Xid(xid), create(mk(path)));
+    let e = result(&out).clone().expect_err("dropped");
+    assert_eq!(e.code, ErrorCode::RetryUnknown, "xid {xid}: {e:?}");
+    assert!(e.message.contains("all sessions' within"), "{e:?}");
+    assert_eq!(
+        (h.c.zxid(), h.c.node_count()),
+        (zxid, nodes),
+        "applied again"
+    );
+}
+
+#[test]
+fn all_sessions_cached_replies_stay_within_their_total_budget() {
+    let one = create_reply_bytes();
+    // Room for ten replies.
+    let budget = 10 * one + one / 2;
+    let mut h = Harness::with(Config {
+        reply_cache_bytes_max: budget,
+        ..config()
+    });
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    let (a_replies, _) = create_each(&mut h, a, "a", 1..=8);
+    create_each(&mut h, b, "b", 1..=3);
+    // The eleventh reply pushed out the oldest of the largest cache.
+    assert_eq!(cached_xids(&h, a), (2..=8).collect::<Vec<_>>());
+    assert_eq!(cached_xids(&h, b), vec![1, 2, 3]);
+    create_each(&mut h, c, "c", 1..=2);
+    assert_eq!(cached_xids(&h, a), (4..=8).collect::<Vec<_>>());
+    assert_eq!(cached_xids(&h, c), vec![1, 2]);
+    assert_eq!(h.c.reply_cache_bytes(), 10 * one);
+    // Once b's cache is the largest, b's oldest go.
+    create_each(&mut h, b, "b", 4..=6);
+    assert_eq!(cached_xids(&h, a), (5..=8).collect::<Vec<_>>());
+    assert_eq!(cached_xids(&h, b), (3..=6).collect::<Vec<_>>());
+    assert!(h.c.reply_cache_bytes() <= budget);
+
+    // A retry of a dropped write is not applied again, and says why.
+    for xid in 1..=4 {
+        assert_retry_unknown(&mut h, a, xid, &format!("/a{xid}"));
+    }
+    assert_retry_unknown(&mut h, b, 1, "/b1");
+    // A kept one is answered from the cache.
+    let zxid = h.c.zxid();
+    let out = h.send_xid(a, Xid(8), create(mk("/a8")));
+    assert_eq!(result(&out), &a_replies[&8]);
+    assert_eq!(h.c.zxid(), zxid);
+    // A session's end frees its share.
+    h.ok(a, Op::CloseSession);
+    assert_eq!(h.c.reply_cache_bytes(), 6 * one);
+}
+
+#[test]
+fn pinned_replies_stay_while_the_total_budget_drops_unpinned_ones() {
+    let one = create_reply_bytes();
+    let mut h = Harness::with(Config {
+        reply_cache_bytes_max: 10 * one,
+        ..config()
+    });
+    let [a, b] = [h.open(), h.open()];
+    let (a_replies, _) = create_each(&mut h, a, "a", 1..=6);
+    // a reconnects: its six replies are pinned until it acknowledges them.
+    h.resume(a, "s3cret", 0).expect("resume");
+    create_each(&mut h, b, "b", 1..=8);
+    // a holds the most bytes, but b's unpinned replies went instead.
+    assert_eq!(cached_xids(&h, a), (1..=6).collect::<Vec<_>>());
+    assert_eq!(cached_xids(&h, b), (5..=8).collect::<Vec<_>>());
+    assert_retry_unknown(&mut h, b, 4, "/b4");
+    // a's new xids add unpinned replies: b's largest share goes first,
+    // then a's oldest unpinned one, never a pinned one.
+    create_each(&mut h, a, "n", 7..=9);
+    assert_eq!(cached_xids(&h, b), vec![7, 8]);
+    assert_eq!(
+        cached_xids(&h, a),
+        (1..=6).chain([8, 9]).collect::<Vec<_>>()
+    );
+    let zxid = h.c.zxid();
+    for xid in 1..=6 {
+        let out = h.send_xid(a, Xid(xid), create(mk(&format!("/a{xid}"))));
+        assert_eq!(result(&out), &a_replies[&xid], "xid {xid}");
+    }
+    assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
+    // The ack releases them.
+    h.send_xid(a, Xid(10), Op::Ping { ack: Xid(9) });
+    assert_eq!(cached_xids(&h, a), Vec::<u64>::new());
+}
+
+#[test]
+fn a_reply_larger_than_the_total_budget_is_answered_but_not_kept() {
+    let one = create_reply_bytes();
+    let mut h = Harness::with(Config {
+        reply_cache_bytes_max: one / 2,
+        ..config()
+    });
+    let s = h.open();
+    let out = h.send_xid(s, Xid(1), create(mk("/a1")));
+    assert!(matches!(result(&out), Ok(OpResult::Created { .. })));
+    assert_eq!(h.c.reply_cache_bytes(), 0);
+    assert_retry_unknown(&mut h, s, 1, "/a1");
+    assert!(h.present(s, "/a1"));
 }
 
 #[test]

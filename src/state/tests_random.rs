@@ -74,6 +74,10 @@ fn small_config() -> Config {
         watches_per_session_max: 5,
         // Below 6 sessions x 5, so both watch bounds are hit.
         watches_max: 12,
+        // Room for about ten cached replies of the stream's size (~150
+        // bytes each) across its six sessions, so retries of replies
+        // dropped for the total budget come up.
+        reply_cache_bytes_max: 1_500,
         // Delays of up to a few ticks, so zombies are made and reaped within
         // a stream; the generator asks for more now and then.
         lock_delay_ms_default: 200,

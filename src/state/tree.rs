@@ -1,6 +1,8 @@
 //! The node tree: a slab of nodes, a path index, the two indexes a tick
 //! needs (TTL deadlines and empty containers) so that it never scans the
-//! tree, and each parent's lock queue so that a grant scans one queue.
+//! tree, and each parent's lock queue (with an index of its exclusive
+//! nodes) so that a grant scans one queue and the deadlock check skips the
+//! shared nodes between exclusive ones.
 //!
 //! The tree's mutators are infallible: requests are validated against a
 //! draft (see `ops.rs`) before any of them runs, so a failed `expect` here is
@@ -9,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::RangeBounds;
 
-use latchkey_client::protocol::{self, Grant, LockInfo, NodeKind, SessionId, Stat, Zxid};
+use latchkey_client::protocol::{self, Grant, LockInfo, LockMode, NodeKind, SessionId, Stat, Zxid};
 use slab::Slab;
 
 /// One node. `data_length` and `num_children` are derived from `data` and
@@ -87,17 +89,28 @@ pub(crate) struct Tree {
     ttl_deadlines: BTreeSet<(u64, Zxid, usize)>,
     /// `(czxid, key)` of containers that lost their last child.
     empty_containers: BTreeSet<(Zxid, usize)>,
-    /// Parent key -> its lock children, czxid -> key: the lock queue, in
-    /// queue order. Only parents with lock children have an entry, so other
-    /// nodes pay nothing; a parent's key cannot be reused while it has one,
-    /// because a node with children is never removed.
-    lock_queues: BTreeMap<usize, BTreeMap<Zxid, usize>>,
+    /// Parent key -> its lock queue. Only parents with lock children have
+    /// an entry, so other nodes pay nothing; a parent's key cannot be reused
+    /// while it has one, because a node with children is never removed.
+    lock_queues: BTreeMap<usize, LockQueue>,
     /// `(freed_at_ms, czxid, key)` of zombies: granted lock nodes whose
     /// owner expired, kept holding through their lock-delay.
     zombies: BTreeSet<(u64, Zxid, usize)>,
     /// The sum of `node_bytes` over all nodes, kept by every mutator so that
     /// a write can be checked against `Config::tree_bytes_max` without a walk.
     bytes: usize,
+}
+
+/// One parent's lock children.
+#[derive(Default)]
+struct LockQueue {
+    /// czxid -> key, in queue order.
+    nodes: BTreeMap<Zxid, usize>,
+    /// The czxids of the exclusive nodes among `nodes`, so that the nearest
+    /// exclusive node ahead of a node is found without walking back over
+    /// the shared ones between (the deadlock search asks for it at every
+    /// wait it follows).
+    exclusive: BTreeSet<Zxid>,
 }
 
 /// What a node counts against `Config::tree_bytes_max`: its path and its
@@ -195,7 +208,7 @@ impl Tree {
             cversion: 0,
         };
         let deadline = node.ttl_deadline_ms();
-        let is_lock = node.lock.is_some();
+        let lock_mode = node.lock.as_deref().map(|l| l.mode);
         self.bytes = self
             .bytes
             .saturating_add(node_bytes(&node.path, node.data.len()));
@@ -204,11 +217,12 @@ impl Tree {
         if let Some(deadline_ms) = deadline {
             self.ttl_deadlines.insert((deadline_ms, zxid, key));
         }
-        if is_lock {
-            self.lock_queues
-                .entry(parent_key)
-                .or_default()
-                .insert(zxid, key);
+        if let Some(mode) = lock_mode {
+            let queue = self.lock_queues.entry(parent_key).or_default();
+            queue.nodes.insert(zxid, key);
+            if mode == LockMode::Exclusive {
+                queue.exclusive.insert(zxid);
+            }
         }
         let parent = &mut self.nodes[parent_key];
         parent.children.insert(name);
@@ -246,8 +260,9 @@ impl Tree {
         };
         if node.lock.is_some() {
             if let Some(queue) = self.lock_queues.get_mut(&parent_key) {
-                queue.remove(&node.czxid);
-                if queue.is_empty() {
+                queue.nodes.remove(&node.czxid);
+                queue.exclusive.remove(&node.czxid);
+                if queue.nodes.is_empty() {
                     self.lock_queues.remove(&parent_key);
                 }
             }
@@ -320,10 +335,46 @@ impl Tree {
     ) -> impl Iterator<Item = (Zxid, usize)> + 'a {
         self.lock_queues
             .get(&parent_key)
-            .map(|queue| queue.range(czxids))
+            .map(|queue| queue.nodes.range(czxids))
             .into_iter()
             .flatten()
             .map(|(&czxid, &key)| (czxid, key))
+    }
+
+    /// The exclusive nodes of the lock queue under `parent_key` whose
+    /// czxids lie in `czxids`, in queue order, found through the exclusive
+    /// index: the shared and semaphore nodes between cost nothing.
+    pub(crate) fn lock_queue_exclusive<'a>(
+        &'a self,
+        parent_key: usize,
+        czxids: impl RangeBounds<Zxid> + 'a,
+    ) -> impl Iterator<Item = (Zxid, usize)> + 'a {
+        let queue = self.lock_queues.get(&parent_key);
+        queue
+            .map(|queue| queue.exclusive.range(czxids))
+            .into_iter()
+            .flatten()
+            .filter_map(move |czxid| {
+                let key = queue.and_then(|queue| queue.nodes.get(czxid))?;
+                Some((*czxid, *key))
+            })
+    }
+
+    /// How many nodes the lock queue under `parent_key` holds.
+    pub(crate) fn lock_queue_len(&self, parent_key: usize) -> usize {
+        self.lock_queues
+            .get(&parent_key)
+            .map_or(0, |queue| queue.nodes.len())
+    }
+
+    /// The czxid of the exclusive node nearest ahead of `czxid` in the lock
+    /// queue under `parent_key` (the last exclusive node of the queue for a
+    /// `czxid` above all of them), if any. One index look-up.
+    pub(crate) fn exclusive_ahead_of(&self, parent_key: usize, czxid: Zxid) -> Option<Zxid> {
+        self.lock_queues
+            .get(&parent_key)
+            .and_then(|queue| queue.exclusive.range(..czxid).next_back())
+            .copied()
     }
 
     /// Records a lock node's grant.
@@ -548,11 +599,27 @@ impl Tree {
             let Some(parent) = self.nodes.get(parent_key) else {
                 return Err(format!("lock queue under dead key {parent_key}"));
             };
-            if queue.is_empty() {
+            if queue.nodes.is_empty() {
                 return Err(format!("empty lock queue kept for {}", parent.path));
             }
-            for (&czxid, &key) in queue {
+            let mut exclusive = 0usize;
+            for (&czxid, &key) in &queue.nodes {
                 queued += 1;
+                let mode = self
+                    .nodes
+                    .get(key)
+                    .and_then(|n| n.lock.as_deref())
+                    .map(|l| l.mode);
+                if (mode == Some(LockMode::Exclusive)) != queue.exclusive.contains(&czxid) {
+                    return Err(format!(
+                        "the exclusive index of {}'s lock queue disagrees with node ({czxid}, \
+                         {key}) of mode {mode:?}",
+                        parent.path
+                    ));
+                }
+                if mode == Some(LockMode::Exclusive) {
+                    exclusive += 1;
+                }
                 match self.nodes.get(key) {
                     Some(n)
                         if n.czxid == czxid
@@ -566,6 +633,14 @@ impl Tree {
                         ))
                     }
                 }
+            }
+            if exclusive != queue.exclusive.len() {
+                return Err(format!(
+                    "the exclusive index of {}'s lock queue lists {} czxids for {exclusive} \
+                     exclusive nodes",
+                    parent.path,
+                    queue.exclusive.len()
+                ));
             }
         }
         let lock_nodes = self.nodes.iter().filter(|(_, n)| n.lock.is_some()).count();
