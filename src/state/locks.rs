@@ -67,6 +67,50 @@ fn unread(from: Option<Zxid>, to: Zxid) -> Option<(Bound<Zxid>, Bound<Zxid>)> {
 }
 
 impl Coordinator {
+    /// Refuses a lock node of `mode` at `path` whose queue holds nodes of
+    /// another kind: a semaphore queue takes only semaphore nodes of the
+    /// same permits, a lock queue only exclusive and shared nodes. Each
+    /// node is granted by its own mode's rule, so a semaphore node behind
+    /// an exclusive holder, or one asking for more permits than the others,
+    /// would be granted beside them. Queues are kept uniform from their
+    /// first node on, so checking the first node is enough.
+    pub(super) fn check_lock_mode(&self, path: &str, mode: LockMode) -> Result<(), ErrorReply> {
+        let Some(parent) = protocol::parent_path(path) else {
+            return Ok(());
+        };
+        let Some(parent_key) = self.tree.key(parent) else {
+            return Ok(());
+        };
+        let Some((_, first)) = self.tree.lock_queue(parent_key, ..).next() else {
+            return Ok(());
+        };
+        let Some(theirs) = self.tree.node(first).lock.as_deref().map(|l| l.mode) else {
+            return Ok(());
+        };
+        let compatible = match (theirs, mode) {
+            (LockMode::Semaphore { permits: a }, LockMode::Semaphore { permits: b }) => a == b,
+            (LockMode::Semaphore { .. }, _) | (_, LockMode::Semaphore { .. }) => false,
+            _ => true,
+        };
+        if compatible {
+            return Ok(());
+        }
+        let describe = |mode: LockMode| match mode {
+            LockMode::Exclusive => "an exclusive lock".to_owned(),
+            LockMode::Shared => "a shared lock".to_owned(),
+            LockMode::Semaphore { permits } => format!("a semaphore of {permits} permits"),
+        };
+        Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{parent} is queued as {} but this create asks for {} (every node of a queue \
+                 must use the same kind, and a semaphore the same permits)",
+                describe(theirs),
+                describe(mode)
+            ),
+        ))
+    }
+
     /// Refuses, with Deadlock, a lock node of `mode` that `session` would
     /// create at `path` if it would wait for a session that is `session`
     /// itself or reaches it through the other sessions' waits. Changes
@@ -473,6 +517,7 @@ impl Coordinator {
         for (parent_key, parent) in self.tree.iter() {
             let mut ahead = 0usize;
             let mut exclusive_ahead = false;
+            let mut semaphore: Option<Option<LockMode>> = None;
             for (_, key) in self.tree.lock_queue(parent_key, ..) {
                 let node = self.tree.node(key);
                 let Some(lock) = node.lock.as_deref() else {
@@ -480,6 +525,15 @@ impl Coordinator {
                 };
                 if node.kind != protocol::NodeKind::Ephemeral {
                     return Err(format!("lock node {} is {:?}", node.path, node.kind));
+                }
+                // A queue is all semaphore nodes of one permit count, or
+                // none: `None` inside stands for exclusive and shared.
+                let family = matches!(lock.mode, LockMode::Semaphore { .. }).then_some(lock.mode);
+                if *semaphore.get_or_insert(family) != family {
+                    return Err(format!(
+                        "queue {} mixes {:?} with {:?}",
+                        parent.path, semaphore, lock.mode
+                    ));
                 }
                 if let Some(owner) = node.owner {
                     *owned.entry(owner).or_default() += 1;

@@ -213,6 +213,7 @@ impl Coordinator {
                     ..
                 }) = action
                 {
+                    self.check_lock_mode(path, lock.mode)?;
                     self.check_lock_wait(session, path, lock.mode)?;
                 }
             }

@@ -258,7 +258,17 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(LockMode::Semaphore { permits: 2 }),
     ];
     prop_oneof![
-        8 => (0..SLOTS, 0..QUEUES, mode).prop_map(|(s, q, m)| Step::Lock(s, q, m)),
+        // A queue takes one kind of node: the last two queues are
+        // semaphores of 1 and 2 permits, the others exclusive and shared.
+        8 => (0..SLOTS, 0..QUEUES, mode).prop_map(|(s, q, m)| {
+            let m = match (QUEUES - q, m) {
+                (1, _) => LockMode::Semaphore { permits: 1 },
+                (2, _) => LockMode::Semaphore { permits: 2 },
+                (_, LockMode::Semaphore { .. }) => EXCLUSIVE,
+                (_, m) => m,
+            };
+            Step::Lock(s, q, m)
+        }),
         3 => (0..SLOTS, 0..8usize).prop_map(|(s, n)| Step::Release(s, n)),
         1 => (0..SLOTS).prop_map(Step::Expire),
         1 => (0..SLOTS).prop_map(Step::Close),

@@ -995,3 +995,37 @@ fn a_long_cycle_is_listed_whole_and_spelled_out_in_part() {
         "only 8 edges are spelled out: {e:?}"
     );
 }
+
+#[test]
+fn a_queue_takes_only_nodes_of_its_own_kind() {
+    let mut h = Harness::new();
+    let (a, b) = (h.open(), h.open());
+    let two = LockMode::Semaphore { permits: 2 };
+    let (first, _) = h.lock(a, "/sem/x-", two);
+    // Each node is granted by its own rule, so an exclusive node, or one
+    // asking for more permits, would be granted beside the holders.
+    for mode in [EXCLUSIVE, SHARED, LockMode::Semaphore { permits: 5 }] {
+        let error = h.err(b, create(lock("/sem/x-", mode)));
+        assert_eq!(error.code, ErrorCode::InvalidArgument, "{mode:?}");
+        assert!(
+            error.message.contains("semaphore of 2 permits"),
+            "{}",
+            error.message
+        );
+    }
+    let (_, granted) = h.lock(b, "/sem/x-", two);
+    assert!(granted.is_some());
+    // A lock queue takes exclusive and shared nodes, and no semaphore's.
+    h.lock(a, "/rw/x-", SHARED);
+    h.lock(b, "/rw/x-", EXCLUSIVE);
+    let error = h.err(b, create(lock("/rw/x-", two)));
+    assert_eq!(error.code, ErrorCode::InvalidArgument);
+    // Once a queue is empty, it may start again as another kind.
+    h.ok(a, delete(&first, None));
+    let rest = h.children(a, "/sem");
+    for name in rest {
+        h.ok(b, delete(&format!("/sem/{name}"), None));
+    }
+    let (_, granted) = h.lock(a, "/sem/x-", EXCLUSIVE);
+    assert!(granted.is_some());
+}
