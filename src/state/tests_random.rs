@@ -18,8 +18,10 @@ struct XorShift(u64);
 
 impl XorShift {
     fn new(seed: u64) -> Self {
-        // A zero state would stay zero.
-        XorShift(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+        // A zero state would stay zero; `| 1` would make seeds 2k and 2k+1
+        // one stream.
+        let state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        XorShift(if state == 0 { 1 } else { state })
     }
 
     fn next(&mut self) -> u64 {
