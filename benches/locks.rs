@@ -753,6 +753,60 @@ async fn fan_out(addr: SocketAddr, watchers: usize, rounds: u64) -> Result<Run, 
     })
 }
 
+/// Where a round trip's time goes: `exists` sent over a bare socket (the
+/// server's part), and the same through the client library (adding the
+/// client's part), sequentially.
+async fn round_trips(addr: SocketAddr, ops: u64) -> Result<(Run, Run), String> {
+    let mut raw = raw_session(source(0), addr).await?;
+    let mut bare = histogram();
+    let started = Instant::now();
+    for xid in 1..=ops {
+        let began = Instant::now();
+        request(
+            &mut raw,
+            xid,
+            Op::Exists {
+                path: "/".into(),
+                watch: false,
+            },
+        )
+        .await?;
+        match next_message(&mut raw).await? {
+            ServerMessage::Reply(_) => {}
+            other => return Err(format!("expected a reply, got {other:?}")),
+        }
+        bare.saturating_record(micros(began.elapsed()));
+    }
+    let bare = Run {
+        histogram: bare,
+        ops,
+        elapsed: started.elapsed(),
+        server_cpu: None,
+        shares: Vec::new(),
+    };
+    let client = Client::connect(ClientOptions::new(addr.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut through = histogram();
+    let started = Instant::now();
+    for _ in 0..ops {
+        let began = Instant::now();
+        client.exists("/").await.map_err(|e| e.to_string())?;
+        through.saturating_record(micros(began.elapsed()));
+    }
+    let _ = client.close().await;
+    Ok((
+        bare,
+        Run {
+            histogram: through,
+            ops,
+            elapsed: started.elapsed(),
+            server_cpu: None,
+            shares: Vec::new(),
+        },
+    ))
+}
+
 fn median_by_p50(mut runs: Vec<Run>) -> Run {
     runs.sort_by_key(|r| r.p(0.5));
     let middle = runs.len() / 2;
@@ -958,6 +1012,15 @@ async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<
             });
         }
     }
+    let (bare, through) = round_trips(addr, sizes.echoes).await?;
+    notes.push(format!(
+        "one round trip (exists /): over a bare socket p50 {} us, p99 {} us; through the client \
+         p50 {} us, p99 {} us",
+        bare.p(0.5),
+        bare.p(0.99),
+        through.p(0.5),
+        through.p(0.99)
+    ));
     if let Some(pid) = pid {
         let mut runs = Vec::new();
         for _ in 0..sizes.repeats {
