@@ -12,6 +12,11 @@
 //! ports (`scripts/peers.sh start`) run the same lock workloads; a peer
 //! that does not answer is skipped, and the output says so.
 //!
+//! Peers: Redis (SET NX PX, compare-and-delete release, waiters retrying
+//! as node-redlock does), etcd v3 (a lease and the create-revision mutex of
+//! etcd's concurrency package) and ZooKeeper (ephemeral sequential nodes),
+//! each client on its own connection; see benches/peers/.
+//!
 //! Workloads: uncontended (one client, acquire + release of one lock),
 //! handoff (32 clients on one lock; from the holder's release call to the
 //! next holder's acquire returning), spread (32 clients on 32 locks),
@@ -38,6 +43,9 @@ use latchkey_client::{Client, ClientOptions, Lock, LockGuard};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+#[allow(dead_code)]
+mod peers;
 
 /// Clients in the handoff and spread workloads.
 const CLIENTS: usize = 32;
@@ -1061,9 +1069,64 @@ async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<
     Ok(())
 }
 
+/// A peer (Redis, etcd, ZooKeeper) as a system under test.
+struct PeerSystem(Arc<peers::Peer>);
+
+/// A peer's client, remembering the lock it holds.
+struct PeerLocker {
+    lock: peers::PeerLock,
+    held: Option<String>,
+}
+
+impl Locker for PeerLocker {
+    fn acquire<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<Option<u64>, String>> {
+        Box::pin(async move {
+            self.lock.acquire(name).await?;
+            self.held = Some(name.to_owned());
+            // The peers' recipes give no fencing token.
+            Ok(None)
+        })
+    }
+
+    fn release(&mut self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let name = self.held.take().ok_or("release without a hold")?;
+            self.lock.release(&name).await
+        })
+    }
+}
+
+impl System for PeerSystem {
+    fn name(&self) -> String {
+        self.0.name().into()
+    }
+
+    fn locker(&self) -> BoxFuture<'_, Result<Box<dyn Locker>, String>> {
+        Box::pin(async move {
+            let lock = self.0.client().await?;
+            Ok(Box::new(PeerLocker { lock, held: None }) as Box<dyn Locker>)
+        })
+    }
+}
+
 /// The peers that answer on their loopback ports; each one that does not is
 /// named as skipped.
 async fn peer_systems() -> Vec<Box<dyn System>> {
-    println!("peers: none wired in yet");
-    Vec::new()
+    let detected = peers::detect().await;
+    for line in &detected.skipped {
+        println!("peer skipped: {line}");
+    }
+    detected
+        .peers
+        .into_iter()
+        .map(|peer| {
+            println!(
+                "peer: {} {} on {}",
+                peer.name(),
+                peer.version(),
+                peer.addr()
+            );
+            Box::new(PeerSystem(Arc::new(peer))) as Box<dyn System>
+        })
+        .collect()
 }
