@@ -407,8 +407,8 @@ async fn uncontended(system: &dyn System, cycles: u64, pid: Option<u32>) -> Resu
 /// The handoff workload's shared state.
 struct Handoff {
     guard: Guard,
-    /// When the last holder called release.
-    released_at: Mutex<Option<Instant>>,
+    /// When the last holder called release, and which client it was.
+    released_at: Mutex<Option<(Instant, usize)>>,
     /// Acquisitions so far, warm-up included.
     acquired: AtomicU64,
     histogram: Mutex<Histogram<u64>>,
@@ -418,7 +418,8 @@ struct Handoff {
 }
 
 /// `CLIENTS` clients, each on its own connection, on one lock: the time
-/// from a holder's release call to the next holder's acquire returning.
+/// from a holder's release call to the next holder's acquire returning,
+/// and handoffs (passages to another client) per second.
 async fn handoff(system: &dyn System, handoffs: u64, pid: Option<u32>) -> Result<Run, String> {
     let mut lockers = Vec::new();
     for _ in 0..CLIENTS {
@@ -456,17 +457,21 @@ async fn handoff(system: &dyn System, handoffs: u64, pid: Option<u32>) -> Result
                     *cpu_before.lock() = pid.and_then(cpu_time);
                 }
                 if n > warm && n <= total {
-                    if let Some(released) = *state.released_at.lock() {
-                        state
-                            .histogram
-                            .lock()
-                            .saturating_record(micros(now.duration_since(released)));
+                    // A client taking the lock back is no handoff: only a
+                    // passage to another client counts (and is timed).
+                    if let Some((released, by)) = *state.released_at.lock() {
+                        if by != index {
+                            state
+                                .histogram
+                                .lock()
+                                .saturating_record(micros(now.duration_since(released)));
+                        }
                     }
                     state.shares[index].fetch_add(1, Ordering::SeqCst);
                     *state.measured_to.lock() = Some(now);
                 }
                 state.guard.leave();
-                *state.released_at.lock() = Some(Instant::now());
+                *state.released_at.lock() = Some((Instant::now(), index));
                 locker.release().await?;
             }
         });
