@@ -691,7 +691,8 @@ async fn sessions(
 /// `watchers` sessions watch one node; a write to it; the time from the
 /// write's start to the last watcher's event, once per round.
 async fn fan_out(addr: SocketAddr, watchers: usize, rounds: u64) -> Result<Run, String> {
-    let path = "/bench/fan-out";
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let path = &format!("/bench/fan-out-{}", RUNS.fetch_add(1, Ordering::SeqCst));
     let writer = Client::connect(ClientOptions::new(addr.to_string()))
         .await
         .map_err(|e| e.to_string())?;
