@@ -961,6 +961,10 @@ async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<
             command
                 .args(["serve", "--listen", "127.0.0.1:0", "--no-lease-file"])
                 .env("RUST_LOG", "warn");
+            // For experiments: the server's worker threads (tokio reads it).
+            if let Ok(threads) = std::env::var("LATCHKEY_BENCH_SERVER_THREADS") {
+                command.env("TOKIO_WORKER_THREADS", threads);
+            }
             let process = Process::spawn(command, "latchkey serve");
             let addr = process.addr;
             (Some(process), addr)

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use latchkey_client::protocol::{
     self, ErrorCode, ErrorReply, Hello, Op, Reply, Request, Secret, ServerMessage, SessionEvent,
@@ -25,7 +25,7 @@ use latchkey_client::protocol::{
 };
 use parking_lot::Mutex;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 pub use config::Config;
 use frames::{next_frame, FrameCodec, FrameReader, NextFrame};
 pub use lease::default_folder as default_lease_folder;
-use outbound::{CloseReason, Outbound};
+use outbound::{frame_batch, Batch, CloseReason, Outbound};
 
 use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
 
@@ -45,6 +45,9 @@ use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
 /// every idle session holds one: with the codec's default of 8 KiB, an idle
 /// session cost the server about 10 KB of resident memory.
 const READ_BUFFER_BYTES: usize = 512;
+
+/// A frame's length header: fewer buffered bytes than this hold no frame.
+const FRAME_HEADER_BYTES: usize = 4;
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -557,15 +560,18 @@ impl Connection {
             }
         };
         // The framed writer's buffer (8 KiB) would stay with the connection
-        // for its life; the writer loop frames each batch itself instead.
+        // for its life; replies are framed a batch at a time instead. Both
+        // tasks write: the reader right after answering, the writer when the
+        // socket is full or when others queued events for this client.
+        let socket = Arc::new(writer.into_inner());
         let writer_task = writer_loop(
-            writer.into_inner(),
+            socket.clone(),
             connection.outbound.clone(),
             peer,
             shared.config.write_timeout,
             hard_stop(&shutdown, shared.config.shutdown_grace),
         );
-        let reader_task = connection.read_loop(&mut reader, &shutdown);
+        let reader_task = connection.read_loop(&mut reader, &socket, &shutdown);
         let ((), ()) = tokio::join!(writer_task, reader_task);
     }
 
@@ -636,7 +642,12 @@ impl Connection {
         })
     }
 
-    async fn read_loop(&self, reader: &mut FrameReader, shutdown: &CancellationToken) {
+    async fn read_loop(
+        &self,
+        reader: &mut FrameReader,
+        socket: &OwnedWriteHalf,
+        shutdown: &CancellationToken,
+    ) {
         let frame_timeout = self.shared.config.frame_timeout;
         loop {
             let frame = tokio::select! {
@@ -692,6 +703,13 @@ impl Connection {
                 }
                 NextFrame::Frame(frame) => {
                     if !self.handle_frame(&frame) {
+                        break;
+                    }
+                    // Answer now, from this task, unless more requests are
+                    // already here to answer in the same write.
+                    if reader.read_buffer().len() < FRAME_HEADER_BYTES
+                        && !self.outbound.write_inline(socket)
+                    {
                         break;
                     }
                 }
@@ -808,34 +826,6 @@ impl Connection {
     }
 }
 
-/// The frames of `batch`, each behind its 4-byte big-endian length, in one
-/// buffer for one write; empties `batch`. The buffer is the batch's size and
-/// goes with it, so an idle connection holds no write buffer.
-fn frame_batch(batch: &mut Vec<Bytes>) -> std::io::Result<BytesMut> {
-    let total: usize = batch.iter().map(|frame| frame.len() + 4).sum();
-    let mut framed = BytesMut::with_capacity(total);
-    for frame in batch.drain(..) {
-        // Clients refuse frames over this; sending one would only make them
-        // drop the connection with a less clear error.
-        let len = u32::try_from(frame.len())
-            .ok()
-            .filter(|&len| len as usize <= protocol::limits::REPLY_FRAME_BYTES_MAX)
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "a reply of {} bytes is over the {} bytes clients accept",
-                        frame.len(),
-                        protocol::limits::REPLY_FRAME_BYTES_MAX
-                    ),
-                )
-            })?;
-        framed.put_u32(len);
-        framed.extend_from_slice(&frame);
-    }
-    Ok(framed)
-}
-
 fn log_overflow(peer: SocketAddr, bytes_max: usize) {
     warn!(
         %peer,
@@ -857,7 +847,7 @@ async fn hard_stop(shutdown: &CancellationToken, grace: Duration) {
 /// when `hard_stop` resolves, so a stalled client never holds its task,
 /// socket and connection slot.
 async fn writer_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    writer: Arc<OwnedWriteHalf>,
     outbound: Arc<Outbound>,
     peer: SocketAddr,
     write_timeout: Duration,
@@ -872,14 +862,30 @@ async fn writer_loop(
             next = outbound.next_batch(&mut batch) => next,
         };
         match next {
-            Ok(()) => {
-                let framed = frame_batch(&mut batch);
+            Ok(kind) => {
+                let framed = match kind {
+                    Batch::Frames => frame_batch(&mut batch),
+                    Batch::Leftover(rest) => Ok(rest),
+                };
                 if let Err(e) = &framed {
                     warn!(%peer, "closing connection: {e}");
                 }
                 let write = async {
-                    let framed = framed?;
-                    writer.write_all(&framed).await
+                    let mut framed = framed?;
+                    // Bounded: each pass writes at least one byte, or waits
+                    // (under the write timeout) for the socket to take some.
+                    while !framed.is_empty() {
+                        writer.writable().await?;
+                        match writer.try_write(&framed) {
+                            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                            Ok(n) => {
+                                let _ = framed.split_to(n);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(())
                 };
                 let written = tokio::select! {
                     biased;
@@ -902,7 +908,7 @@ async fn writer_loop(
                     },
                 };
                 match written {
-                    Ok(()) => {}
+                    Ok(()) => outbound.written(),
                     Err(overflowed) => {
                         if overflowed {
                             log_overflow(peer, outbound.bytes_max());
@@ -927,7 +933,8 @@ async fn writer_loop(
                     // closed or asked to.
                     CloseReason::Done => {}
                 }
-                let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
+                // The socket shuts down when the reader lets go of it too,
+                // which it does once the queue is closed.
                 return;
             }
         }
