@@ -129,6 +129,9 @@ struct Core {
     last_now_ms: u64,
     /// Keeps the lease file ahead of the coordinator's lease horizon.
     lease: Option<lease::LeaseRecorder>,
+    /// Queues that events were pushed to since the last `take_to_flush`:
+    /// whoever applied writes them once the lock is dropped.
+    to_flush: Vec<Arc<Outbound>>,
 }
 
 struct Attached {
@@ -136,7 +139,21 @@ struct Attached {
     outbound: Arc<Outbound>,
 }
 
+/// Writes the queues an apply pushed events to, from the calling task,
+/// after the coordinator lock is dropped: a lock passed on reaches the next
+/// holder's socket without waking its connection's tasks.
+fn flush(queues: Vec<Arc<Outbound>>) {
+    for queue in queues {
+        queue.write_inline();
+    }
+}
+
 impl Core {
+    /// The queues to write once the lock is dropped (see [`flush`]).
+    fn take_to_flush(&mut self) -> Vec<Arc<Outbound>> {
+        std::mem::take(&mut self.to_flush)
+    }
+
     /// Whether `connection` is the one attached to `session` now.
     fn is_current(&self, session: SessionId, connection: u64) -> bool {
         self.connections
@@ -177,9 +194,16 @@ impl Core {
             if let Some(attached) = self.connections.get(&session) {
                 // A full queue closes that connection; the event is then
                 // recovered by the client's set_watches when it resumes.
-                attached
+                if attached
                     .outbound
-                    .push(protocol::encode(&ServerMessage::Watch(event)));
+                    .push(protocol::encode(&ServerMessage::Watch(event)))
+                    && !self
+                        .to_flush
+                        .last()
+                        .is_some_and(|last| Arc::ptr_eq(last, &attached.outbound))
+                {
+                    self.to_flush.push(attached.outbound.clone());
+                }
             }
         }
         for (session, end) in ended {
@@ -241,6 +265,7 @@ impl Server {
                 check_invariants: config.check_invariants,
                 last_now_ms: 0,
                 lease,
+                to_flush: Vec::new(),
             }),
             connection_slots: Arc::new(Semaphore::new(config.connections_max)),
             config,
@@ -426,7 +451,11 @@ async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
                 let now_ms = shared.clock.now_ms();
-                shared.core.lock().apply(Command::Tick, now_ms);
+                let mut core = shared.core.lock();
+                core.apply(Command::Tick, now_ms);
+                let queues = core.take_to_flush();
+                drop(core);
+                flush(queues);
             }
         }
     }
@@ -564,6 +593,7 @@ impl Connection {
         // tasks write: the reader right after answering, the writer when the
         // socket is full or when others queued events for this client.
         let socket = Arc::new(writer.into_inner());
+        connection.outbound.set_socket(socket.clone());
         let writer_task = writer_loop(
             socket.clone(),
             connection.outbound.clone(),
@@ -571,7 +601,7 @@ impl Connection {
             shared.config.write_timeout,
             hard_stop(&shutdown, shared.config.shutdown_grace),
         );
-        let reader_task = connection.read_loop(&mut reader, &socket, &shutdown);
+        let reader_task = connection.read_loop(&mut reader, &shutdown);
         let ((), ()) = tokio::join!(writer_task, reader_task);
     }
 
@@ -631,7 +661,9 @@ impl Connection {
                 CloseReason::Moved,
             );
         }
+        let queues = core.take_to_flush();
         drop(core);
+        flush(queues);
         info!(%peer, session = %grant.session, resumed = hello.resume.is_some(), timeout_ms = grant.timeout_ms, "session attached");
         Ok(Connection {
             shared: shared.clone(),
@@ -642,12 +674,7 @@ impl Connection {
         })
     }
 
-    async fn read_loop(
-        &self,
-        reader: &mut FrameReader,
-        socket: &OwnedWriteHalf,
-        shutdown: &CancellationToken,
-    ) {
+    async fn read_loop(&self, reader: &mut FrameReader, shutdown: &CancellationToken) {
         let frame_timeout = self.shared.config.frame_timeout;
         loop {
             let frame = tokio::select! {
@@ -705,11 +732,11 @@ impl Connection {
                     if !self.handle_frame(&frame) {
                         break;
                     }
-                    // Answer now, from this task, unless more requests are
-                    // already here to answer in the same write.
-                    if reader.read_buffer().len() < FRAME_HEADER_BYTES
-                        && !self.outbound.write_inline(socket)
-                    {
+                    // Answer now, from this task; if more requests are
+                    // already here, the writer task answers them together.
+                    if reader.read_buffer().len() >= FRAME_HEADER_BYTES {
+                        self.outbound.kick();
+                    } else if !self.outbound.write_inline() {
                         break;
                     }
                 }
@@ -752,11 +779,17 @@ impl Connection {
         if closed {
             core.connections.remove(&self.session);
             self.outbound.push_last(message, CloseReason::Done);
+            let queues = core.take_to_flush();
             drop(core);
+            flush(queues);
             info!(peer = %self.peer, session = %self.session, "closing connection: its client closed the session");
             return false;
         }
-        self.outbound.push(message)
+        let queued = self.outbound.push(message);
+        let queues = core.take_to_flush();
+        drop(core);
+        flush(queues);
+        queued
     }
 
     /// Answers a frame that is not a valid request: with an error reply when
@@ -803,8 +836,13 @@ impl Connection {
                 format!("request {} was not applied: {text}", xid.0),
             )),
         };
-        self.outbound
-            .push(protocol::encode(&ServerMessage::Reply(reply)))
+        let queued = self
+            .outbound
+            .push(protocol::encode(&ServerMessage::Reply(reply)));
+        let queues = core.take_to_flush();
+        drop(core);
+        flush(queues);
+        queued
     }
 
     fn fatal(&self, code: ErrorCode, message: String) {

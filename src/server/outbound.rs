@@ -5,6 +5,7 @@
 //! reply), or else the connection's writer task, which waits for the socket.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use latchkey_client::protocol::limits::REPLY_FRAME_BYTES_MAX;
@@ -39,6 +40,9 @@ struct State {
     /// Bytes an inline write could not finish; the writer task, which is
     /// handed `busy` with them, writes them before anything else.
     leftover: Option<BytesMut>,
+    /// The connection's socket, for inline writes from any task; dropped
+    /// once the queue closes (the writer task keeps its own for the rest).
+    socket: Option<Arc<OwnedWriteHalf>>,
 }
 
 /// What [`Outbound::next_batch`] hands the writer task.
@@ -75,6 +79,7 @@ impl Outbound {
                 closing: None,
                 busy: false,
                 leftover: None,
+                socket: None,
             }),
             ready: Notify::new(),
             closed: CancellationToken::new(),
@@ -88,12 +93,16 @@ impl Outbound {
     /// pile up; returns false without queueing when the queue is closing.
     /// One frame larger than the bound still goes out when the queue is
     /// empty, so that a large reply is not mistaken for a stalled client.
+    /// The caller then writes the queue with [`Outbound::write_inline`]
+    /// or wakes the writer task with [`Outbound::kick`]: pushing alone
+    /// wakes nobody, so that a reply written inline costs no task wake.
     pub fn push(&self, frame: Bytes) -> bool {
         let mut state = self.state.lock();
         if state.closing.is_some() {
             return false;
         }
         if state.bytes > 0 && state.bytes + frame.len() > self.bytes_max {
+            state.socket = None;
             state.closing = Some(CloseReason::Overflow {
                 bytes_max: self.bytes_max,
             });
@@ -107,8 +116,6 @@ impl Outbound {
         }
         state.bytes += frame.len();
         state.frames.push_back(frame);
-        drop(state);
-        self.ready.notify_one();
         true
     }
 
@@ -120,6 +127,7 @@ impl Outbound {
             state.bytes += frame.len();
             state.frames.push_back(frame);
             state.closing = Some(reason);
+            state.socket = None;
         }
         drop(state);
         self.closed.cancel();
@@ -132,6 +140,7 @@ impl Outbound {
         let mut state = self.state.lock();
         if state.closing.is_none() {
             state.closing = Some(reason);
+            state.socket = None;
         }
         drop(state);
         self.closed.cancel();
@@ -196,6 +205,19 @@ impl Outbound {
         }
     }
 
+    /// Lets [`Outbound::write_inline`] write to `socket` from now on.
+    pub fn set_socket(&self, socket: Arc<OwnedWriteHalf>) {
+        let mut state = self.state.lock();
+        if state.closing.is_none() {
+            state.socket = Some(socket);
+        }
+    }
+
+    /// Wakes the writer task to write what is queued.
+    pub fn kick(&self) {
+        self.ready.notify_one();
+    }
+
     /// The writer task has written what [`Outbound::next_batch`] gave it.
     pub fn written(&self) {
         self.state.lock().busy = false;
@@ -206,17 +228,25 @@ impl Outbound {
     /// them and writes as much as the socket takes now. The rest, if any, is
     /// handed to the writer task. Returns false if the socket failed (the
     /// queue is then closed).
-    pub fn write_inline(&self, socket: &OwnedWriteHalf) -> bool {
+    pub fn write_inline(&self) -> bool {
         let mut batch = Vec::new();
-        {
+        let socket = {
             let mut state = self.state.lock();
             if state.busy || state.frames.is_empty() || state.closing.is_some() {
                 return true;
             }
+            let Some(socket) = state.socket.clone() else {
+                // Not serving yet: the writer task takes the frames when it
+                // starts.
+                drop(state);
+                self.ready.notify_one();
+                return true;
+            };
             batch.extend(state.frames.drain(..));
             state.bytes = 0;
             state.busy = true;
-        }
+            socket
+        };
         let mut framed = match frame_batch(&mut batch) {
             Ok(framed) => framed,
             Err(e) => {
@@ -355,9 +385,11 @@ mod tests {
     async fn an_inline_write_sends_in_order_and_waits_its_turn() {
         let (socket, _read, mut peer) = pair().await;
         let out = Outbound::new(1 << 20);
+        let socket = Arc::new(socket);
+        out.set_socket(socket.clone());
         assert!(out.push(Bytes::from_static(b"one")));
         assert!(out.push(Bytes::from_static(b"two")));
-        assert!(out.write_inline(&socket));
+        assert!(out.write_inline());
         assert_eq!(
             read_frames(&mut peer, 2).await,
             [b"one".to_vec(), b"two".to_vec()]
@@ -368,14 +400,14 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(out.next_batch(&mut batch).await, Ok(Batch::Frames));
         assert!(out.push(Bytes::from_static(b"four")));
-        assert!(out.write_inline(&socket));
+        assert!(out.write_inline());
         assert_eq!(
             out.state.lock().frames.len(),
             1,
             "four was taken out of turn"
         );
         out.written();
-        assert!(out.write_inline(&socket));
+        assert!(out.write_inline());
         assert!(out.state.lock().frames.is_empty());
     }
 
@@ -383,10 +415,12 @@ mod tests {
     async fn what_an_inline_write_cannot_finish_goes_to_the_writer_task_first() {
         let (socket, _read, mut peer) = pair().await;
         let out = Outbound::new(64 << 20);
+        let socket = Arc::new(socket);
+        out.set_socket(socket.clone());
         // More than the socket buffers take while nobody reads.
         let big = Bytes::from(vec![7u8; 16 << 20]);
         assert!(out.push(big.clone()));
-        assert!(out.write_inline(&socket));
+        assert!(out.write_inline());
         assert!(out.push(Bytes::from_static(b"after")));
         let mut batch = Vec::new();
         let Ok(Batch::Leftover(rest)) = out.next_batch(&mut batch).await else {
