@@ -111,13 +111,12 @@ impl LeaseRecorder {
     /// less. A failed write is logged and retried at the next call: the
     /// server keeps serving, but a restart could then grant early.
     pub(crate) fn cover(&mut self, horizon_ms: u64, clock_now_ms: u64) {
-        let wall_now_ms = wall_now_ms();
-        let horizon_wall_ms = if horizon_ms >= clock_now_ms {
-            wall_now_ms.saturating_add(horizon_ms - clock_now_ms)
-        } else {
-            // Already past: nothing of it is left to cover.
+        // Already past (or no lock ever granted): nothing left to cover,
+        // and no clock to read on this path, which every request takes.
+        if horizon_ms < clock_now_ms {
             return;
-        };
+        }
+        let horizon_wall_ms = wall_now_ms().saturating_add(horizon_ms - clock_now_ms);
         if horizon_wall_ms <= self.written_ms {
             return;
         }

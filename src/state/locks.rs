@@ -183,11 +183,6 @@ impl Coordinator {
         parent_key: usize,
         mode: LockMode,
     ) -> Option<Vec<WaitEdge>> {
-        let edge = |session: SessionId, lock: &str, holder: SessionId| WaitEdge {
-            session,
-            lock: lock.to_owned(),
-            holder,
-        };
         let mut scanned: BTreeMap<usize, Scanned> = BTreeMap::new();
         let mut holders = Vec::new();
         self.read_wait(&mut scanned, parent_key, mode, QUEUE_BACK, &mut holders);
@@ -222,22 +217,7 @@ impl Coordinator {
                 self.read_wait(&mut scanned, via_key, info.mode, czxid, &mut holders);
                 for holder in holders.drain(..) {
                     if holder == session {
-                        let mut cycle = vec![edge(waiter, via, session)];
-                        let mut at = waiter;
-                        // Bounded: each step goes back one edge of the
-                        // search tree, whose root is `session`.
-                        for _ in 0..reached.len() {
-                            let Some(&(from, via)) = reached.get(&at) else {
-                                break;
-                            };
-                            cycle.push(edge(from, via, at));
-                            if from == session {
-                                break;
-                            }
-                            at = from;
-                        }
-                        cycle.reverse();
-                        return Some(cycle);
+                        return Some(trace_cycle(&reached, session, waiter, via));
                     }
                     if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
                         e.insert((waiter, via));
@@ -636,6 +616,43 @@ impl Coordinator {
     }
 }
 
+/// One wait: `session` waits in `lock` for `holder`.
+fn edge(session: SessionId, lock: &str, holder: SessionId) -> WaitEdge {
+    WaitEdge {
+        session,
+        lock: lock.to_owned(),
+        holder,
+    }
+}
+
+/// The cycle a breadth-first search from `session` closed when `waiter`,
+/// reached through `reached` (each session -> the session and queue it was
+/// reached from), turned out to wait for `session` in `via`: the search
+/// tree's path from `session` to `waiter`, then that last edge.
+fn trace_cycle(
+    reached: &BTreeMap<SessionId, (SessionId, &str)>,
+    session: SessionId,
+    waiter: SessionId,
+    via: &str,
+) -> Vec<WaitEdge> {
+    let mut cycle = vec![edge(waiter, via, session)];
+    let mut at = waiter;
+    // Bounded: each step goes back one edge of the search tree, whose root
+    // is `session`.
+    for _ in 0..reached.len() {
+        let Some(&(from, via)) = reached.get(&at) else {
+            break;
+        };
+        cycle.push(edge(from, via, at));
+        if from == session {
+            break;
+        }
+        at = from;
+    }
+    cycle.reverse();
+    cycle
+}
+
 /// The Deadlock refusal of a lock node at `path`: names the cycle, and the
 /// two ways out.
 fn deadlock(path: &str, cycle: Vec<WaitEdge>) -> ErrorReply {
@@ -840,11 +857,6 @@ fn find_cycle_reference<'a>(
     holders: BTreeSet<SessionId>,
     wait_edges: impl Fn(SessionId) -> BTreeMap<SessionId, &'a str>,
 ) -> Option<Vec<WaitEdge>> {
-    let edge = |session: SessionId, lock: &str, holder: SessionId| WaitEdge {
-        session,
-        lock: lock.to_owned(),
-        holder,
-    };
     if holders.contains(&session) {
         return Some(vec![edge(session, lock, session)]);
     }
@@ -859,22 +871,7 @@ fn find_cycle_reference<'a>(
     while let Some(waiter) = frontier.pop_front() {
         for (holder, via) in wait_edges(waiter) {
             if holder == session {
-                let mut cycle = vec![edge(waiter, via, session)];
-                let mut at = waiter;
-                // Bounded: each step goes back one edge of the search
-                // tree, whose root is `session`.
-                for _ in 0..reached.len() {
-                    let Some(&(from, via)) = reached.get(&at) else {
-                        break;
-                    };
-                    cycle.push(edge(from, via, at));
-                    if from == session {
-                        break;
-                    }
-                    at = from;
-                }
-                cycle.reverse();
-                return Some(cycle);
+                return Some(trace_cycle(&reached, session, waiter, via));
             }
             if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
                 e.insert((waiter, via));
