@@ -5,6 +5,7 @@
 //!   cargo bench --bench locks                   # full: medians of 3 runs
 //!   cargo bench --bench locks -- --quick        # a short smoke run (CI)
 //!   cargo bench --bench locks -- --server ADDR  # against a running latchkey
+//!   cargo bench --bench locks -- --only sessions,fan-out  # some workloads
 //!
 //! latchkey runs as its own process (the `latchkey` binary of this build,
 //! on 127.0.0.1:0), so its CPU time and memory can be read from /proc; the
@@ -935,17 +936,69 @@ fn main() {
         .position(|a| a == "--server")
         .and_then(|i| args.get(i + 1).cloned());
     let sizes = if quick { Sizes::quick() } else { Sizes::full() };
+    let only = match args.iter().position(|a| a == "--only") {
+        None => None,
+        Some(i) => match args.get(i + 1).map(|list| Only::parse(list)) {
+            Some(Ok(only)) => Some(only),
+            Some(Err(e)) => {
+                eprintln!("bench failed: {e}");
+                std::process::exit(2);
+            }
+            None => {
+                eprintln!("bench failed: --only needs a list, e.g. --only sessions,fan-out");
+                std::process::exit(2);
+            }
+        },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    if let Err(e) = runtime.block_on(bench(sizes, quick, server_arg)) {
+    if let Err(e) = runtime.block_on(bench(sizes, quick, server_arg, only)) {
         eprintln!("bench failed: {e}");
         std::process::exit(1);
     }
 }
 
-async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<(), String> {
+/// The workloads `--only` names.
+struct Only(Vec<String>);
+
+impl Only {
+    const NAMES: [&'static str; 6] = [
+        "uncontended",
+        "handoff",
+        "spread",
+        "round-trip",
+        "fan-out",
+        "sessions",
+    ];
+
+    fn parse(list: &str) -> Result<Only, String> {
+        let names: Vec<String> = list.split(',').map(|n| n.trim().to_owned()).collect();
+        for name in &names {
+            if !Self::NAMES.contains(&name.as_str()) {
+                return Err(format!(
+                    "--only {list}: no workload {name:?}; the workloads are {}",
+                    Self::NAMES.join(", ")
+                ));
+            }
+        }
+        Ok(Only(names))
+    }
+}
+
+/// Whether `workload` runs, given `--only`.
+fn runs(only: &Option<Only>, workload: &str) -> bool {
+    only.as_ref()
+        .map_or(true, |o| o.0.iter().any(|n| n == workload))
+}
+
+async fn bench(
+    sizes: Sizes,
+    quick: bool,
+    server_arg: Option<String>,
+    only: Option<Only>,
+) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut echo_command = Command::new(exe);
     echo_command.arg("--echo-server");
@@ -1004,6 +1057,9 @@ async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<
         ("spread", sizes.spread, |s, n, p| Box::pin(spread(s, n, p))),
     ];
     for (workload, count, run_workload) in workloads {
+        if !runs(&only, workload) {
+            continue;
+        }
         for system in &systems {
             let name = system.name();
             let own_pid = if name == "latchkey" { pid } else { None };
@@ -1030,28 +1086,33 @@ async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<
             });
         }
     }
-    let (bare, through) = round_trips(addr, sizes.echoes).await?;
-    notes.push(format!(
-        "one round trip (exists /): over a bare socket p50 {} us, p99 {} us; through the client \
-         p50 {} us, p99 {} us",
-        bare.p(0.5),
-        bare.p(0.99),
-        through.p(0.5),
-        through.p(0.99)
-    ));
-    if let Some(pid) = pid {
-        let mut runs = Vec::new();
-        for _ in 0..sizes.repeats {
-            runs.push(fan_out(addr, sizes.watchers, sizes.fanouts).await?);
-        }
-        let run = median_by_p50(runs);
+    if runs(&only, "round-trip") {
+        let (bare, through) = round_trips(addr, sizes.echoes).await?;
         notes.push(format!(
-            "fan-out: {} watchers on one node, from the write to the last event: p50 {} us, max {} us ({} writes)",
+            "one round trip (exists /): over a bare socket p50 {} us, p99 {} us; through the \
+             client p50 {} us, p99 {} us",
+            bare.p(0.5),
+            bare.p(0.99),
+            through.p(0.5),
+            through.p(0.99)
+        ));
+    }
+    if pid.is_some() && runs(&only, "fan-out") {
+        let mut fan_outs = Vec::new();
+        for _ in 0..sizes.repeats {
+            fan_outs.push(fan_out(addr, sizes.watchers, sizes.fanouts).await?);
+        }
+        let run = median_by_p50(fan_outs);
+        notes.push(format!(
+            "fan-out: {} watchers on one node, from the write to the last event: p50 {} us, \
+             max {} us ({} writes)",
             sizes.watchers,
             run.p(0.5),
             run.histogram.max(),
             run.ops
         ));
+    }
+    if let (Some(pid), true) = (pid, runs(&only, "sessions")) {
         let s = sessions(addr, pid, sizes.sessions, sizes.idle).await?;
         notes.push(format!(
             "sessions: {} idle sessions (timeout {:?}, a heartbeat every third of it: {:.0}/s): \
@@ -1062,7 +1123,8 @@ async fn bench(sizes: Sizes, quick: bool, server_arg: Option<String>) -> Result<
             s.rss_per_session_bytes,
             s.cpu_share * 100.0
         ));
-    } else {
+    }
+    if pid.is_none() {
         notes.push(
             "fan-out and sessions: skipped (they read the server's /proc; run without --server)"
                 .into(),

@@ -218,3 +218,54 @@ async fn a_session_ended_by_shutdown_is_reported_expired() {
     server.stop().await;
     wait_for_state(&client, SessionState::Expired).await;
 }
+
+/// Requests sent in the same write as the handshake, and several requests
+/// in one write, are all answered, in order: the server reads whole bursts
+/// and keeps what follows the hello for after the session is attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_with_the_handshake_in_one_write_are_all_answered_in_order() {
+    use bytes::BufMut;
+    use latchkey_client::protocol::{self, Hello, ServerMessage};
+    use tokio::io::AsyncWriteExt;
+
+    let server = start_server().await;
+    let frame = |value: serde_json::Value, out: &mut bytes::BytesMut| {
+        let body = value.to_string();
+        out.put_u32(u32::try_from(body.len()).expect("a small frame"));
+        out.put_slice(body.as_bytes());
+    };
+    let mut burst = bytes::BytesMut::new();
+    frame(
+        serde_json::json!(Hello {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            session_timeout_ms: 10_000,
+            resume: None,
+        }),
+        &mut burst,
+    );
+    for xid in 1..=20u64 {
+        frame(
+            serde_json::json!({"xid": xid, "op": {"create": {"path": format!("/burst-{xid}")}}}),
+            &mut burst,
+        );
+    }
+    let mut socket = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    socket.write_all(&burst).await.expect("write the burst");
+    let mut raw = common::Raw::over(socket);
+    match raw.recv().await {
+        Some(ServerMessage::Welcome(_)) => {}
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    for xid in 1..=20u64 {
+        match raw.recv().await {
+            Some(ServerMessage::Reply(reply)) => {
+                assert_eq!(reply.xid.0, xid);
+                assert!(reply.result.is_ok(), "{:?}", reply.result);
+            }
+            other => panic!("expected the reply to {xid}, got {other:?}"),
+        }
+    }
+    server.stop().await;
+}
