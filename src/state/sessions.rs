@@ -142,7 +142,9 @@ impl Session {
 
     /// Forgets replies the client has acknowledged receiving.
     fn forget_through(&mut self, ack: Xid) {
-        self.retain_replies(|xid| xid > ack);
+        // Replies are in xid order: the acknowledged ones come first.
+        let acked = self.replies.partition_point(|cached| cached.xid <= ack);
+        self.drop_range(0..acked);
         if ack >= self.pinned_through {
             self.pinned_through = Xid(0);
             self.pinned_bytes = 0;
@@ -198,34 +200,33 @@ impl Session {
         self.take(index);
     }
 
-    /// Keeps the replies whose xid passes `keep`, and the byte totals in
-    /// step.
-    fn retain_replies(&mut self, keep: impl Fn(Xid) -> bool) {
-        let mut bytes = self.replies_bytes;
-        let mut pinned_bytes = self.pinned_bytes;
-        let pinned = self.pinned_through;
-        self.replies.retain(|cached| {
-            let kept = keep(cached.xid);
-            if !kept {
-                bytes = bytes.saturating_sub(cached.bytes);
-                if cached.xid <= pinned {
-                    pinned_bytes = pinned_bytes.saturating_sub(cached.bytes);
-                }
-            }
-            kept
-        });
-        self.replies_bytes = bytes;
-        self.pinned_bytes = pinned_bytes;
-    }
-
     /// Drops replies too old to be retried by a client that keeps at most
     /// `limits::INFLIGHT_MAX` requests in flight: those with xid <= `xid -
     /// INFLIGHT_MAX`, where `xid` is the newest applied.
+    /// Pinned replies are kept.
     fn forget_outside_window(&mut self, xid: Xid) {
         let window = u64::try_from(limits::INFLIGHT_MAX).unwrap_or(u64::MAX);
-        let floor = xid.0.saturating_sub(window);
+        let floor = Xid(xid.0.saturating_sub(window));
+        // Replies are in xid order: the pinned ones, then those at or
+        // below the floor, then the window. Called on every request, so it
+        // must cost what it drops, not what the cache holds.
         let pinned = self.pinned_through;
-        self.retain_replies(|cached| cached.0 > floor || cached <= pinned);
+        let first_unpinned = self.replies.partition_point(|cached| cached.xid <= pinned);
+        let first_in_window = self.replies.partition_point(|cached| cached.xid <= floor);
+        if first_unpinned < first_in_window {
+            self.drop_range(first_unpinned..first_in_window);
+        }
+    }
+
+    /// Removes the replies at `range`, keeping the byte totals in step.
+    fn drop_range(&mut self, range: std::ops::Range<usize>) {
+        let pinned = self.pinned_through;
+        for cached in self.replies.drain(range) {
+            self.replies_bytes = self.replies_bytes.saturating_sub(cached.bytes);
+            if cached.xid <= pinned {
+                self.pinned_bytes = self.pinned_bytes.saturating_sub(cached.bytes);
+            }
+        }
     }
 }
 
@@ -300,7 +301,7 @@ impl Sessions {
     }
 
     pub(crate) fn remove(&mut self, id: SessionId) -> Option<Session> {
-        self.change_cache(id, |s| s.retain_replies(|_| false));
+        self.change_cache(id, |s| s.drop_range(0..s.replies.len()));
         let session = self.table.remove(&id)?;
         self.deadlines.remove(&(session.deadline_ms(), id));
         Some(session)
