@@ -143,7 +143,7 @@ impl Session {
     /// Forgets replies the client has acknowledged receiving.
     fn forget_through(&mut self, ack: Xid) {
         // Replies are in xid order: the acknowledged ones come first.
-        let acked = self.replies.partition_point(|cached| cached.xid <= ack);
+        let acked = self.count_from(0, ack);
         self.drop_range(0..acked);
         if ack >= self.pinned_through {
             self.pinned_through = Xid(0);
@@ -211,11 +211,25 @@ impl Session {
         // below the floor, then the window. Called on every request, so it
         // must cost what it drops, not what the cache holds.
         let pinned = self.pinned_through;
-        let first_unpinned = self.replies.partition_point(|cached| cached.xid <= pinned);
-        let first_in_window = self.replies.partition_point(|cached| cached.xid <= floor);
-        if first_unpinned < first_in_window {
-            self.drop_range(first_unpinned..first_in_window);
-        }
+        let first_unpinned = if pinned == Xid(0) {
+            0
+        } else {
+            self.replies.partition_point(|cached| cached.xid <= pinned)
+        };
+        let below = self.count_from(first_unpinned, floor);
+        self.drop_range(first_unpinned..first_unpinned + below);
+    }
+
+    /// How many replies from `start` on have an xid at or below `xid`,
+    /// counted from the front: it reads only those and the next one (a
+    /// binary search would read cold entries of a cache that is touched
+    /// once a request, which measurably cost more).
+    fn count_from(&self, start: usize, xid: Xid) -> usize {
+        self.replies
+            .iter()
+            .skip(start)
+            .take_while(|cached| cached.xid <= xid)
+            .count()
     }
 
     /// Removes the replies at `range`, keeping the byte totals in step.
