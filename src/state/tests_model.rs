@@ -2532,6 +2532,49 @@ fn lock_wait(command: &Command) -> Option<(SessionId, &str, LockMode)> {
     }
 }
 
+/// Every granted lock node of the coordinator: czxid -> (queue, token).
+fn real_grants(c: &Coordinator) -> BTreeMap<Zxid, (String, Zxid)> {
+    c.tree
+        .iter()
+        .filter_map(|(_, n)| {
+            let grant = n.lock.as_deref()?.granted?;
+            Some((n.czxid, (parent_of(&n.path).to_owned(), grant.token)))
+        })
+        .collect()
+}
+
+/// README's fencing-token guarantee, on the grants one step gave: each
+/// token is above every token granted before, and grants share a token
+/// only when one write let them through together in one queue.
+fn check_tokens(
+    before: &BTreeMap<Zxid, (String, Zxid)>,
+    after: &BTreeMap<Zxid, (String, Zxid)>,
+    highest: &mut Zxid,
+) -> Result<(), String> {
+    let new: Vec<&(String, Zxid)> = after
+        .iter()
+        .filter(|(czxid, _)| !before.contains_key(czxid))
+        .map(|(_, grant)| grant)
+        .collect();
+    for (queue, token) in &new {
+        if *token <= *highest {
+            return Err(format!(
+                "a grant in {queue} has token {token}, not above {highest}"
+            ));
+        }
+        if new.iter().any(|(q, t)| t == token && q != queue) {
+            return Err(format!("token {token} was granted in two queues"));
+        }
+    }
+    *highest = new
+        .iter()
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap_or(*highest)
+        .max(*highest);
+    Ok(())
+}
+
 /// Applies the steps to a coordinator and to the model; the first
 /// disagreement, or what the run reached.
 fn run(steps: &[Step]) -> Result<Tally, String> {
@@ -2542,12 +2585,17 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
     let mut clients = Clients::default();
     let mut now_ms = 10_000u64;
     let mut tally = Tally::new();
+    let mut highest_token = Zxid(0);
     for (i, step) in steps.iter().enumerate() {
         let Some(command) = resolve(step, &model, &mut clients, &mut now_ms) else {
             continue;
         };
         let fail = |what: String| Err(format!("step {i}, {command:?} at {now_ms} ms: {what}"));
+        let grants_before = real_grants(&c);
         let output = c.apply(command.clone(), now_ms);
+        if let Err(why) = check_tokens(&grants_before, &real_grants(&c), &mut highest_token) {
+            return fail(format!("fencing tokens: {why}"));
+        }
         let want = model.apply(&command, now_ms);
         let got = real_answer(output.outcome.clone());
         if got != want {
