@@ -490,12 +490,19 @@ impl Sessions {
             if id.0 > zxid.0 {
                 return Err(format!("session {id} is above the latest zxid {zxid}"));
             }
-            // A window of replies, plus at most a window pinned at a resume.
-            if session.replies.len() > 2 * limits::INFLIGHT_MAX {
+            // The window bounds the unpinned replies only: each resume pins
+            // every reply then cached, so resumes without an ack between
+            // them pin more than a window, and those are bounded by bytes
+            // (below) like the rest.
+            let unpinned = session
+                .replies
+                .iter()
+                .filter(|cached| !session.is_pinned(cached.xid))
+                .count();
+            if unpinned > limits::INFLIGHT_MAX {
                 return Err(format!(
-                    "session {id} caches {} replies; the bound is {}",
-                    session.replies.len(),
-                    2 * limits::INFLIGHT_MAX
+                    "session {id} caches {unpinned} replies outside its pin; the bound is {}",
+                    limits::INFLIGHT_MAX
                 ));
             }
             let mut bytes = 0usize;

@@ -2048,3 +2048,27 @@ fn a_resume_keeps_every_applied_write_retryable_while_new_xids_arrive() {
         ErrorCode::RetryUnknown
     );
 }
+
+/// Postmortem: a resume pins every cached reply, and a second resume
+/// without an ack in between pinned the first one's again with a window of
+/// newer ones: past two windows of replies, which `check_invariants` took
+/// for a broken cache, so a server checking invariants aborted on a client
+/// that resumes twice with `last_xid_received` 0. The pinned replies are
+/// bounded by bytes, like the rest; only the unpinned ones by the window.
+#[test]
+fn resuming_twice_without_an_ack_keeps_every_reply_and_the_invariants() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let window = u64::try_from(limits::INFLIGHT_MAX).expect("small");
+    let (first, _) = create_each(&mut h, s, "a", 1..=window);
+    h.resume(s, "s3cret", 0).expect("resume");
+    create_each(&mut h, s, "b", window + 1..=2 * window);
+    h.resume(s, "s3cret", 0).expect("resume");
+    // One more write: three windows of replies, two of them pinned.
+    create_each(&mut h, s, "c", 2 * window + 1..=2 * window + 1);
+    assert_eq!(cached_xids(&h, s), (1..=2 * window + 1).collect::<Vec<_>>());
+    let zxid = h.c.zxid();
+    let out = h.send_xid(s, Xid(1), create(mk("/a1")));
+    assert_eq!(result(&out), &first[&1], "the oldest is still answered");
+    assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
+}
