@@ -82,7 +82,11 @@ async fn an_oversized_frame_is_refused_and_nothing_changes() {
     let big = "x".repeat(100 * 1024);
     raw.send_json(&json!({"xid": 1, "op": {"create": {"path": "/big", "data": big}}}))
         .await;
-    raw.expect_fatal(ErrorCode::TooLarge).await;
+    let message = raw.expect_fatal(ErrorCode::TooLarge).await;
+    assert!(
+        message.contains("the limit is 65536 bytes") && message.contains("--frame-bytes-max"),
+        "the error names the limit and how to change it: {message}"
+    );
     assert_eq!(root_state(server.addr()).await, before);
     server.stop().await;
 }

@@ -993,8 +993,8 @@ impl Live {
                 connection.fatal(
                     ErrorCode::TooLarge,
                     format!(
-                        "frame refused: {e}; the limit is {} bytes",
-                        connection.shared.config.frame_bytes_max
+                        "frame refused: {e} bytes; send smaller requests, or raise the \
+                         server's --frame-bytes-max"
                     ),
                 );
                 self.stop_reading();
