@@ -1,5 +1,6 @@
 //! The client library's own cost per request: sequential `exists /` over a
-//! bare socket and through the client, and uncontended lock cycles, against
+//! bare socket and through the client, and uncontended lock cycles written
+//! by hand and through the client's `Lock`, against
 //! a `latchkey serve` child on 127.0.0.1:0. A focused companion to the
 //! round-trip line of `benches/locks.rs`, small enough to run under
 //! valgrind.
@@ -7,11 +8,13 @@
 //!   cargo bench --bench client_path                    # all three, p50s
 //!   cargo bench --bench client_path -- --only exists --ops 2000
 //!
-//! `--only bare|exists|lock` runs one workload (with no warm-up of the
+//! `--only bare|exists|bare_lock|lock` runs one workload (with no warm-up of the
 //! others), so that `valgrind --tool=callgrind` at two `--ops` counts gives
 //! the instructions per request by difference. `--current-thread` runs the
 //! client on a current-thread runtime instead of the default multi-thread
-//! one. Nothing here asserts on speed.
+//! one; `--on-worker` runs the workloads in a spawned task, on a worker
+//! thread, instead of in `block_on` on the main thread. Nothing here
+//! asserts on speed.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,7 +23,10 @@ use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use latchkey_client::protocol::{self, limits, Hello, Op, Request, ServerMessage, Xid};
+use latchkey_client::protocol::{
+    self, limits, Create, Hello, LockMode, LockSpec, NodeKind, Op, OpResult, Request,
+    ServerMessage, Xid,
+};
 use latchkey_client::{Client, ClientOptions, Lock};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -75,7 +81,9 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
-async fn bare(addr: SocketAddr, ops: u64) -> Histogram<u64> {
+type Raw = Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>;
+
+async fn raw_session(addr: SocketAddr) -> Raw {
     let stream = TcpStream::connect(addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     let mut framed = Framed::new(stream, protocol::codec(limits::REPLY_FRAME_BYTES_MAX));
@@ -92,6 +100,58 @@ async fn bare(addr: SocketAddr, ops: u64) -> Histogram<u64> {
         .await
         .expect("welcome")
         .expect("welcome frame");
+    framed
+}
+
+/// Sends `op` as `xid` and waits for its reply's result.
+async fn call(raw: &mut Raw, xid: u64, op: Op) -> OpResult {
+    let request = Request { xid: Xid(xid), op };
+    raw.send(protocol::encode(&request)).await.expect("send");
+    let frame = raw.next().await.expect("reply").expect("reply frame");
+    match serde_json::from_slice::<ServerMessage>(&frame) {
+        Ok(ServerMessage::Reply(reply)) => reply.result.expect("a successful reply"),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+/// The lock cycle of `lock` written by hand: the create the server grants
+/// at once, then the guarded delete.
+async fn bare_lock(addr: SocketAddr, ops: u64) -> Histogram<u64> {
+    let mut raw = raw_session(addr).await;
+    let mut histogram = histogram();
+    let mut xid = 0;
+    for _ in 0..ops {
+        let began = Instant::now();
+        xid += 1;
+        let create = Op::Create(Create {
+            path: "/bench/client_path_bare/lock-".into(),
+            kind: NodeKind::Ephemeral,
+            sequential: true,
+            make_parents: true,
+            lock: Some(LockSpec {
+                mode: LockMode::Exclusive,
+                delay_ms: None,
+            }),
+            ..Create::default()
+        });
+        let OpResult::Created { path, stat } = call(&mut raw, xid, create).await else {
+            panic!("a create answered with something else");
+        };
+        assert!(stat.lock.and_then(|l| l.granted).is_some(), "not granted");
+        xid += 1;
+        let delete = Op::Delete {
+            path,
+            version: None,
+            czxid: Some(stat.czxid),
+        };
+        call(&mut raw, xid, delete).await;
+        record(&mut histogram, began);
+    }
+    histogram
+}
+
+async fn bare(addr: SocketAddr, ops: u64) -> Histogram<u64> {
+    let mut framed = raw_session(addr).await;
     let mut histogram = histogram();
     for xid in 1..=ops {
         let began = Instant::now();
@@ -163,7 +223,7 @@ fn main() {
     let server = Server::start();
     let addr = server.addr;
     let warm = ops / 10;
-    runtime.block_on(async {
+    let workloads = async move {
         let run = |name: &str| only.as_deref().map_or(true, |o| o == name);
         if run("bare") {
             if only.is_none() {
@@ -187,6 +247,17 @@ fn main() {
                 h.value_at_quantile(0.99)
             );
         }
+        if run("bare_lock") {
+            if only.is_none() {
+                bare_lock(addr, warm).await;
+            }
+            let h = bare_lock(addr, ops).await;
+            println!(
+                "bare lock:     p50 {} us, p99 {} us",
+                p50_us(&h),
+                h.value_at_quantile(0.99)
+            );
+        }
         if run("lock") {
             if only.is_none() {
                 lock(addr, warm).await;
@@ -198,6 +269,11 @@ fn main() {
                 h.value_at_quantile(0.99)
             );
         }
-    });
+    };
+    if args.iter().any(|a| a == "--on-worker") {
+        runtime.block_on(async { tokio::spawn(workloads).await.expect("the workloads ran") });
+    } else {
+        runtime.block_on(workloads);
+    }
     drop(server);
 }
