@@ -954,7 +954,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if let Err(e) = runtime.block_on(bench(sizes, quick, server_arg, only)) {
+    // On a worker thread, as an application's tasks run: a future passed to
+    // block_on runs on this thread instead, outside the runtime's workers,
+    // so that every wake of it by the I/O driver or by a client's session
+    // task would cross threads.
+    let run = runtime.block_on(async {
+        tokio::spawn(bench(sizes, quick, server_arg, only))
+            .await
+            .unwrap_or_else(|e| Err(format!("the bench task failed: {e}")))
+    });
+    if let Err(e) = run {
         eprintln!("bench failed: {e}");
         std::process::exit(1);
     }

@@ -3,15 +3,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::connection::{
-    handshake, lease_end, session_timeout, Command, Session, COMMAND_CAPACITY,
-};
+use crate::connection::{handshake, lease_end, session_timeout, Origin, Refused, Session, Shared};
 use crate::error::ClientError;
-use crate::lock_node::{LockNode, Orphans};
+use crate::lock_node::LockNode;
 use crate::protocol::{
     self, Create, Data, Hello, LockSpec, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId,
     Stat, WatchKind, PROTOCOL_VERSION,
@@ -229,9 +227,10 @@ pub struct Created {
 
 /// A handle to one session with the coordinator.
 ///
-/// Cheap to clone: clones share the session. A background task owns the
-/// connection; it sends heartbeats, and when the connection breaks it
-/// reconnects and resumes the session, resending unanswered requests (the
+/// Cheap to clone: clones share the session. A request is written by the
+/// task that makes it when the connection is up and takes it, else as soon
+/// as it can be; a background task reads the replies, sends heartbeats, and
+/// when the connection breaks it reconnects and resumes the session, resending unanswered requests (the
 /// server answers a retried write from its reply cache, so nothing is
 /// applied twice) and re-registering watches. Replies arrive in request
 /// order, and a watch event arrives before any later reply that reflects its
@@ -245,10 +244,18 @@ pub struct Client {
 }
 
 struct Inner {
-    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
     status: watch::Receiver<SessionStatus>,
     session_id: SessionId,
     task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Every handle is gone: end the session now rather than leave its
+        // ephemeral nodes to the expiry.
+        self.shared.close(None);
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -302,24 +309,17 @@ impl Client {
             return Err(last_error.unwrap_or(ClientError::ConnectionLost));
         };
         let session_id = hs.welcome.session_id;
-        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let shared = Arc::new(Shared::new(&hs.welcome));
         let (status_tx, status_rx) = watch::channel(SessionStatus {
             session_id,
             state: SessionState::Connected,
             lease_end: lease_end(hs.hello_sent_at, session_timeout(&hs.welcome)),
         });
-        let session = Session::new(
-            options,
-            commands_rx,
-            status_tx,
-            &hs,
-            index,
-            Arc::new(Orphans::default()),
-        );
+        let session = Session::new(options, status_tx, &hs, index, Arc::clone(&shared));
         let task = tokio::spawn(session.run(hs.conn));
         Ok(Client {
             inner: Arc::new(Inner {
-                commands: commands_tx,
+                shared,
                 status: status_rx,
                 session_id,
                 task: Mutex::new(Some(task)),
@@ -358,15 +358,15 @@ impl Client {
         self.reply(rx).await
     }
 
-    /// Hands a request to the session task: once this returns `Ok`, the
-    /// request goes out even if the caller stops waiting for its reply.
+    /// Queues a request (and writes it, when the connection is free): once
+    /// this returns `Ok`, the request goes out even if the caller stops
+    /// waiting for its reply.
     pub(crate) async fn send(
         &self,
         op: Op,
         watch: Option<crate::watch::WatchSender>,
     ) -> Result<oneshot::Receiver<Result<OpResult, ClientError>>, ClientError> {
-        self.send_command(|reply| Command::Request { op, reply, watch })
-            .await
+        self.submit(op, |reply| Origin::User { reply, watch }).await
     }
 
     /// Waits for the reply to a request handed over by [`Client::send`].
@@ -377,21 +377,17 @@ impl Client {
         rx.await.unwrap_or_else(|_| Err(self.ended_error()))
     }
 
-    async fn send_command<T>(
+    async fn submit<T>(
         &self,
-        command: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> Command,
+        op: Op,
+        origin: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> Origin,
     ) -> Result<oneshot::Receiver<Result<T, ClientError>>, ClientError> {
-        if matches!(
-            self.inner.status.borrow().state,
-            SessionState::Expired | SessionState::Closed
-        ) {
-            return Err(self.ended_error());
-        }
         let (reply, rx) = oneshot::channel();
-        if self.inner.commands.send(command(reply)).await.is_err() {
-            return Err(self.ended_error());
+        match self.inner.shared.submit(op, origin(reply)).await {
+            Ok(()) => Ok(rx),
+            Err(Refused::Ended) => Err(self.ended_error()),
+            Err(Refused::Invalid(e)) => Err(e),
         }
-        Ok(rx)
     }
 
     /// Joins the lock queue of `prefix`'s parent: creates an ephemeral
@@ -432,9 +428,7 @@ impl Client {
             make_parents: true,
             lock: Some(spec),
         });
-        let rx = self
-            .send_command(|reply| Command::CreateLock { op, reply })
-            .await?;
+        let rx = self.submit(op, |reply| Origin::Lock { reply }).await?;
         let created = self.reply(rx).await?;
         Ok(LockNode::new(self.clone(), created))
     }
@@ -452,10 +446,10 @@ impl Client {
     /// `SessionExpired`, `Closed`.
     ///
     /// # Cancel safety
-    /// Dropping the future after the request was handed to the session task
-    /// does not cancel it: the server still applies it and its reply is
-    /// discarded. Dropped while waiting for room in the task's queue, the
-    /// request is never sent.
+    /// Dropping the future after the request was queued does not cancel it:
+    /// the server still applies it and its reply is discarded. Dropped while
+    /// waiting for room in the session's queue (more than 256 requests
+    /// unanswered), the request is never sent.
     pub async fn request(&self, op: Op) -> Result<OpResult, ClientError> {
         validate_op(&op)?;
         self.call(op, None).await
@@ -698,8 +692,8 @@ impl Client {
     /// closed anyway, and the server expires the session after its timeout.
     ///
     /// # Cancel safety
-    /// Dropping the future after the close was handed to the session task
-    /// does not stop it: the session still closes.
+    /// Dropping the future after the close was queued does not stop it: the
+    /// session still closes.
     pub async fn close(&self) -> Result<(), ClientError> {
         if matches!(
             self.inner.status.borrow().state,
@@ -708,18 +702,17 @@ impl Client {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        let result = if self
-            .inner
-            .commands
-            .send(Command::Close { reply })
-            .await
-            .is_err()
-        {
-            Ok(())
-        } else {
+        let result = if self.inner.shared.close(Some(reply)) {
             // A dropped reply means the task ended for another reason first
-            // (expiry or another close): the session is over either way.
+            // (expiry): the session is over either way.
             rx.await.unwrap_or(Ok(()))
+        } else {
+            // Over, or another close is under way: wait for the end.
+            let mut status = self.session_status();
+            let _ = status
+                .wait_for(|s| matches!(s.state, SessionState::Expired | SessionState::Closed))
+                .await;
+            Ok(())
         };
         let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {

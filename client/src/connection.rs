@@ -1,31 +1,45 @@
-//! The session task: one per client. It owns the socket, assigns xids,
-//! matches replies, routes watch events, sends heartbeats, and reconnects and
-//! resumes the session when the connection breaks.
+//! The session task, and what it shares with the client handles.
+//!
+//! A handle queues its request and writes it to the socket itself when the
+//! connection is up and the socket takes it, so a request crosses no task
+//! on its way out; only its reply does. The session task reads and matches
+//! replies, routes watch and lock events, writes what the socket did not
+//! take, sends heartbeats, and reconnects and resumes the session when the
+//! connection breaks.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify, Semaphore, TryAcquireError};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
 use crate::client::{ClientOptions, SessionState, SessionStatus};
 use crate::error::ClientError;
 use crate::lock_node::{LockCreated, LockRegistry, LockState, NodeOwner, Orphans};
 use crate::protocol::{
-    self, limits, ErrorCode, Hello, Op, OpResult, Request, Resume, Secret, ServerMessage,
-    SessionEvent, SessionId, WatchKind, Welcome, Xid, Zxid, PROTOCOL_VERSION,
+    self, limits, ErrorCode, Hello, Op, OpResult, Resume, Secret, ServerMessage, SessionEvent,
+    SessionId, WatchKind, Welcome, Xid, Zxid, PROTOCOL_VERSION,
 };
 use crate::watch::{set_watches_batches, set_watches_keys, WatchRegistry, WatchSender};
 
-/// Capacity of the channel from `Client` handles to the session task. When
-/// it is full (the task holds `INFLIGHT_MAX` unanswered requests and stopped
-/// pulling), callers wait in `send`: backpressure instead of an unbounded
-/// queue. 64 covers bursts from many tasks sharing one client.
-pub(crate) const COMMAND_CAPACITY: usize = 64;
+/// Bound on the requests of callers that a session holds unanswered, in
+/// flight or waiting for a slot on the wire or for a connection. A caller
+/// past it waits in [`Shared::submit`] until an earlier request is
+/// answered: backpressure instead of an unbounded queue. Twice the wire's
+/// `INFLIGHT_MAX` lets many tasks sharing one client keep the next batch
+/// queued while one is in flight.
+pub(crate) const REQUESTS_QUEUED_MAX: usize = 2 * limits::INFLIGHT_MAX;
+
+/// Bytes of framed requests held for the socket at once. Further requests
+/// are framed as the socket takes these, so the buffer stays small however
+/// many large requests wait.
+const OUT_BYTES_SOFT_MAX: usize = 64 * 1024;
 
 /// Room left in a frame for the request around an encoded op (the xid and
 /// the JSON around it), used to check frame size before an xid exists.
@@ -42,33 +56,40 @@ pub(crate) fn session_timeout(welcome: &Welcome) -> Duration {
     Duration::from_millis(welcome.session_timeout_ms).min(SESSION_TIMEOUT_MAX)
 }
 
-pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
 pub(crate) type ReplySender = oneshot::Sender<Result<OpResult, ClientError>>;
 pub(crate) type LockReplySender = oneshot::Sender<Result<LockCreated, ClientError>>;
 
-/// What a handle asks of the session task.
-pub(crate) enum Command {
-    Request {
-        op: Op,
+/// One connection after the handshake: the session task reads it; the write
+/// half is shared with the handles through [`Link`].
+pub(crate) struct Conn {
+    reader: Framed<OwnedReadHalf, LengthDelimitedCodec>,
+    writer: Arc<OwnedWriteHalf>,
+}
+
+impl Conn {
+    fn new(framed: Framed<TcpStream, LengthDelimitedCodec>) -> Conn {
+        let parts = framed.into_parts();
+        let (read, write) = parts.io.into_split();
+        // Anything the server sent right behind the welcome was read with
+        // it and must not be lost.
+        let mut read_parts = FramedParts::new::<Bytes>(read, parts.codec);
+        read_parts.read_buf = parts.read_buf;
+        Conn {
+            reader: Framed::from_parts(read_parts),
+            writer: Arc::new(write),
+        }
+    }
+}
+
+/// Who waits for an entry's reply.
+#[derive(Debug)]
+pub(crate) enum Origin {
+    User {
         reply: ReplySender,
         /// Register this waiter if the (watching) read succeeds.
         watch: Option<WatchSender>,
     },
     /// A create with a lock spec: its reply subscribes to the node.
-    CreateLock { op: Op, reply: LockReplySender },
-    Close {
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-}
-
-/// Who waits for an entry's reply.
-#[derive(Debug)]
-enum Origin {
-    User {
-        reply: ReplySender,
-        watch: Option<WatchSender>,
-    },
-    /// A lock create ([`Command::CreateLock`]).
     Lock {
         reply: LockReplySender,
     },
@@ -79,12 +100,22 @@ enum Origin {
     Close,
 }
 
+impl Origin {
+    /// Whether the entry holds one of the callers' [`Shared::slots`].
+    fn holds_slot(&self) -> bool {
+        matches!(self, Origin::User { .. } | Origin::Lock { .. })
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     /// Assigned when first written; kept across a resume only by a write the
     /// server already applied (its reply then comes from the server's cache).
     xid: Option<Xid>,
     op: Op,
+    /// `op` as JSON, encoded once when queued: a resume may send it again
+    /// under another xid.
+    encoded: Bytes,
     /// When it was written on the current connection.
     sent_at: Option<Instant>,
     origin: Origin,
@@ -114,27 +145,34 @@ impl Queue {
         }
     }
 
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     fn inflight(&self) -> usize {
         self.sent
     }
 
+    /// Whether an entry waits and a slot is free for it.
+    fn can_send(&self) -> bool {
+        self.sent < self.entries.len() && self.sent < limits::INFLIGHT_MAX
+    }
+
     fn push(&mut self, op: Op, origin: Origin) {
+        let encoded = protocol::encode(&op);
+        self.push_encoded(op, encoded, origin);
+    }
+
+    fn push_encoded(&mut self, op: Op, encoded: Bytes, origin: Origin) {
         self.entries.push_back(Entry {
             xid: None,
             op,
+            encoded,
             sent_at: None,
             origin,
             retried: false,
         });
     }
 
-    /// The next request to write, if one waits and a slot is free. Marks it
+    /// The next entry to write, if one waits and a slot is free. Marks it
     /// sent at `now` and gives it an xid if it has none.
-    fn next_to_send(&mut self, now: Instant) -> Option<Request> {
+    fn next_to_send(&mut self, now: Instant) -> Option<(Xid, &Entry)> {
         if self.sent >= limits::INFLIGHT_MAX {
             return None;
         }
@@ -150,12 +188,8 @@ impl Queue {
         };
         entry.sent_at = Some(now);
         self.sent += 1;
-        Some(Request {
-            xid,
-            op: entry.op.clone(),
-        })
+        Some((xid, entry))
     }
-
     /// Takes the entry a reply with `xid` answers: replies come in request
     /// order, so it must be the front one. Anything else breaks the protocol.
     fn on_reply(&mut self, xid: Xid) -> Result<Entry, String> {
@@ -257,6 +291,291 @@ fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(0.5 + fraction / 2.0)
 }
 
+/// Appends the frame of `Request { xid, op }` to `out`, with `op` already
+/// encoded: the 4-byte big-endian length, then the JSON serde writes for a
+/// `Request` (`{"xid":N,"op":...}`; a test holds the two equal).
+fn write_frame(out: &mut BytesMut, xid: Xid, op: &[u8]) {
+    let start = out.len();
+    out.put_u32(0);
+    out.extend_from_slice(b"{\"xid\":");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = xid.0;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + u8::try_from(n % 10).expect("a decimal digit");
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b",\"op\":");
+    out.extend_from_slice(op);
+    out.put_u8(b'}');
+    let len = u32::try_from(out.len() - start - 4)
+        .expect("a request's size is checked against a 4-byte length when it is queued");
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// What the handles and the session task share behind one lock, which is
+/// never held across an await: the queue of requests and the connection's
+/// write side. Whoever queues a request writes what the socket takes at
+/// once, under the lock, so bytes go out in xid order; the session task
+/// waits for the socket when some are left.
+pub(crate) struct Link {
+    queue: Queue,
+    /// The current connection's write half; `None` while suspended.
+    socket: Option<Arc<OwnedWriteHalf>>,
+    /// Framed requests the socket has not taken yet, in xid order.
+    out: BytesMut,
+    /// When bytes last went out on the current connection.
+    last_sent: Instant,
+    /// A write from a handle failed: the session task drops the connection.
+    broken: Option<String>,
+    frame_bytes_max: usize,
+    data_bytes_max: usize,
+    /// `close_session` is queued: accept no more requests.
+    closing: bool,
+    close_reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    /// The session task has finished: nothing more is sent or answered.
+    ended: bool,
+}
+
+impl Link {
+    fn new(welcome: &Welcome) -> Link {
+        let mut link = Link {
+            queue: Queue::new(),
+            socket: None,
+            out: BytesMut::new(),
+            last_sent: Instant::now(),
+            broken: None,
+            frame_bytes_max: 0,
+            data_bytes_max: 0,
+            closing: false,
+            close_reply: None,
+            ended: false,
+        };
+        link.set_limits(welcome);
+        link
+    }
+
+    fn set_limits(&mut self, welcome: &Welcome) {
+        self.frame_bytes_max = usize::try_from(welcome.frame_bytes_max).unwrap_or(usize::MAX);
+        self.data_bytes_max = usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX);
+    }
+
+    /// Frames the requests that have a slot and writes as much as the socket
+    /// takes now, without waiting. Returns true if the session task must
+    /// act: bytes were left where there were none (it waits for the socket),
+    /// or the write failed (it drops the connection).
+    fn pump(&mut self) -> bool {
+        let Some(socket) = &self.socket else {
+            return false;
+        };
+        if self.out.is_empty() && !self.queue.can_send() {
+            return false;
+        }
+        let was_waiting = !self.out.is_empty();
+        let now = Instant::now();
+        // Each pass writes at least one byte or stops.
+        let failed = loop {
+            while self.out.len() < OUT_BYTES_SOFT_MAX {
+                match self.queue.next_to_send(now) {
+                    Some((xid, entry)) => write_frame(&mut self.out, xid, &entry.encoded),
+                    None => break,
+                }
+            }
+            if self.out.is_empty() {
+                break None;
+            }
+            match socket.try_write(&self.out) {
+                Ok(0) => break Some("write failed: the socket took no bytes".to_string()),
+                Ok(n) => {
+                    self.out.advance(n);
+                    self.last_sent = now;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) => break Some(format!("write failed: {e}")),
+            }
+        };
+        if let Some(reason) = failed {
+            self.socket = None;
+            self.out.clear();
+            self.broken = Some(reason);
+            return true;
+        }
+        if self.out.is_empty() && self.out.capacity() > OUT_BYTES_SOFT_MAX {
+            // One large request must not pin its size for the session's life.
+            self.out = BytesMut::new();
+        }
+        !was_waiting && !self.out.is_empty()
+    }
+
+    /// Queues the deletes of lock nodes whose handles were dropped.
+    fn adopt_orphans(&mut self, orphans: &Orphans) {
+        for (path, czxid) in orphans.take() {
+            let op = Op::Delete {
+                path,
+                version: None,
+                czxid: Some(czxid),
+            };
+            self.queue.push(op, Origin::Background);
+        }
+    }
+
+    /// Checks a request against the limits the server announced; `encoded_len`
+    /// is the size of its op as JSON.
+    fn check_size(&self, op: &Op, encoded_len: usize) -> Result<(), ClientError> {
+        let data_len = |data: &protocol::Data| data.0.len();
+        let mut datas: Vec<(Option<u32>, usize)> = Vec::new();
+        match op {
+            Op::Create(c) => datas.push((None, data_len(&c.data))),
+            Op::Set { data, .. } => datas.push((None, data_len(data))),
+            Op::Multi { ops } => {
+                for (i, m) in ops.iter().enumerate() {
+                    let index = u32::try_from(i).ok();
+                    match m {
+                        protocol::MultiOp::Create(c) => datas.push((index, data_len(&c.data))),
+                        protocol::MultiOp::Set { data, .. } => datas.push((index, data_len(data))),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        for (index, len) in datas {
+            if len > self.data_bytes_max {
+                return Err(ClientError::TooLarge {
+                    message: format!(
+                        "the data is {len} bytes; the server's limit is {}",
+                        self.data_bytes_max
+                    ),
+                    index,
+                });
+            }
+        }
+        // The frame's length field has 4 bytes, whatever the server allows.
+        let frame_bytes_max = self
+            .frame_bytes_max
+            .min(usize::try_from(u32::MAX).unwrap_or(usize::MAX));
+        let frame_len = encoded_len.saturating_add(REQUEST_OVERHEAD_BYTES);
+        if frame_len > frame_bytes_max {
+            return Err(ClientError::TooLarge {
+                message: format!(
+                    "the request is about {frame_len} bytes on the wire; the server's limit is {}",
+                    frame_bytes_max
+                ),
+                index: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the session over and takes what still waits.
+    fn end(&mut self) -> (Vec<Entry>, Option<oneshot::Sender<Result<(), ClientError>>>) {
+        self.ended = true;
+        self.socket = None;
+        self.out = BytesMut::new();
+        (self.queue.drain().collect(), self.close_reply.take())
+    }
+}
+
+/// Why [`Shared::submit`] refused a request.
+pub(crate) enum Refused {
+    /// The session is over or closing: the caller reports how it ended.
+    Ended,
+    /// The request breaks a limit the server announced.
+    Invalid(ClientError),
+}
+
+/// The state the client handles share with the session task.
+pub(crate) struct Shared {
+    link: Mutex<Link>,
+    /// Wakes the session task: bytes were left for it to write, a write
+    /// failed, or the session is closing. `notify_one` keeps a permit, so a
+    /// wake while the task is busy is seen on its next turn.
+    wake: Notify,
+    /// One per request of a caller queued; see [`REQUESTS_QUEUED_MAX`]. A
+    /// caller takes one before queueing and the session task gives it back
+    /// with the reply. Closed when the session ends.
+    slots: Semaphore,
+    pub(crate) orphans: Arc<Orphans>,
+}
+
+impl Shared {
+    pub(crate) fn new(welcome: &Welcome) -> Shared {
+        Shared {
+            link: Mutex::new(Link::new(welcome)),
+            wake: Notify::new(),
+            slots: Semaphore::new(REQUESTS_QUEUED_MAX),
+            orphans: Arc::new(Orphans::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Link> {
+        // Nothing under the lock panics but bugs; the queue is still sound
+        // after one, and ending the session is the caller's part.
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a request and, when connected with nothing waiting ahead of
+    /// it, writes it to the socket from the calling task. Once this returns
+    /// `Ok`, the request goes out (again after a resume if need be) and its
+    /// reply goes to `origin`, even if the caller stops waiting.
+    ///
+    /// # Cancel safety
+    /// Safe: the only wait is for a slot, before anything is queued; a
+    /// dropped call queues nothing.
+    pub(crate) async fn submit(&self, op: Op, origin: Origin) -> Result<(), Refused> {
+        let permit = match self.slots.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => {
+                self.slots.acquire().await.map_err(|_| Refused::Ended)?
+            }
+            Err(TryAcquireError::Closed) => return Err(Refused::Ended),
+        };
+        // Encoded outside the lock: other callers and the replies need it.
+        let encoded = protocol::encode(&op);
+        let wake = {
+            let mut link = self.lock();
+            if link.ended || link.closing {
+                return Err(Refused::Ended);
+            }
+            link.check_size(&op, encoded.len())
+                .map_err(Refused::Invalid)?;
+            // Deletes of dropped handles go before any later request: a new
+            // lock node must not queue behind the session's own old one,
+            // which the server refuses as a deadlock.
+            link.adopt_orphans(&self.orphans);
+            link.queue.push_encoded(op, encoded, origin);
+            link.pump()
+        };
+        permit.forget();
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues the session's close; `reply` gets its outcome. Returns false
+    /// (dropping `reply`) if the session is already over or closing.
+    pub(crate) fn close(&self, reply: Option<oneshot::Sender<Result<(), ClientError>>>) -> bool {
+        {
+            let mut link = self.lock();
+            if link.ended || link.closing {
+                return false;
+            }
+            link.closing = true;
+            link.close_reply = reply;
+            link.queue.push(Op::CloseSession, Origin::Close);
+            link.pump();
+        }
+        // Always: a suspended session task closes at once.
+        self.wake.notify_one();
+        true
+    }
+}
 /// A completed handshake.
 pub(crate) struct Handshake {
     pub(crate) conn: Conn,
@@ -333,7 +652,7 @@ pub(crate) async fn handshake(
                 ));
             }
             Ok(Handshake {
-                conn,
+                conn: Conn::new(conn),
                 welcome,
                 hello_sent_at,
             })
@@ -365,57 +684,47 @@ enum ConnEnd {
 /// The session task's state.
 pub(crate) struct Session {
     options: ClientOptions,
-    commands: mpsc::Receiver<Command>,
     status: watch::Sender<SessionStatus>,
+    shared: Arc<Shared>,
     session_id: SessionId,
     secret: Secret,
     session_timeout: Duration,
-    frame_bytes_max: usize,
-    data_bytes_max: usize,
-    queue: Queue,
     watches: WatchRegistry,
     locks: LockRegistry,
-    orphans: Arc<Orphans>,
     last_xid_received: Xid,
     last_zxid: Zxid,
     lease_end: Instant,
     server_next: usize,
-    /// `close_session` is queued: accept no more commands.
-    closing: bool,
-    close_reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    /// A heartbeat was due while every slot was in flight: it goes with the
+    /// next reply.
+    ping_due: bool,
 }
 
 impl Session {
     pub(crate) fn new(
         options: ClientOptions,
-        commands: mpsc::Receiver<Command>,
         status: watch::Sender<SessionStatus>,
         handshake: &Handshake,
         server_index: usize,
-        orphans: Arc<Orphans>,
+        shared: Arc<Shared>,
     ) -> Self {
         let welcome = &handshake.welcome;
         let session_timeout = session_timeout(welcome);
         let server_next = server_index.wrapping_add(1) % options.servers.len().max(1);
         Session {
             options,
-            commands,
             status,
+            shared,
             session_id: welcome.session_id,
             secret: welcome.secret.clone(),
             session_timeout,
-            frame_bytes_max: usize::try_from(welcome.frame_bytes_max).unwrap_or(usize::MAX),
-            data_bytes_max: usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX),
-            queue: Queue::new(),
             watches: WatchRegistry::default(),
             locks: LockRegistry::default(),
-            orphans,
             last_xid_received: Xid(0),
             last_zxid: Zxid(0),
             lease_end: lease_end(handshake.hello_sent_at, session_timeout),
             server_next,
-            closing: false,
-            close_reply: None,
+            ping_due: false,
         }
     }
 
@@ -425,12 +734,19 @@ impl Session {
         let stop = loop {
             let end = self.drive(&mut conn).await;
             // Close the old socket before anything else: a request still
-            // buffered on it must not reach the server after a resume.
+            // buffered for it must not reach the server after a resume.
+            let closing = {
+                let mut link = self.shared.lock();
+                link.socket = None;
+                link.out.clear();
+                link.broken = None;
+                link.closing
+            };
             drop(conn);
             match end {
                 ConnEnd::Stop(stop) => break stop,
                 ConnEnd::Lost(reason) => {
-                    if self.closing {
+                    if closing {
                         break Stop::ClosedWhileDown;
                     }
                     tracing::warn!(session = %self.session_id, "connection lost: {reason}; reconnecting");
@@ -461,8 +777,11 @@ impl Session {
             Stop::Closed | Stop::ClosedWhileDown => (SessionState::Closed, ClientError::Closed),
         };
         tracing::debug!(session = %self.session_id, ?stop, "session task ends");
+        // Published first: a caller refused from now on reads why.
         self.publish(state);
-        for entry in self.queue.drain() {
+        let (entries, close_reply) = self.shared.lock().end();
+        self.shared.slots.close();
+        for entry in entries {
             match entry.origin {
                 Origin::User { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
@@ -476,8 +795,8 @@ impl Session {
         self.watches.fail_all(&err);
         self.locks.fail_all(&err);
         // The session's nodes are gone (or go at its expiry) with it.
-        self.orphans.close();
-        if let Some(reply) = self.close_reply.take() {
+        self.shared.orphans.close();
+        if let Some(reply) = close_reply {
             let result = match stop {
                 Stop::ClosedWhileDown => Err(ClientError::ConnectionLost),
                 // Expired or closed: the session is over either way.
@@ -487,146 +806,82 @@ impl Session {
         }
     }
 
-    /// Checks a request against the limits the server announced and queues
-    /// it, or fails it at once.
-    fn enqueue(&mut self, op: Op, reply: ReplySender, watch: Option<WatchSender>) {
-        // Deletes of dropped handles go before any later request.
-        self.adopt_orphans();
-        if let Err(err) = self.check_size(&op) {
-            let _ = reply.send(Err(err));
-            return;
-        }
-        self.queue.push(op, Origin::User { reply, watch });
-    }
-
-    fn enqueue_lock(&mut self, op: Op, reply: LockReplySender) {
-        // A handle dropped before this command was sent has its delete go
-        // first: otherwise the new lock node could queue behind the
-        // session's own old one, which the server refuses as a deadlock.
-        self.adopt_orphans();
-        if let Err(err) = self.check_size(&op) {
-            let _ = reply.send(Err(err));
-            return;
-        }
-        self.queue.push(op, Origin::Lock { reply });
-    }
-
-    /// Queues the deletes of lock nodes whose handles were dropped.
-    fn adopt_orphans(&mut self) {
-        for (path, czxid) in self.orphans.take() {
-            let op = Op::Delete {
-                path,
-                version: None,
-                czxid: Some(czxid),
-            };
-            self.queue.push(op, Origin::Background);
+    /// When the heartbeat timer must next look: the dead-connection check,
+    /// then a stuck write or the next heartbeat. It may look early (the
+    /// instants only move later), never late.
+    fn next_check(&self, link: &Link, last_received: Instant) -> Instant {
+        let dead_at = last_received + self.session_timeout * 2 / 3;
+        if !link.out.is_empty() {
+            dead_at.min(link.last_sent + self.session_timeout * 2 / 3)
+        } else if link.closing || self.ping_due {
+            dead_at
+        } else {
+            dead_at.min(link.last_sent + self.session_timeout / 3)
         }
     }
 
-    fn check_size(&self, op: &Op) -> Result<(), ClientError> {
-        let data_len = |data: &protocol::Data| data.0.len();
-        let mut datas: Vec<(Option<u32>, usize)> = Vec::new();
-        match op {
-            Op::Create(c) => datas.push((None, data_len(&c.data))),
-            Op::Set { data, .. } => datas.push((None, data_len(data))),
-            Op::Multi { ops } => {
-                for (i, m) in ops.iter().enumerate() {
-                    let index = u32::try_from(i).ok();
-                    match m {
-                        protocol::MultiOp::Create(c) => datas.push((index, data_len(&c.data))),
-                        protocol::MultiOp::Set { data, .. } => datas.push((index, data_len(data))),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
+    /// The heartbeat timer fired: ends the connection if the server fell
+    /// silent or stopped taking bytes, sends a heartbeat if one is due, and
+    /// says when to look again.
+    fn on_timer(&mut self, last_received: Instant) -> Result<Instant, ConnEnd> {
+        let now = Instant::now();
+        let dead_after = self.session_timeout * 2 / 3;
+        if now >= last_received + dead_after {
+            return Err(ConnEnd::Lost(format!(
+                "nothing received for {}ms (2/3 of the session timeout)",
+                dead_after.as_millis()
+            )));
         }
-        for (index, len) in datas {
-            if len > self.data_bytes_max {
-                return Err(ClientError::TooLarge {
-                    message: format!(
-                        "the data is {len} bytes; the server's limit is {}",
-                        self.data_bytes_max
-                    ),
-                    index,
-                });
+        let mut link = self.shared.lock();
+        if !link.out.is_empty() {
+            if now >= link.last_sent + dead_after {
+                return Err(ConnEnd::Lost(format!(
+                    "a write took over {}ms",
+                    dead_after.as_millis()
+                )));
             }
+        } else if !link.closing && now >= link.last_sent + self.session_timeout / 3 {
+            self.ping_due = !queue_ping(&mut link, self.last_xid_received);
         }
-        let frame_len = protocol::encode(op)
-            .len()
-            .saturating_add(REQUEST_OVERHEAD_BYTES);
-        if frame_len > self.frame_bytes_max {
-            return Err(ClientError::TooLarge {
-                message: format!(
-                    "the request is about {frame_len} bytes on the wire; the server's limit is {}",
-                    self.frame_bytes_max
-                ),
-                index: None,
-            });
-        }
-        Ok(())
-    }
-
-    fn on_command(&mut self, command: Option<Command>) {
-        match command {
-            Some(Command::Request { op, reply, watch }) => self.enqueue(op, reply, watch),
-            Some(Command::CreateLock { op, reply }) => self.enqueue_lock(op, reply),
-            Some(Command::Close { reply }) => {
-                self.close_reply = Some(reply);
-                self.closing = true;
-                self.queue.push(Op::CloseSession, Origin::Close);
-            }
-            // Every handle is gone: end the session now rather than leave
-            // its ephemeral nodes to the expiry.
-            None => {
-                self.closing = true;
-                self.queue.push(Op::CloseSession, Origin::Close);
-            }
-        }
-    }
-
-    /// Writes every queued request that has a slot.
-    async fn flush(&mut self, conn: &mut Conn) -> Result<bool, String> {
-        let deadline = self.session_timeout * 2 / 3;
-        let queue = &mut self.queue;
-        let write = async {
-            let mut wrote = false;
-            while let Some(request) = queue.next_to_send(Instant::now()) {
-                conn.feed(protocol::encode(&request))
-                    .await
-                    .map_err(|e| format!("write failed: {e}"))?;
-                wrote = true;
-            }
-            if wrote {
-                SinkExt::<bytes::Bytes>::flush(conn)
-                    .await
-                    .map_err(|e| format!("write failed: {e}"))?;
-            }
-            Ok(wrote)
-        };
-        timeout(deadline, write)
-            .await
-            .unwrap_or_else(|_| Err(format!("a write took over {}ms", deadline.as_millis())))
+        Ok(self.next_check(&link, last_received))
     }
 
     /// Serves one connection until it breaks or the session stops.
     async fn drive(&mut self, conn: &mut Conn) -> ConnEnd {
-        let mut last_sent = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let orphans = Arc::clone(&shared.orphans);
         let mut last_received = Instant::now();
-        match self.flush(conn).await {
-            Ok(true) => last_sent = Instant::now(),
-            Ok(false) => {}
-            Err(reason) => return ConnEnd::Lost(reason),
-        }
+        let first_check = {
+            let mut link = shared.lock();
+            link.socket = Some(Arc::clone(&conn.writer));
+            link.last_sent = Instant::now();
+            link.pump();
+            self.next_check(&link, last_received)
+        };
         self.publish(SessionState::Connected);
+        let timer = sleep_until(first_check);
+        let wake = shared.wake.notified();
+        let orphaned = orphans.notify.notified();
+        tokio::pin!(timer, wake, orphaned);
+        let mut writing = false;
         loop {
-            let accept = !self.closing && self.queue.len() < limits::INFLIGHT_MAX;
-            let can_ping = !self.closing && self.queue.inflight() < limits::INFLIGHT_MAX;
-            let ping_at = last_sent + self.session_timeout / 3;
-            let dead_at = last_received + self.session_timeout * 2 / 3;
-            let orphans = self.orphans.clone();
+            let want_write = {
+                let mut link = shared.lock();
+                if let Some(reason) = link.broken.take() {
+                    return ConnEnd::Lost(reason);
+                }
+                !link.out.is_empty()
+            };
+            if want_write && !writing {
+                // The armed instant may be a later one than a stuck write's.
+                let at = self.next_check(&shared.lock(), last_received);
+                if at < timer.deadline() {
+                    timer.as_mut().reset(at);
+                }
+            }
+            writing = want_write;
             tokio::select! {
-                frame = conn.next() => {
+                frame = conn.reader.next() => {
                     let bytes = match frame {
                         None => return ConnEnd::Lost("the server closed the connection".into()),
                         Some(Err(e)) => return ConnEnd::Lost(format!("read failed: {e}")),
@@ -637,23 +892,25 @@ impl Session {
                         return end;
                     }
                 }
-                command = self.commands.recv(), if accept => self.on_command(command),
-                () = orphans.notify.notified(), if accept => self.adopt_orphans(),
-                () = sleep_until(ping_at), if can_ping => {
-                    let ack = self.queue.ack(self.last_xid_received);
-                    self.queue.push(Op::Ping { ack }, Origin::Ping);
+                () = &mut wake => wake.set(shared.wake.notified()),
+                () = &mut orphaned => {
+                    orphaned.set(orphans.notify.notified());
+                    let mut link = shared.lock();
+                    if !link.closing {
+                        link.adopt_orphans(&orphans);
+                        link.pump();
+                    }
                 }
-                () = sleep_until(dead_at) => {
-                    return ConnEnd::Lost(format!(
-                        "nothing received for {}ms (2/3 of the session timeout)",
-                        (self.session_timeout * 2 / 3).as_millis()
-                    ));
+                ready = conn.writer.writable(), if want_write => {
+                    if let Err(e) = ready {
+                        return ConnEnd::Lost(format!("write failed: {e}"));
+                    }
+                    shared.lock().pump();
                 }
-            }
-            match self.flush(conn).await {
-                Ok(true) => last_sent = Instant::now(),
-                Ok(false) => {}
-                Err(reason) => return ConnEnd::Lost(reason),
+                () = &mut timer => match self.on_timer(last_received) {
+                    Ok(at) => timer.as_mut().reset(at),
+                    Err(end) => return end,
+                },
             }
         }
     }
@@ -670,10 +927,22 @@ impl Session {
         };
         match message {
             ServerMessage::Reply(reply) => {
-                let entry = match self.queue.on_reply(reply.xid) {
-                    Ok(entry) => entry,
-                    Err(reason) => return Some(ConnEnd::Lost(reason)),
+                let entry = {
+                    let mut link = self.shared.lock();
+                    let entry = match link.queue.on_reply(reply.xid) {
+                        Ok(entry) => entry,
+                        Err(reason) => return Some(ConnEnd::Lost(reason)),
+                    };
+                    if self.ping_due && !link.closing {
+                        self.ping_due = !queue_ping(&mut link, self.last_xid_received);
+                    }
+                    // The reply freed a slot for a waiting request.
+                    link.pump();
+                    entry
                 };
+                if entry.origin.holds_slot() {
+                    self.shared.slots.add_permits(1);
+                }
                 self.last_xid_received = self.last_xid_received.max(reply.xid);
                 self.last_zxid = self.last_zxid.max(reply.zxid);
                 if let Some(sent_at) = entry.sent_at {
@@ -702,7 +971,6 @@ impl Session {
             ServerMessage::Welcome(_) => Some(ConnEnd::Lost("an unexpected second welcome".into())),
         }
     }
-
     fn on_reply(
         &mut self,
         entry: Entry,
@@ -725,9 +993,11 @@ impl Session {
                                 child: Vec::new(),
                                 lock: vec![path.clone()],
                             };
-                            self.queue.push(op, Origin::SetWatches);
+                            let mut link = self.shared.lock();
+                            link.queue.push(op, Origin::SetWatches);
+                            link.pump();
                         }
-                        let owner = NodeOwner::new(path, stat.czxid, self.orphans.clone());
+                        let owner = NodeOwner::new(path, stat.czxid, self.shared.orphans.clone());
                         Ok(LockCreated {
                             stat,
                             owner,
@@ -787,7 +1057,8 @@ impl Session {
                     if e.code == ErrorCode::SessionExpired {
                         return Some(ConnEnd::Stop(Stop::Expired));
                     }
-                    if let Some(reply) = self.close_reply.take() {
+                    let close_reply = self.shared.lock().close_reply.take();
+                    if let Some(reply) = close_reply {
                         let _ = reply.send(Err(ClientError::from_reply(e)));
                     }
                 }
@@ -839,27 +1110,24 @@ impl Session {
         }
     }
 
-    /// Waits for `fut` while still taking commands, until the session is
-    /// surely expired on the server.
+    /// Waits for `fut` (the session's requests still queue meanwhile),
+    /// until the session is closed or surely expired on the server.
     async fn while_suspended<F: std::future::Future>(&mut self, fut: F) -> Result<F::Output, Stop> {
         tokio::pin!(fut);
         // The server expires the session a timeout after it last heard from
         // the client; past `lease_end` plus another timeout it surely has.
-        let give_up_at = self.lease_end + self.session_timeout;
+        let give_up = sleep_until(self.lease_end + self.session_timeout);
+        tokio::pin!(give_up);
+        let shared = Arc::clone(&self.shared);
         loop {
-            let accept = self.queue.len() < limits::INFLIGHT_MAX;
+            let wake = shared.wake.notified();
+            if shared.lock().closing {
+                return Err(Stop::ClosedWhileDown);
+            }
             tokio::select! {
                 out = &mut fut => return Ok(out),
-                command = self.commands.recv(), if accept => match command {
-                    Some(Command::Request { op, reply, watch }) => self.enqueue(op, reply, watch),
-                    Some(Command::CreateLock { op, reply }) => self.enqueue_lock(op, reply),
-                    Some(Command::Close { reply }) => {
-                        self.close_reply = Some(reply);
-                        return Err(Stop::ClosedWhileDown);
-                    }
-                    None => return Err(Stop::ClosedWhileDown),
-                },
-                () = sleep_until(give_up_at) => {
+                () = wake => {}
+                () = &mut give_up => {
                     tracing::warn!(session = %self.session_id, "no server reachable before the session timeout; the session is expired");
                     return Err(Stop::Expired);
                 }
@@ -886,7 +1154,7 @@ impl Session {
                 resume: Some(Resume {
                     session_id: self.session_id,
                     secret: self.secret.clone(),
-                    last_xid_received: self.queue.ack(self.last_xid_received),
+                    last_xid_received: self.shared.lock().queue.ack(self.last_xid_received),
                 }),
             };
             let attempt = handshake(addr.clone(), hello, self.options.connect_timeout);
@@ -914,8 +1182,6 @@ impl Session {
         let welcome = &handshake.welcome;
         self.secret = welcome.secret.clone();
         self.session_timeout = session_timeout(welcome);
-        self.frame_bytes_max = usize::try_from(welcome.frame_bytes_max).unwrap_or(usize::MAX);
-        self.data_bytes_max = usize::try_from(welcome.data_bytes_max).unwrap_or(usize::MAX);
         self.lease_end = self
             .lease_end
             .max(lease_end(handshake.hello_sent_at, self.session_timeout));
@@ -923,7 +1189,10 @@ impl Session {
         // mid-resume) was based on an older zxid than the replies to its
         // siblings raised `last_zxid` to: changes in between would be missed
         // if its paths were re-sent with the newer one.
-        let baseline = self
+        let shared = Arc::clone(&self.shared);
+        let mut link = shared.lock();
+        link.set_limits(welcome);
+        let baseline = link
             .queue
             .unanswered_watch_baseline()
             .map_or(self.last_zxid, |older| older.min(self.last_zxid));
@@ -935,14 +1204,36 @@ impl Session {
                 .map(|path| (path, WatchKind::Lock)),
         );
         let batches = set_watches_batches(&keys, baseline);
-        self.queue.resume(welcome.last_xid_applied, batches);
+        link.queue.resume(welcome.last_xid_applied, batches);
+    }
+}
+
+/// Queues a heartbeat if a slot is free; returns false if none was.
+fn queue_ping(link: &mut Link, last_xid_received: Xid) -> bool {
+    if link.queue.inflight() >= limits::INFLIGHT_MAX {
+        return false;
+    }
+    let ack = link.queue.ack(last_xid_received);
+    link.queue.push(Op::Ping { ack }, Origin::Ping);
+    link.pump();
+    true
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // After `finish` this finds nothing. If the task panicked instead, it
+        // drops what waits, so callers learn the session is gone rather than
+        // wait forever.
+        let (entries, _) = self.shared.lock().end();
+        self.shared.slots.close();
+        drop(entries);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Create;
+    use crate::protocol::{Create, Request};
 
     fn user() -> Origin {
         let (reply, _rx) = oneshot::channel();
@@ -969,8 +1260,8 @@ mod tests {
         let now = Instant::now();
         q.push(get("/a"), user());
         q.push(get("/b"), user());
-        assert_eq!(q.next_to_send(now).map(|r| r.xid), Some(Xid(1)));
-        assert_eq!(q.next_to_send(now).map(|r| r.xid), Some(Xid(2)));
+        assert_eq!(q.next_to_send(now).map(|(x, _)| x), Some(Xid(1)));
+        assert_eq!(q.next_to_send(now).map(|(x, _)| x), Some(Xid(2)));
         assert!(q.next_to_send(now).is_none());
         assert!(q.on_reply(Xid(2)).is_err(), "out of order");
         assert_eq!(q.on_reply(Xid(1)).unwrap().op, get("/a"));
@@ -991,7 +1282,7 @@ mod tests {
         }
         assert_eq!(sent, limits::INFLIGHT_MAX);
         q.on_reply(Xid(1)).unwrap();
-        assert_eq!(q.next_to_send(now).map(|r| r.xid.0), Some(129));
+        assert_eq!(q.next_to_send(now).map(|(x, _)| x.0), Some(129));
         assert!(q.next_to_send(now).is_none());
     }
 
@@ -1009,9 +1300,8 @@ mod tests {
 
         let sw = set_watches_batches(&[("/x".into(), WatchKind::Data)], Zxid(7));
         q.resume(Xid(3), sw);
-        let order: Vec<(Xid, Op)> = std::iter::from_fn(|| q.next_to_send(now))
-            .map(|r| (r.xid, r.op))
-            .collect();
+        let order: Vec<(Xid, Op)> =
+            std::iter::from_fn(|| q.next_to_send(now).map(|(x, e)| (x, e.op.clone()))).collect();
         let xids: Vec<u64> = order.iter().map(|(x, _)| x.0).collect();
         // set_watches first with a fresh xid, then the applied write with its
         // own xid, then the rest renumbered in order; the ping is gone.
@@ -1051,6 +1341,33 @@ mod tests {
         assert_eq!(q.unanswered_watch_baseline(), Some(Zxid(7)));
         q.on_reply(Xid(2)).unwrap();
         assert_eq!(q.unanswered_watch_baseline(), None);
+    }
+
+    /// The frame written by hand around an op encoded once must be the one
+    /// serde writes for the request, for any xid's number of digits.
+    #[test]
+    fn a_hand_framed_request_is_the_serde_encoding() {
+        let ops = [
+            get("/a"),
+            create("/b\"\u{1}é"),
+            Op::Ping { ack: Xid(7) },
+            Op::CloseSession,
+        ];
+        for op in ops {
+            for xid in [0, 1, 9, 10, 12_345, u64::MAX] {
+                let mut out = BytesMut::from(&b"before"[..]);
+                write_frame(&mut out, Xid(xid), &protocol::encode(&op));
+                let request = Request {
+                    xid: Xid(xid),
+                    op: op.clone(),
+                };
+                let body = protocol::encode(&request);
+                let len = u32::try_from(body.len()).unwrap().to_be_bytes();
+                assert_eq!(&out[..6], b"before");
+                assert_eq!(&out[6..10], &len);
+                assert_eq!(&out[10..], &body[..], "xid {xid}");
+            }
+        }
     }
 
     #[test]

@@ -354,6 +354,63 @@ async fn a_silent_server_is_dropped_and_the_session_resumed() {
     drop(peer);
 }
 
+/// A server that keeps talking but stops reading: the requests the socket
+/// cannot take wait with the session task, and once no byte has gone out
+/// for 2/3 of the session timeout the connection is dropped as dead and
+/// the session resumed on a new one.
+#[tokio::test]
+async fn a_server_that_stops_reading_is_dropped_though_it_still_talks() {
+    let fake = Fake::start().await;
+    // The drop comes 2 s in; the session would be given up at about 6 s.
+    let options = fake.options().session_timeout(Duration::from_millis(3000));
+    let server = async {
+        let mut peer = fake.accept().await;
+        peer.hello().await;
+        let mut hello_back = welcome(3000, 0);
+        if let ServerMessage::Welcome(w) = &mut hello_back {
+            w.data_bytes_max = 1 << 20;
+        }
+        peer.send(hello_back).await;
+        peer
+    };
+    let (client, mut peer) = within(async { tokio::join!(Client::connect(options), server) }).await;
+    let client = client.unwrap();
+    // About 34 MB once encoded: far more than loopback socket buffers hold.
+    let data = vec![b'x'; 512 * 1024];
+    let writers: Vec<_> = (0..48)
+        .map(|_| {
+            let (c, d) = (client.clone(), data.clone());
+            tokio::spawn(async move { c.set("/big", d, None).await })
+        })
+        .collect();
+    let chatter = async {
+        // Events for a path nobody watches: the client hears from the
+        // server all along, so only the stuck writes can end the connection.
+        let mut every = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            every.tick().await;
+            peer.send(ServerMessage::Watch(WatchEvent {
+                kind: WatchEventKind::NodeDataChanged,
+                path: "/other".into(),
+                zxid: Zxid(20),
+            }))
+            .await;
+        }
+    };
+    let mut peer2 = within(async {
+        tokio::select! {
+            peer2 = fake.accept() => peer2,
+            () = chatter => unreachable!("the chatter never ends"),
+        }
+    })
+    .await;
+    let resume = within(peer2.hello()).await.resume.expect("a resume");
+    assert_eq!(resume.session_id, SESSION);
+    for writer in writers {
+        writer.abort();
+    }
+}
+
 #[tokio::test]
 async fn resume_resets_watches_then_resends_unanswered_requests() {
     let fake = Fake::start().await;

@@ -204,8 +204,9 @@ impl LockRegistry {
     }
 }
 
-/// Lock nodes whose handles were dropped: the session task deletes them.
-/// Shared between the client handles and the session task, so that a
+/// Lock nodes whose handles were dropped: their deletes are queued by the
+/// session task or ahead of the session's next request, whichever comes
+/// first. Shared between the client handles and the session task, so that a
 /// `Drop` (which cannot await) can hand a delete over without a task of its
 /// own and without a channel that could be full. Bounded by the number of
 /// lock nodes the application had.
@@ -402,8 +403,8 @@ impl LockNode {
     /// goes with it).
     ///
     /// # Cancel safety
-    /// Safe: once the delete is handed to the session task it is sent even if
-    /// the future is dropped; dropped before that, the node is deleted in the
+    /// Safe: once the delete is queued it is sent even if the future is
+    /// dropped; dropped before that, the node is deleted in the
     /// background as if the `LockNode` had been dropped.
     pub async fn delete(mut self) -> Result<(), ClientError> {
         let op = crate::protocol::Op::Delete {

@@ -269,8 +269,7 @@ impl LockGuard {
     /// nodes went with it).
     ///
     /// # Cancel safety
-    /// Safe: once handed to the session task the delete is sent even if the
-    /// future is dropped; dropped earlier, the guard's drop deletes the node
+    /// Safe: once queued the delete is sent even if the future is dropped; dropped earlier, the guard's drop deletes the node
     /// in the background.
     pub async fn release(self) -> Result<(), ClientError> {
         self.node.delete().await

@@ -190,8 +190,8 @@ impl MultiLockGuard {
     /// released anyway.
     ///
     /// # Cancel safety
-    /// Safe: the guards not yet handed to the session task are deleted in
-    /// the background as they drop.
+    /// Safe: the guards whose deletes were not queued yet are deleted in the
+    /// background as they drop.
     pub async fn release(self) -> Result<(), ClientError> {
         let results =
             futures_util::future::join_all(self.guards.into_iter().map(LockGuard::release)).await;
