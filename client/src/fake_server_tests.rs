@@ -389,12 +389,16 @@ async fn a_server_that_stops_reading_is_dropped_though_it_still_talks() {
         let mut every = tokio::time::interval(Duration::from_millis(50));
         loop {
             every.tick().await;
-            peer.send(ServerMessage::Watch(WatchEvent {
+            let event = ServerMessage::Watch(WatchEvent {
                 kind: WatchEventKind::NodeDataChanged,
                 path: "/other".into(),
                 zxid: Zxid(20),
-            }))
-            .await;
+            });
+            // Once the client drops this connection, sends fail (a reset):
+            // that is the drop this test waits for, seen from this side.
+            if peer.conn.send(protocol::encode(&event)).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     };
     let mut peer2 = within(async {
