@@ -594,6 +594,9 @@ impl Client {
 
     /// As [`Client::exists`], and sets a watch: a data watch (fires on set
     /// or delete) if the node exists, else an exist watch (fires on create).
+    /// After a reconnect, an exist watch also fires `created` if the node
+    /// may have been created and deleted while the client was away, so the
+    /// node may be absent when it fires: read it again.
     ///
     /// # Errors
     /// As [`Client::exists`].

@@ -19,6 +19,8 @@ mod watches;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_cache;
+#[cfg(test)]
 mod tests_deadlock;
 #[cfg(test)]
 mod tests_grace;

@@ -376,10 +376,18 @@ impl Coordinator {
 
     /// Re-registers a resumed session's watches (data, exist, child, lock);
     /// fires at once, with the current zxid, those whose node changed after
-    /// `last_zxid`. A lock path fires LockGranted with its token if it is
-    /// the session's lock node and granted, nothing if it still waits (the
-    /// implied lock watch will tell), and NodeDeleted otherwise: the node is
-    /// gone, or the path names another node now.
+    /// `last_zxid`. An exist watch on an absent node fires NodeCreated unless
+    /// the node cannot have existed since `last_zxid`: it may have been
+    /// created and deleted while the session was away, its event lost with
+    /// the connection. Every create and delete of a child moves the
+    /// parent's pzxid (and a parent made since has a later one), so a parent
+    /// there now with a pzxid at or below `last_zxid` proves the node never
+    /// came; anything else fires, as a wake-up the client may find spurious
+    /// (it looks again) beats one it never gets. A lock path fires
+    /// LockGranted with its token if it is the session's lock node and
+    /// granted, nothing if it still waits (the implied lock watch will
+    /// tell), and NodeDeleted otherwise: the node is gone, or the path names
+    /// another node now.
     fn set_watches(
         &mut self,
         session: SessionId,
@@ -419,11 +427,14 @@ impl Coordinator {
             }
         }
         for path in exist {
-            match self.tree.get(path) {
-                Some(_) => fire.push((WatchEventKind::NodeCreated, path, now)),
-                None => {
-                    register.insert((path, WatchKind::Exist));
-                }
+            let absent_throughout = self.tree.get(path).is_none()
+                && protocol::parent_path(path)
+                    .and_then(|parent| self.tree.get(parent))
+                    .is_some_and(|parent| parent.pzxid <= last_zxid);
+            if absent_throughout {
+                register.insert((path, WatchKind::Exist));
+            } else {
+                fire.push((WatchEventKind::NodeCreated, path, now));
             }
         }
         for path in child {

@@ -1592,6 +1592,7 @@ fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
     h.create(s, "/changed");
     h.create(s, "/kids");
     h.create(s, "/quiet");
+    h.create(s, "/still");
     let last = h.c.zxid();
     h.ok(s, set("/changed", "x", None));
     h.create(s, "/kids/k");
@@ -1602,7 +1603,7 @@ fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
         Op::SetWatches {
             last_zxid: last,
             data: vec!["/same".into(), "/changed".into(), "/gone".into()],
-            exist: vec!["/born".into(), "/unborn".into()],
+            exist: vec!["/born".into(), "/still/unborn".into()],
             child: vec!["/kids".into(), "/quiet".into(), "/gone".into()],
             lock: vec![],
         },
@@ -1620,14 +1621,80 @@ fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
     assert_eq!(h.c.watch_count(w), 3);
     let out = h.send(s, set("/same", "x", None));
     assert_eq!(out.events.len(), 1);
-    let out = h.send(s, create(mk("/unborn")));
+    let out = h.send(s, create(mk("/still/unborn")));
     assert_eq!(
         out.events,
-        vec![event(w, WatchEventKind::NodeCreated, "/unborn", h.c.zxid())]
+        vec![event(
+            w,
+            WatchEventKind::NodeCreated,
+            "/still/unborn",
+            h.c.zxid()
+        )]
     );
     let out = h.send(s, create(mk("/quiet/k")));
     assert_eq!(out.events.len(), 1);
     assert_eq!(h.c.watch_count(w), 0);
+}
+
+/// Postmortem: an exist watch on an absent node was re-registered by
+/// set_watches whenever the node was absent, so a create and delete while
+/// the session was away (the created event lost with the connection) was
+/// never reported, and a client waiting for the node waited for good.
+#[test]
+fn an_exist_watch_fires_on_resume_if_the_node_came_and_went_while_away() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let w = h.open();
+    h.create(s, "/p");
+    h.create(s, "/gone");
+    h.create(s, "/q");
+    h.ok(w, exists("/p/x", true));
+    h.ok(w, exists("/q/y", true));
+    h.ok(w, exists("/gone/x", true));
+    h.ok(w, exists("/never", true));
+    let last = h.c.zxid();
+    // Away: the created event for /p/x goes to a connection that is gone.
+    let created = h.send(s, create(mk("/p/x")));
+    assert_eq!(
+        created.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/p/x", h.c.zxid())]
+    );
+    h.ok(s, delete("/p/x", None));
+    h.ok(s, delete("/gone", None));
+    h.resume(w, "s3cret", 0).expect("resume");
+    let out = h.send(
+        w,
+        Op::SetWatches {
+            last_zxid: last,
+            data: vec![],
+            exist: vec![
+                "/p/x".into(),
+                "/gone/x".into(),
+                "/never".into(),
+                "/q/y".into(),
+            ],
+            child: vec![],
+            lock: vec![],
+        },
+    );
+    let now = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![
+            event(w, WatchEventKind::NodeCreated, "/p/x", now),
+            event(w, WatchEventKind::NodeCreated, "/gone/x", now),
+            // The root's children changed too (/gone went): a wake-up the
+            // client finds spurious when it looks again, never a lost one.
+            event(w, WatchEventKind::NodeCreated, "/never", now),
+        ]
+    );
+    // /q's children did not change since: /q/y cannot have come and gone.
+    assert_eq!(h.c.watch_count(w), 1);
+    let out = h.send(s, create(mk("/q/y")));
+    assert_eq!(
+        out.events,
+        vec![event(w, WatchEventKind::NodeCreated, "/q/y", h.c.zxid())]
+    );
 }
 
 // ---- retries ----

@@ -982,8 +982,10 @@ impl Model {
     /// Registers again the watches of a resumed session, firing at once,
     /// with the latest zxid, those whose change the session missed after
     /// `last_zxid`: a data watch on a node gone (deleted) or set since, an
-    /// exist watch on a node that is there (created), a child watch on a
-    /// node gone or whose children changed since. A lock path that is the
+    /// exist watch on a node that is there (created) or that may have come
+    /// and gone since (created: its parent is gone, or its parent's
+    /// children changed since; a wake-up that can be spurious, never a lost
+    /// one), a child watch on a node gone or whose children changed since. A lock path that is the
     /// session's own lock node fires LockGranted with its token if it was
     /// granted, and nothing while it waits (the grant will be pushed); any
     /// other lock path fires NodeDeleted, as the node it named is gone.
@@ -1010,9 +1012,15 @@ impl Model {
             }
         }
         for path in exist {
-            match self.nodes.get(path) {
-                Some(_) => fire.push((WatchEventKind::NodeCreated, path, now)),
-                None => register.push((path, WatchKind::Exist)),
+            let parent = self.nodes.get(parent_of(path));
+            if self.nodes.contains_key(path) {
+                fire.push((WatchEventKind::NodeCreated, path, now));
+            } else if parent.is_some_and(|p| p.pzxid <= last_zxid) {
+                register.push((path, WatchKind::Exist));
+            } else {
+                self.notes
+                    .push("set_watches fired NodeCreated for an absent node");
+                fire.push((WatchEventKind::NodeCreated, path, now));
             }
         }
         for path in child {
@@ -2862,6 +2870,7 @@ fn sessions_watches_and_writes_match_a_reference_model() {
             // set_watches.
             "set_watches registered a watch",
             "set_watches fired NodeCreated",
+            "set_watches fired NodeCreated for an absent node",
             "set_watches fired NodeDeleted",
             "set_watches fired NodeDataChanged",
             "set_watches fired NodeChildrenChanged",
