@@ -475,3 +475,49 @@ async fn a_client_that_never_reads_gives_its_connection_slot_back() {
     );
     server.stop().await;
 }
+
+/// A connection already closing when the server shuts down (its client
+/// ended its side) while a write waits for a client that does not read is
+/// still cut at the shutdown grace, as every connection is: the server
+/// stops within the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_a_closing_connection_with_a_stalled_write_at_the_grace() {
+    use std::time::Duration;
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_millis(300);
+    config.write_timeout = Duration::from_secs(60);
+    config.outbound_bytes_max = 64 << 20;
+    let server = start_server_with(config).await;
+    let mut writer = Raw::session(server.addr()).await;
+    let data = protocol::Data(vec![b'x'; 256 * 1024]);
+    let reply = writer
+        .request(1, json!({"create": {"path": "/big", "data": data}}))
+        .await;
+    assert!(reply.result.is_ok());
+    // Replies beyond what a small receive buffer and the server's send
+    // buffer take, never read: the server's write stalls.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let socket = socket.connect(server.addr()).await.unwrap();
+    let (mut sluggard, _) = Raw::over(socket).hello(10_000).await;
+    for xid in 1..=32u64 {
+        sluggard
+            .send_json(&json!({"xid": xid, "op": {"get": {"path": "/big"}}}))
+            .await;
+    }
+    // Nothing tells a client that the server's write is waiting for it;
+    // time for the server to fill both buffers. Were it not stalled yet, the
+    // test could only pass, never fail falsely.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The client ends its side: the server stops reading, detaches the
+    // session and closes its queue, still trying to write what is queued.
+    sluggard.framed.get_mut().shutdown().await.unwrap();
+    // Time for the server to see the end of the stream (as above).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        server.stop().await,
+        "a connection task outlived the shutdown grace: a closing connection's stalled write \
+         was not cut at the grace (its write timeout is 60 s)"
+    );
+    drop(sluggard);
+}

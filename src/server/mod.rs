@@ -223,6 +223,17 @@ struct Shared {
     config: Config,
     clock: Clock,
     connection_slots: Arc<Semaphore>,
+    /// When shutdown began: every connection is cut `shutdown_grace` after
+    /// it, whatever it is still writing.
+    shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Shared {
+    /// The moment every connection must be gone by, once shutdown has
+    /// begun (the first call fixes when it began).
+    fn shutdown_deadline(&self) -> tokio::time::Instant {
+        *self.shutdown_at.get_or_init(tokio::time::Instant::now) + self.config.shutdown_grace
+    }
 }
 
 /// A server bound to its address, not yet serving.
@@ -263,6 +274,7 @@ impl Server {
                 to_flush: Vec::new(),
             }),
             connection_slots: Arc::new(Semaphore::new(config.connections_max)),
+            shutdown_at: std::sync::OnceLock::new(),
             config,
             clock,
         });
@@ -277,12 +289,14 @@ impl Server {
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, tells
-    /// every connected client that its session has ended, waits up to
-    /// `shutdown_grace` for connections to flush, and returns.
+    /// every connected client that its session has ended, gives connections
+    /// `shutdown_grace` to flush, and returns: true if every connection
+    /// task had ended by then (a second more is allowed), false if some
+    /// were left behind.
     ///
     /// # Cancel safety
     /// Not cancel-safe: drop it only by cancelling `shutdown` and awaiting it.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> bool {
         let Server { listener, shared } = self;
         let tracker = TaskTracker::new();
         tracker.spawn(ticker(shared.clone(), shutdown.clone()));
@@ -309,6 +323,7 @@ impl Server {
             }
         }
         drop(listener);
+        let deadline = shared.shutdown_deadline();
         // Every attached connection tells its client that the session has
         // ended, writes what it has, and closes; a connection still in its
         // handshake sees the cancellation itself.
@@ -329,10 +344,18 @@ impl Server {
         tracker.close();
         // Every connection task ends within the grace: it stops taking
         // requests at once, gets the grace to flush, then drops its socket.
-        let bound = shared.config.shutdown_grace + Duration::from_secs(1);
-        if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
-            warn!("some connection tasks did not end within {bound:?}; leaving them behind");
+        let bound = deadline + Duration::from_secs(1);
+        if tokio::time::timeout_at(bound, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "some connection tasks did not end within {:?}; leaving them behind",
+                shared.config.shutdown_grace + Duration::from_secs(1)
+            );
+            return false;
         }
+        true
     }
 }
 
@@ -409,7 +432,7 @@ fn startup_grace(
 pub struct RunningServer {
     addr: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<bool>,
 }
 
 impl RunningServer {
@@ -437,14 +460,20 @@ impl RunningServer {
         self.addr
     }
 
-    /// Shuts down as on SIGTERM and waits until it has.
+    /// Shuts down as on SIGTERM and waits until it has. Returns true if
+    /// every connection ended within the shutdown grace (see
+    /// [`Server::run`]).
     ///
     /// # Cancel safety
     /// Safe: shutdown proceeds in the background if this future is dropped.
-    pub async fn stop(self) {
+    pub async fn stop(self) -> bool {
         self.shutdown.cancel();
-        if let Err(e) = self.task.await {
-            warn!("server task ended abnormally: {e}");
+        match self.task.await {
+            Ok(clean) => clean,
+            Err(e) => {
+                warn!("server task ended abnormally: {e}");
+                false
+            }
         }
     }
 }
@@ -548,14 +577,14 @@ impl Connection {
             Ok(hello) => hello,
             Err(NoHello::Silent) => return None,
             Err(NoHello::Fatal(frame)) => {
-                Box::pin(send_last(&writer, &frame, shared.config.write_timeout)).await;
+                Box::pin(send_last(&writer, &frame, refusal_limit(&shared))).await;
                 return None;
             }
         };
         let connection = match Connection::attach(&shared, peer, &hello, writer.clone()) {
             Ok(connection) => connection,
             Err(refusal) => {
-                Box::pin(send_last(&writer, &refusal, shared.config.write_timeout)).await;
+                Box::pin(send_last(&writer, &refusal, refusal_limit(&shared))).await;
                 return None;
             }
         };
@@ -575,6 +604,7 @@ impl Connection {
             writing: None,
             frame_deadline: None,
             write_deadline: None,
+            shutdown,
             reading: true,
             _slot: slot,
         };
@@ -862,6 +892,15 @@ async fn read_hello(
     }
 }
 
+/// How long a refused handshake's error may take to write: a refusal must
+/// not keep a shutdown waiting past its grace either.
+fn refusal_limit(shared: &Shared) -> Duration {
+    shared
+        .config
+        .write_timeout
+        .min(shared.config.shutdown_grace)
+}
+
 /// Sends one frame to a connection that is about to close, giving up after
 /// `limit`.
 async fn send_last(writer: &OwnedWriteHalf, frame: &Bytes, limit: Duration) {
@@ -904,7 +943,9 @@ struct Live {
     /// Runs while a frame is incomplete: its rest must come by then.
     frame_deadline: Option<Pin<Box<Sleep>>>,
     /// Runs while `writing` waits for the socket.
-    write_deadline: Option<Pin<Box<Sleep>>>,
+    write_deadline: Option<Pin<Box<dyn Future<Output = WriteCut> + Send>>>,
+    /// Cut a waiting write at the shutdown deadline.
+    shutdown: CancellationToken,
     /// Whether requests are still taken.
     reading: bool,
     /// The connection's place under the connection limit.
@@ -1071,32 +1112,25 @@ impl Live {
                             }
                             Poll::Pending => {}
                         }
-                        let shutting_down = outbound.closing() == Some(CloseReason::ShuttingDown);
-                        let config = &self.connection.shared.config;
-                        let limit = if shutting_down {
-                            config.write_timeout.min(config.shutdown_grace)
-                        } else {
-                            config.write_timeout
-                        };
+                        let limit = self.connection.shared.config.write_timeout;
+                        let shared = &self.connection.shared;
+                        let shutdown = &self.shutdown;
                         let deadline = self
                             .write_deadline
-                            .get_or_insert_with(|| Box::pin(sleep(limit)));
-                        // A shutdown cuts a write already waiting to the grace.
-                        let latest = tokio::time::Instant::now() + limit;
-                        if deadline.deadline() > latest {
-                            deadline.as_mut().reset(latest);
-                        }
-                        if deadline.as_mut().poll(cx).is_ready() {
-                            if !shutting_down {
+                            .get_or_insert_with(|| write_deadline(shared, shutdown));
+                        match deadline.as_mut().poll(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(WriteCut::Timeout) => {
                                 warn!(
                                     %peer,
                                     "closing connection: a write took over {limit:?}; \
                                      the client is not reading (its session can resume)"
                                 );
+                                return Poll::Ready(());
                             }
-                            return Poll::Ready(());
+                            // The server's one shutdown line says why.
+                            Poll::Ready(WriteCut::Shutdown) => return Poll::Ready(()),
                         }
-                        return Poll::Pending;
                     }
                     Err(e) => {
                         debug!(%peer, "write failed: {e}");
@@ -1109,6 +1143,36 @@ impl Live {
             outbound.written();
         }
     }
+}
+
+/// Why a write that waited for the socket was given up.
+enum WriteCut {
+    /// It took longer than the write timeout: the client is not reading.
+    Timeout,
+    /// The server is shutting down and its grace is over.
+    Shutdown,
+}
+
+/// The deadline of a write that waits for the socket: the write timeout
+/// from now, or the shutdown deadline once shutdown begins, whichever comes
+/// first. A connection closing for any reason is cut at the shutdown
+/// deadline, and one written in several batches gets the grace once.
+fn write_deadline(
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Pin<Box<dyn Future<Output = WriteCut> + Send>> {
+    let shared = shared.clone();
+    let shutdown = shutdown.clone();
+    let limit = shared.config.write_timeout;
+    Box::pin(async move {
+        tokio::select! {
+            () = sleep(limit) => WriteCut::Timeout,
+            () = async {
+                shutdown.cancelled().await;
+                sleep_until(shared.shutdown_deadline()).await;
+            } => WriteCut::Shutdown,
+        }
+    })
 }
 
 fn log_close(peer: SocketAddr, reason: &CloseReason) {
