@@ -12,6 +12,62 @@ use super::{sessions, Command, Config, Coordinator, Outcome, Output, SessionEnd,
 
 pub(super) const START: Zxid = Zxid(1_000);
 
+/// The case count of a long property test: the environment variable `var`
+/// if set, else `default`. A value that is not a count is refused, not
+/// ignored.
+pub(super) fn cases_from_env(var: &str, default: u32) -> u32 {
+    match std::env::var(var) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={text:?} is not a u32")),
+        Err(_) => default,
+    }
+}
+
+/// Runs `check` on `cases` values of `strategy` through proptest's runner
+/// (shrinking, and the regressions file of `source_file`) rather than
+/// `proptest!`, so that what every case reached can be summed for a
+/// coverage check; returns that sum. A failure panics with the shrunk input
+/// and the number of the first failing case.
+pub(super) fn run_tallied<S: proptest::strategy::Strategy, K: Ord>(
+    source_file: &'static str,
+    test_name: &'static str,
+    cases: u32,
+    strategy: &S,
+    check: impl Fn(&S::Value) -> Result<BTreeMap<K, u64>, String>,
+) -> BTreeMap<K, u64> {
+    use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+    use std::cell::RefCell;
+
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        source_file: Some(source_file),
+        test_name: Some(test_name),
+        ..ProptestConfig::default()
+    });
+    let tally = RefCell::new(BTreeMap::new());
+    // Cases run before the first failure (shrinking runs more after it).
+    let (ran, first_failure) = (RefCell::new(0u32), RefCell::new(None));
+    let result = runner.run(strategy, |value| {
+        *ran.borrow_mut() += 1;
+        let reached = check(&value).map_err(|why| {
+            first_failure.borrow_mut().get_or_insert(*ran.borrow());
+            TestCaseError::fail(why)
+        })?;
+        let mut tally = tally.borrow_mut();
+        for (label, n) in reached {
+            *tally.entry(label).or_default() += n;
+        }
+        Ok(())
+    });
+    if let Err(failure) = result {
+        let at = first_failure.borrow().map_or("?".into(), |n| n.to_string());
+        panic!("{failure}\n(the first failing case was case {at})");
+    }
+    tally.into_inner()
+}
+
 pub(super) fn config() -> Config {
     Config {
         session_timeout_ms_min: 100,

@@ -25,7 +25,6 @@
 //! Cases: `LATCHKEY_CACHE_CASES`, or a default sized to run in a few
 //! seconds in a debug build on two cores.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use latchkey_client::protocol::{
@@ -33,7 +32,6 @@ use latchkey_client::protocol::{
     Xid, Zxid,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
 
 use super::sessions::{reply_bytes, REPLY_CACHE_BYTES_MAX};
 use super::{Command, Config, Coordinator, Outcome, Output};
@@ -644,17 +642,6 @@ fn run(case: &Case) -> Result<Tally, String> {
     Ok(tally)
 }
 
-/// Cases: `LATCHKEY_CACHE_CASES`, or the default.
-fn cases() -> u32 {
-    match std::env::var("LATCHKEY_CACHE_CASES") {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("LATCHKEY_CACHE_CASES={text:?} is not a u32")),
-        Err(_) => CASES_DEFAULT,
-    }
-}
-
 /// 8 to 10 s in a debug build (`cargo test -p latchkey --lib state::tests_cache`)
 /// on two cores shared with other work.
 const CASES_DEFAULT: u32 = 96;
@@ -665,35 +652,14 @@ const REACHED_MIN: u64 = 5;
 
 #[test]
 fn long_reply_cache_histories_answer_every_retry_once_and_keep_the_invariants() {
-    let cases = cases();
-    let mut runner = TestRunner::new(ProptestConfig {
+    let cases = super::tests::cases_from_env("LATCHKEY_CACHE_CASES", CASES_DEFAULT);
+    let tally = super::tests::run_tallied(
+        file!(),
+        "long_reply_cache_histories_answer_every_retry_once_and_keep_the_invariants",
         cases,
-        source_file: Some(file!()),
-        test_name: Some(
-            "long_reply_cache_histories_answer_every_retry_once_and_keep_the_invariants",
-        ),
-        ..ProptestConfig::default()
-    });
-    let tally = RefCell::new(Tally::new());
-    // Cases run before the first failure (shrinking runs more after it).
-    let (ran, first_failure) = (RefCell::new(0u32), RefCell::new(None));
-    let result = runner.run(&case(), |case| {
-        *ran.borrow_mut() += 1;
-        let reached = run(&case).map_err(|why| {
-            first_failure.borrow_mut().get_or_insert(*ran.borrow());
-            TestCaseError::fail(why)
-        })?;
-        let mut tally = tally.borrow_mut();
-        for (label, n) in reached {
-            *tally.entry(label).or_default() += n;
-        }
-        Ok(())
-    });
-    if let Err(failure) = result {
-        let at = first_failure.borrow().map_or("?".into(), |n| n.to_string());
-        panic!("{failure}\n(the first failing case was case {at})");
-    }
-    let tally = tally.into_inner();
+        &case(),
+        run,
+    );
     eprintln!("reached over {cases} cases: {tally:?}");
     // A generator that never reaches an outcome proves nothing about it.
     if cases >= CASES_DEFAULT {

@@ -34,7 +34,6 @@
 //! Cases: `LATCHKEY_MODEL_CASES`, or a default sized to run in a few seconds
 //! in a debug build on two cores.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::mem::size_of;
 
@@ -44,7 +43,6 @@ use latchkey_client::protocol::{
     WatchEventKind, WatchKind, Xid, Zxid,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
 
 use super::{Command, Config, Coordinator, Outcome, SessionEnd, SessionGrant};
 
@@ -2776,17 +2774,6 @@ fn count(tally: &mut Tally, command: &Command, answer: &Answer, model: &Model) {
     }
 }
 
-/// Cases: `LATCHKEY_MODEL_CASES`, or the default.
-fn cases() -> u32 {
-    match std::env::var("LATCHKEY_MODEL_CASES") {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("LATCHKEY_MODEL_CASES={text:?} is not a u32")),
-        Err(_) => CASES_DEFAULT,
-    }
-}
-
 /// A few seconds in a debug build (`cargo test -p latchkey --lib
 /// state::tests_model`: 6.4 s on two cores shared with other work).
 const CASES_DEFAULT: u32 = 300;
@@ -2795,31 +2782,17 @@ const CASES_DEFAULT: u32 = 300;
 /// default count.
 const REACHED_MIN: u64 = 5;
 
-/// Run through proptest's runner rather than `proptest!`, so that the
-/// outcomes of all cases can be tallied and checked at the end.
 #[test]
 fn sessions_watches_and_writes_match_a_reference_model() {
-    let cases = cases();
-    let mut runner = TestRunner::new(ProptestConfig {
+    let cases = super::tests::cases_from_env("LATCHKEY_MODEL_CASES", CASES_DEFAULT);
+    let steps = prop::collection::vec(step(), 1..=STEPS_MAX);
+    let tally = super::tests::run_tallied(
+        file!(),
+        "sessions_watches_and_writes_match_a_reference_model",
         cases,
-        source_file: Some(file!()),
-        test_name: Some("sessions_watches_and_writes_match_a_reference_model"),
-        ..ProptestConfig::default()
-    });
-    let tally = RefCell::new(Tally::new());
-    let strategy = prop::collection::vec(step(), 1..=STEPS_MAX);
-    let result = runner.run(&strategy, |steps| {
-        let reached = run(&steps).map_err(TestCaseError::fail)?;
-        let mut tally = tally.borrow_mut();
-        for (label, n) in reached {
-            *tally.entry(label).or_default() += n;
-        }
-        Ok(())
-    });
-    if let Err(failure) = result {
-        panic!("{failure}");
-    }
-    let tally = tally.into_inner();
+        &steps,
+        |steps| run(steps),
+    );
     eprintln!("reached over {cases} cases: {tally:?}");
     // A generator that never reaches an outcome proves nothing about it.
     // Checked only at the default count or more: a few cases may miss some.
