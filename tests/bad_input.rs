@@ -406,6 +406,34 @@ async fn a_frame_still_buffered_on_a_moved_connection_is_never_applied_after_the
     server.stop().await;
 }
 
+/// A session that asks for `requests` copies of a node of `data_bytes`
+/// bytes and reads none of them, on a socket with a small receive buffer:
+/// the server's write to it blocks after a few replies instead of filling
+/// the kernel's autotuned buffers.
+async fn stalled_reader(
+    addr: SocketAddr,
+    data_bytes: usize,
+    requests: u64,
+    session_timeout_ms: u64,
+) -> Raw {
+    let mut writer = Raw::session(addr).await;
+    let data = protocol::Data(vec![b'x'; data_bytes]);
+    let reply = writer
+        .request(1, json!({"create": {"path": "/big", "data": data}}))
+        .await;
+    assert!(reply.result.is_ok());
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut sluggard, _) = Raw::over(stream).hello(session_timeout_ms).await;
+    for xid in 1..=requests {
+        sluggard
+            .send_json(&json!({"xid": xid, "op": {"get": {"path": "/big"}}}))
+            .await;
+    }
+    sluggard
+}
+
 /// Postmortem: a writer blocked on a client that does not read waited for
 /// ever, holding the connection's task, socket and slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,29 +445,10 @@ async fn a_client_that_never_reads_gives_its_connection_slot_back() {
     config.outbound_bytes_max = 64 * 1024 * 1024;
     config.write_timeout = std::time::Duration::from_millis(300);
     let server = start_server_with(config).await;
-    let mut writer = Raw::session(server.addr()).await;
-    let data = protocol::Data(vec![b'x'; 1024 * 1024]);
-    let reply = writer
-        .request(1, json!({"create": {"path": "/big", "data": data}}))
-        .await;
-    assert!(reply.result.is_ok());
-
-    // A small receive buffer, so the server's writer blocks after a few
-    // replies instead of filling the kernel's autotuned buffers; a session
-    // that outlives the test, so its expiry cannot be what frees the slot.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.addr()).await.unwrap();
-    let (mut sluggard, _) = Raw::over(stream).hello(60_000).await;
+    // A session that outlives the test, so its expiry cannot be what frees
+    // the slot.
     let requests = 20u64;
-    for xid in 1..=requests {
-        let frame = Bytes::from(json!({"xid": xid, "op": {"get": {"path": "/big"}}}).to_string());
-        sluggard
-            .framed
-            .send(frame)
-            .await
-            .expect("send a small request");
-    }
+    let mut sluggard = stalled_reader(server.addr(), 1024 * 1024, requests, 60_000).await;
     // Both slots are taken until the server gives up on the sluggard.
     within("the sluggard's slot to be freed", async {
         loop {
@@ -488,23 +497,7 @@ async fn shutdown_cuts_a_closing_connection_with_a_stalled_write_at_the_grace() 
     config.write_timeout = Duration::from_secs(60);
     config.outbound_bytes_max = 64 << 20;
     let server = start_server_with(config).await;
-    let mut writer = Raw::session(server.addr()).await;
-    let data = protocol::Data(vec![b'x'; 256 * 1024]);
-    let reply = writer
-        .request(1, json!({"create": {"path": "/big", "data": data}}))
-        .await;
-    assert!(reply.result.is_ok());
-    // Replies beyond what a small receive buffer and the server's send
-    // buffer take, never read: the server's write stalls.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let socket = socket.connect(server.addr()).await.unwrap();
-    let (mut sluggard, _) = Raw::over(socket).hello(10_000).await;
-    for xid in 1..=32u64 {
-        sluggard
-            .send_json(&json!({"xid": xid, "op": {"get": {"path": "/big"}}}))
-            .await;
-    }
+    let mut sluggard = stalled_reader(server.addr(), 256 * 1024, 32, 10_000).await;
     // Nothing tells a client that the server's write is waiting for it;
     // time for the server to fill both buffers. Were it not stalled yet, the
     // test could only pass, never fail falsely.
