@@ -1,4 +1,7 @@
-//! Argument parsing and the client-side commands of the `latchkey` binary.
+//! The `latchkey` command line: argument parsing, `serve`, and the
+//! client-side commands. The binary's `main` only calls [`main`]; it lives
+//! in the library so that another package (the peer comparison in
+//! benches/peers) can build the very same binary.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -6,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::server::{Config, Server};
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use latchkey::server::{Config, Server};
 use latchkey_client::protocol::{NodeKind, Stat, WatchEvent, WatchEventKind};
 use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions};
 use serde_json::json;
@@ -312,7 +315,31 @@ fn default_lease_file(listen: SocketAddr) -> Option<PathBuf> {
     if listen.port() == 0 {
         return None;
     }
-    Some(latchkey::server::default_lease_folder().join(format!("lease-{}", listen.port())))
+    Some(crate::server::default_lease_folder().join(format!("lease-{}", listen.port())))
+}
+
+/// Parses the process's arguments, runs the command on a multi-threaded
+/// runtime and returns its exit code. Errors are printed to stderr as
+/// `latchkey: MESSAGE`; a bad argument exits through clap with its usage.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("latchkey: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("latchkey: {message}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs the parsed command; returns the exit code, or an error message for
@@ -339,7 +366,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         .init();
     let config = Config {
         listen: args.listen,
-        coordinator: latchkey::state::Config {
+        coordinator: crate::state::Config {
             session_timeout_ms_min: millis(args.session_timeout_min),
             session_timeout_ms_max: millis(args.session_timeout_max),
             data_bytes_max: args.data_bytes_max,
@@ -349,7 +376,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             watches_max: args.watches_max,
             reply_cache_bytes_max: args.reply_cache_bytes_max,
             lock_delay_ms_default: millis(args.lock_delay),
-            ..latchkey::state::Config::default()
+            ..crate::state::Config::default()
         },
         connections_max: args.connections_max,
         frame_bytes_max: args.frame_bytes_max,
