@@ -2,8 +2,8 @@
 //! benchmark relies on it, and times a short uncontended loop of each.
 //!
 //!   scripts/peers.sh start
-//!   cargo bench --bench peers_smoke
-//!   cargo bench --bench peers_smoke -- --tasks 8 --rounds 50 --cycles 1000
+//!   cargo bench --manifest-path benches/peers/Cargo.toml --bench peers_smoke
+//!   cargo bench --manifest-path benches/peers/Cargo.toml --bench peers_smoke -- --tasks 8 --rounds 50 --cycles 1000
 //!
 //! For each peer, `--tasks` clients (each its own connection and session)
 //! take one lock `--rounds` times each, holding it 1 ms; a counter shared
@@ -16,15 +16,13 @@
 //! none running the bench says so and exits 0. It exits 1 if a running
 //! peer's lock fails the check, 2 on a bad argument.
 
-mod peers;
-
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use peers::Peer;
+use latchkey_peers::Peer;
 
 /// How long each holder keeps the lock: long enough that a lock which let
 /// two clients in would be caught with both inside.
@@ -91,7 +89,7 @@ async fn main() -> ExitCode {
         options.cycles,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    let detected = peers::detect().await;
+    let detected = latchkey_peers::detect().await;
     for line in &detected.skipped {
         println!("{line}");
     }

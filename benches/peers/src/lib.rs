@@ -3,12 +3,14 @@
 //! peers in the same run.
 //!
 //! `scripts/peers.sh start` runs the three on loopback; [`detect`] finds the
-//! ones that answer and says why each other one was skipped. A bench uses
-//! this folder as a module (`mod peers;` beside it), gets a [`Peer`] per
-//! running service and one [`PeerLock`] per task (each on its own
-//! connection and session), and calls `acquire`/`release` on a lock name.
-//! A bench that uses only part of this puts `#[allow(dead_code)]` on its
-//! `mod peers;` line.
+//! ones that answer and says why each other one was skipped. A bench of
+//! this package gets a [`Peer`] per running service and one [`PeerLock`] per
+//! task (each on its own connection and session), and calls
+//! `acquire`/`release` on a lock name.
+//!
+//! This is a package of its own, outside latchkey's workspace, so that
+//! latchkey's own build and tests never compile these client crates (etcd's
+//! runs protoc at build time).
 //!
 //! The recipes, each in its own file with its sources:
 //! - Redis: `SET key token NX PX ttl`; waiters retry after a randomized
