@@ -6,6 +6,13 @@
 #   scripts/peers.sh start     all three on 127.0.0.1, fresh data, waits until each answers
 #   scripts/peers.sh status    which are running, their versions and addresses
 #   scripts/peers.sh stop      stops them and removes their folders
+#   scripts/peers.sh bench [ARGS]   the lock benchmark, latchkey beside all three
+#   scripts/peers.sh smoke [ARGS]   each peer's lock checked, and timed briefly
+#
+# bench and smoke start whichever peers are not running, build and run the
+# benches/peers package (ARGS go to the bench: --quick for a short run), and
+# stop again only the peers they started. They build into the repository's
+# target/ folder unless CARGO_TARGET_DIR says otherwise.
 #
 # Each peer runs from its own folder under $LATCHKEY_PEERS_DIR (default
 # ${TMPDIR:-/tmp}/latchkey-peers): data/, its config, log and pid. Nothing
@@ -340,10 +347,48 @@ cmd_stop() {
   rmdir "$ROOT" 2>/dev/null || true
 }
 
+# --- benches ------------------------------------------------------------------
+
+STARTED=()
+stop_started() {
+  local peer
+  for peer in "${STARTED[@]}"; do stop_one "$peer"; done
+  rmdir "$ROOT" 2>/dev/null || true
+}
+
+# Runs one bench of benches/peers with the peers up: those already running
+# are used and left running, the others are started here and stopped at exit.
+run_bench() {
+  local bench=$1 peer repo
+  shift
+  command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH; install Rust (https://rustup.rs) first"
+  if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null 2>&1; then
+    die "protoc is missing, and the etcd client crate's build needs it; run scripts/peers.sh install first"
+  fi
+  FAILED=()
+  mkdir -p "$ROOT"
+  trap stop_started EXIT
+  for peer in "${PEERS[@]}"; do
+    if alive "$peer" && answers "$peer"; then
+      say "$peer: already running (pid $(pid_of "$peer")), left running afterwards"
+    else
+      start_one "$peer"
+      if alive "$peer"; then STARTED+=("$peer"); fi
+    fi
+  done
+  # A peer that failed to start is skipped by the bench, which says so.
+  [ ${#FAILED[@]} -eq 0 ] || say "peers.sh: going on without: ${FAILED[*]}"
+  repo=$(cd "$(dirname "$0")/.." && pwd)
+  CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target} \
+    cargo bench --manifest-path "$repo/benches/peers/Cargo.toml" --bench "$bench" -- "$@"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) die "usage: scripts/peers.sh install|start|stop|status" ;;
+  bench) shift && run_bench compare "$@" ;;
+  smoke) shift && run_bench peers_smoke "$@" ;;
+  *) die "usage: scripts/peers.sh install|start|stop|status|bench [ARGS]|smoke [ARGS]" ;;
 esac
