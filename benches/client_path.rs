@@ -143,6 +143,7 @@ async fn bare_lock(addr: SocketAddr, ops: u64) -> Histogram<u64> {
             path,
             version: None,
             czxid: Some(stat.czxid),
+            force: false,
         };
         call(&mut raw, xid, delete).await;
         record(&mut histogram, began);

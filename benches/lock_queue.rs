@@ -135,6 +135,7 @@ fn run(n: usize, mixed: bool) {
                     path,
                     version: None,
                     czxid: None,
+                    force: false,
                 },
             )
             .expect("delete");

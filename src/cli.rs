@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::server::{Config, Server};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use latchkey_client::protocol::{NodeKind, Stat, WatchEvent, WatchEventKind};
-use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions};
+use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions, Forced};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +67,8 @@ enum Command {
         /// The node's path, e.g. /config/db.
         path: String,
     },
-    /// Replace a node's data.
+    /// Replace a node's data. A lock node's data is set only by its own
+    /// session; a timed hold's only with --token.
     Set {
         #[command(flatten)]
         common: Common,
@@ -78,8 +79,13 @@ enum Command {
         /// Only if the node is at this version (optimistic update).
         #[arg(long)]
         version: Option<u64>,
+        /// For a timed hold: the token `hold` printed (only the hold it
+        /// names is set; the write renews the hold for its TTL).
+        #[arg(long)]
+        token: Option<String>,
     },
-    /// Delete a node (it must have no children).
+    /// Delete a node (it must have no children). Another session's lock
+    /// node, a zombie and a timed hold are refused without --force.
     Delete {
         #[command(flatten)]
         common: Common,
@@ -88,6 +94,14 @@ enum Command {
         /// Only if the node is at this version.
         #[arg(long)]
         version: Option<u64>,
+        /// Delete it even if it is another session's lock node, a zombie or
+        /// a timed hold (no token needed). A held lock is taken away as if
+        /// its holder's session had ended: the holder is told at once and
+        /// keeps the lock through its lock-delay (a `latchkey lock` command
+        /// is killed within it), then the next waiter is granted. The
+        /// server logs who asked.
+        #[arg(long)]
+        force: bool,
     },
     /// List a node's children, sorted.
     Ls {
@@ -271,6 +285,9 @@ struct ServeArgs {
     /// to the next waiter (unless the lock asked for its own delay).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
     lock_delay: Duration,
+    /// The longest TTL a timed hold may be taken or extended for.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7days")]
+    hold_ttl_max: Duration,
     /// How long one batch of replies may take to write before a client that
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -376,6 +393,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             watches_max: args.watches_max,
             reply_cache_bytes_max: args.reply_cache_bytes_max,
             lock_delay_ms_default: millis(args.lock_delay),
+            hold_ttl_ms_max: millis(args.hold_ttl_max),
             ..crate::state::Config::default()
         },
         connections_max: args.connections_max,
@@ -475,6 +493,32 @@ fn print_stat(stat: &Stat) {
         println!(
             "ttl:                   {}",
             humantime::format_duration(Duration::from_millis(ttl))
+        );
+    }
+    if let Some(lock) = &stat.lock {
+        let mode = match lock.mode {
+            latchkey_client::protocol::LockMode::Exclusive => "exclusive".to_owned(),
+            latchkey_client::protocol::LockMode::Shared => "shared".to_owned(),
+            latchkey_client::protocol::LockMode::Semaphore { permits } => {
+                format!("semaphore of {permits}")
+            }
+        };
+        let state = match (lock.granted, lock.freed_at_ms) {
+            (Some(_), Some(freed_at_ms)) => format!(
+                "zombie: its holder lost it, it passes on at {}",
+                format_time(freed_at_ms)
+            ),
+            (Some(grant), None) => format!(
+                "held since {}, token {}",
+                format_time(grant.at_ms),
+                grant.token
+            ),
+            (None, _) => "waiting".to_owned(),
+        };
+        println!("lock:                  {mode}, {state}");
+        println!(
+            "lock-delay:            {}",
+            humantime::format_duration(Duration::from_millis(lock.delay_ms))
         );
     }
     println!("data length:           {}", stat.data_length);
@@ -642,9 +686,34 @@ async fn execute(
             path,
             data,
             version,
+            token,
             ..
         } => {
-            let stat = client.set(&path, data.as_bytes(), version).await?;
+            let stat = match token {
+                Some(token) => {
+                    let token = recipes::parse_token(&token).map_err(|message| {
+                        ClientError::InvalidArgument {
+                            message,
+                            index: None,
+                        }
+                    })?;
+                    client
+                        .request(latchkey_client::protocol::Op::Set {
+                            path: path.clone(),
+                            data: data.as_bytes().into(),
+                            version,
+                            czxid: Some(token.0),
+                        })
+                        .await
+                        .and_then(|result| match result {
+                            latchkey_client::protocol::OpResult::Stat { stat } => Ok(stat),
+                            other => Err(ClientError::Protocol {
+                                message: format!("a set was answered with {other:?}"),
+                            }),
+                        })?
+                }
+                None => client.set(&path, data.as_bytes(), version).await?,
+            };
             if json {
                 print_json(&json!({ "path": path, "stat": stat_json(&stat) }));
             } else {
@@ -652,8 +721,48 @@ async fn execute(
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Delete {
+            path,
+            version: _,
+            force: true,
+            ..
+        } => {
+            let forced = client.force_delete(&path).await?;
+            let freed_at_ms = match forced {
+                Forced::Deleted => None,
+                Forced::Zombie { freed_at } => Some(
+                    freed_at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                ),
+            };
+            if json {
+                print_json(&json!({ "path": path, "deleted": true, "freed_at_ms": freed_at_ms }));
+            } else if let Some(freed_at_ms) = freed_at_ms {
+                eprintln!(
+                    "{path}: taken from its holder, who has been told; the lock passes on at {} \
+                     (its lock-delay), when the node is deleted",
+                    format_time(freed_at_ms)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Delete { path, version, .. } => {
-            client.delete(&path, version).await?;
+            client.delete(&path, version).await.map_err(|e| match e {
+                ClientError::NotOwner { message, .. } => ClientError::NotOwner {
+                    message: format!("{message}; here: latchkey delete --force {path}"),
+                    owner: None,
+                    index: None,
+                },
+                ClientError::TokenRequired { message, .. } => ClientError::TokenRequired {
+                    message: format!(
+                        "{message}; here: latchkey release NAME TOKEN, or latchkey delete \
+                         --force {path}"
+                    ),
+                    index: None,
+                },
+                e => e,
+            })?;
             if json {
                 print_json(&json!({ "path": path, "deleted": true }));
             }

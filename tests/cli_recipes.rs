@@ -336,6 +336,102 @@ async fn a_lost_leadership_kills_the_command_before_the_next_leader_leads() {
     server.stop().await;
 }
 
+/// `latchkey delete` of another session's lock node is refused and says
+/// how to force it; `--force` takes the lock as the holder's session end
+/// would, so a command that ignores SIGTERM is SIGKILLed within its
+/// lock-delay, before the next waiter is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_delete_kills_the_command_before_the_next_holder_is_granted() {
+    let server = start_server().await;
+    let addr = server.addr().to_string();
+    let (mut holder, pid) = spawn_supervised(
+        &addr,
+        &[
+            "lock",
+            "forced",
+            // Longer than the server's default lock-delay: the lock asks a
+            // delay that covers it.
+            "--kill-grace",
+            "1500ms",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo $$; exec sleep 60",
+        ],
+    )
+    .await;
+    let client = connect(server.addr()).await;
+    let (children, _) = client.children("/locks/forced").await.unwrap();
+    let node = format!("/locks/forced/{}", children[0]);
+    let waiter = connect(server.addr()).await;
+    let waiting = tokio::spawn(async move {
+        let guard = Lock::new(&waiter, "/locks/forced").acquire().await;
+        (guard, alive(pid))
+    });
+    common::wait_for_children(&client, "/locks/forced", 2).await;
+
+    let out = run(&addr, &["delete", &node]).await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("lock node of session") && stderr.contains("latchkey delete --force"),
+        "{stderr}"
+    );
+    assert!(alive(pid), "a refused delete takes nothing");
+
+    let out = run(&addr, &["delete", "--force", &node]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("taken from its holder"),
+        "{}",
+        text(&out.stderr)
+    );
+    let (guard, was_alive) = within("the waiter to get the lock", waiting).await.unwrap();
+    let _guard = guard.expect("the waiter is granted after the lock-delay");
+    assert!(!was_alive, "the command ran on while another held the lock");
+    let status = within("latchkey to exit", holder.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(4));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_is_set_only_with_its_token_and_ended_without_one_only_by_force() {
+    let server = start_server().await;
+    let addr = server.addr().to_string();
+    let out = run(&addr, &["hold", "seat-9", "--ttl", "10m", "buyer-1"]).await;
+    let token = text(&out.stdout).trim().to_string();
+    for args in [
+        &["set", "/holds/seat-9", "buyer-2"][..],
+        &["delete", "/holds/seat-9"][..],
+    ] {
+        let out = run(&addr, args).await;
+        assert!(!out.status.success(), "{args:?} without the token");
+        assert!(
+            text(&out.stderr).contains("timed hold"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let out = run(
+        &addr,
+        &["set", "/holds/seat-9", "buyer-1 paid", "--token", &token],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&addr, &["hold", "seat-10", "--ttl", "30days"]).await;
+    assert!(!out.status.success(), "over the 7-day ceiling");
+    assert!(
+        text(&out.stderr).contains("the limit is 604800000 ms"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&addr, &["delete", "--force", "/holds/seat-9"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&addr, &["hold", "seat-9", "--ttl", "1m"]).await;
+    assert!(out.status.success(), "free again: {}", text(&out.stderr));
+    server.stop().await;
+}
+
 /// Postmortem: Ctrl-C killed a waiting `latchkey lock` with its place
 /// still queued, so everyone behind it waited out its session timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

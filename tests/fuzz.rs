@@ -300,7 +300,8 @@ fn arb_multi_op() -> impl Strategy<Value = MultiOp> {
         (arb_path(), arb_opt_u64()).prop_map(|(path, version)| MultiOp::Set {
             path,
             data: Data::from("m"),
-            version
+            version,
+            czxid: None
         }),
         (arb_path(), arb_opt_u64(), arb_czxid()).prop_map(|(path, version, czxid)| {
             MultiOp::Delete {
@@ -324,11 +325,11 @@ fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => arb_create().prop_map(Op::Create),
         2 => (arb_path(), arb_opt_u64(), arb_czxid())
-            .prop_map(|(path, version, czxid)| Op::Delete { path, version, czxid }),
+            .prop_map(|(path, version, czxid)| Op::Delete { path, version, czxid, force: false }),
         1 => (arb_path(), arb_opt_u64(), arb_czxid())
             .prop_map(|(path, ttl_ms, czxid)| Op::Touch { path, ttl_ms, czxid }),
         1 => (arb_path(), arb_opt_u64())
-            .prop_map(|(path, version)| Op::Set { path, data: Data::from("s"), version }),
+            .prop_map(|(path, version)| Op::Set { path, data: Data::from("s"), version, czxid: None }),
         1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Get { path, watch }),
         1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Exists { path, watch }),
         1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Children { path, watch }),
@@ -627,6 +628,7 @@ fn small_config() -> Config {
         reply_cache_bytes_max: Config::default().reply_cache_bytes_max,
         lock_delay_ms_default: 200,
         lock_delay_ms_max: 400,
+        hold_ttl_ms_max: 5_000,
     }
 }
 

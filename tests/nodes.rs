@@ -147,6 +147,7 @@ async fn multi_is_all_or_nothing() {
                 path: "/m".into(),
                 data: Data::from("y"),
                 version: Some(0),
+                czxid: None,
             },
             MultiOp::Check {
                 path: "/m".into(),

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{connect, connect_via_proxy, start_server, within};
+use common::{connect, connect_via_proxy, start_server, wait_for_children, within};
 use futures_util::FutureExt;
 use latchkey_client::protocol::node_name;
 use latchkey_client::{
-    Client, ClientError, CreateOptions, Election, Hold, HoldToken, Lock, LostReason, MultiLock,
-    RwLock, Semaphore, SessionState, WatchEventKind, Zxid,
+    Client, ClientError, CreateOptions, Election, Forced, Hold, HoldToken, Lock, LostReason,
+    MultiLock, RwLock, Semaphore, SessionState, WatchEventKind, Zxid,
 };
 use tokio::time::Instant;
 
@@ -25,29 +25,6 @@ fn sequence(node: &str) -> u64 {
         .next()
         .and_then(|digits| digits.parse().ok())
         .unwrap_or_else(|| panic!("{node} has no sequence number"))
-}
-
-/// Waits until `path` has exactly `count` children.
-async fn wait_for_children(client: &Client, path: &str, count: usize) {
-    within(&format!("{count} children under {path}"), async {
-        loop {
-            match client.children_watch(path).await {
-                Ok((children, _, _)) if children.len() == count => return,
-                Ok((_, _, watch)) => {
-                    watch.await.expect("a children watch fires");
-                }
-                Err(ClientError::NoNode { .. }) if count == 0 => return,
-                Err(ClientError::NoNode { .. }) => {
-                    let (stat, created) = client.exists_watch(path).await.unwrap();
-                    if stat.is_none() {
-                        created.await.expect("an exist watch fires");
-                    }
-                }
-                Err(e) => panic!("listing {path}: {e}"),
-            }
-        }
-    })
-    .await
 }
 
 /// The next leader an observer sees (skipping "nobody leads").
@@ -577,7 +554,13 @@ async fn a_holder_cut_off_while_its_node_is_deleted_learns_it_after_resuming() {
     )
     .await
     .unwrap();
-    admin.delete(guard.node(), None).await.unwrap();
+    let refused = admin.delete(guard.node(), None).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::NotOwner { owner: Some(o), .. } if *o == holder.session_id()),
+        "{refused:?}"
+    );
+    let forced = admin.force_delete(guard.node()).await.unwrap();
+    assert!(matches!(forced, Forced::Zombie { .. }), "{forced:?}");
     proxy.refuse(false);
     assert_eq!(
         within("the holder's loss", lost).await.unwrap(),

@@ -485,8 +485,10 @@ impl Client {
     /// version if `None`).
     ///
     /// # Errors
-    /// `InvalidPath`, `NoNode`, `BadVersion`, `NotEmpty`, `SessionExpired`,
-    /// `Closed`.
+    /// `InvalidPath`, `NoNode`, `BadVersion`, `NotEmpty`, `NotOwner`
+    /// (another session's lock node, or a zombie), `TokenRequired` (a timed
+    /// hold: use [`Hold::release`](crate::Hold::release)),
+    /// `SessionExpired`, `Closed`.
     ///
     /// # Cancel safety
     /// Dropping the future after the request was sent does not cancel the
@@ -497,6 +499,7 @@ impl Client {
             path: path.into(),
             version,
             czxid: None,
+            force: false,
         };
         match self.call(op, None).await? {
             OpResult::Deleted => Ok(()),
@@ -504,11 +507,47 @@ impl Client {
         }
     }
 
+    /// Deletes a node past the owner and token rules: another session's
+    /// lock node, a zombie, or a timed hold without its token. The server
+    /// does what the end of the owner's session would: a granted lock node
+    /// with a lock-delay is taken from its holder, who is told at once, and
+    /// stays as a zombie through the delay before the next waiter is
+    /// granted ([`Forced::Zombie`]); anything else goes at once
+    /// ([`Forced::Deleted`]). The server logs it with this session's id.
+    ///
+    /// # Errors
+    /// `InvalidPath` (no round trip), `NoNode`, `NotEmpty`, `SessionExpired`,
+    /// `Closed`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request was sent does not cancel the
+    /// delete.
+    pub async fn force_delete(&self, path: &str) -> Result<Forced, ClientError> {
+        check_path(path)?;
+        let op = Op::Delete {
+            path: path.into(),
+            version: None,
+            czxid: None,
+            force: true,
+        };
+        match self.call(op, None).await? {
+            OpResult::Deleted => Ok(Forced::Deleted),
+            OpResult::Zombified { stat } => Ok(Forced::Zombie {
+                freed_at: crate::recipes::system_time(
+                    stat.lock.and_then(|l| l.freed_at_ms).unwrap_or(0),
+                ),
+            }),
+            other => Err(unexpected("forced delete", &other)),
+        }
+    }
+
     /// Replaces a node's data, if its version is `version` (any if `None`),
     /// and returns its new stat.
     ///
     /// # Errors
-    /// `InvalidPath`, `NoNode`, `BadVersion`, `TooLarge`, `SessionExpired`,
+    /// `InvalidPath`, `NoNode`, `BadVersion`, `TooLarge`, `NotOwner`
+    /// (another session's lock node, or a zombie), `TokenRequired` (a timed
+    /// hold: use [`Hold::set`](crate::Hold::set)), `SessionExpired`,
     /// `Closed`.
     ///
     /// # Cancel safety
@@ -525,6 +564,7 @@ impl Client {
             path: path.into(),
             data: data.into(),
             version,
+            czxid: None,
         };
         match self.call(op, None).await? {
             OpResult::Stat { stat } => Ok(stat),
@@ -723,6 +763,17 @@ impl Client {
         }
         result
     }
+}
+
+/// What a [`Client::force_delete`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forced {
+    /// The node is gone.
+    Deleted,
+    /// The node was a held lock with a lock-delay: its holder has been
+    /// told, and the lock passes to the next waiter at `freed_at` (server
+    /// clock), when the zombie left behind is deleted.
+    Zombie { freed_at: std::time::SystemTime },
 }
 
 fn unexpected(what: &str, result: &OpResult) -> ClientError {

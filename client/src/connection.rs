@@ -419,6 +419,7 @@ impl Link {
                 path,
                 version: None,
                 czxid: Some(czxid),
+                force: false,
             };
             self.queue.push(op, Origin::Background);
         }
@@ -1070,7 +1071,14 @@ impl Session {
     /// A lock node this session deleted (or found gone) is no longer
     /// followed: the server sends no event for the owner's own delete.
     fn forget_deleted_locks(&mut self, op: &Op, result: &Result<OpResult, protocol::ErrorReply>) {
-        let gone = |code: ErrorCode| matches!(code, ErrorCode::NoNode | ErrorCode::BadToken);
+        // NotOwner: the node was taken away (a zombie now) and is no
+        // longer this session's.
+        let gone = |code: ErrorCode| {
+            matches!(
+                code,
+                ErrorCode::NoNode | ErrorCode::BadToken | ErrorCode::NotOwner
+            )
+        };
         match (op, result) {
             (Op::Delete { path, czxid, .. }, Ok(OpResult::Deleted)) => {
                 self.locks.on_own_delete(path, *czxid, LockState::Released);

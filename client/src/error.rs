@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use crate::protocol::{ErrorCode, ErrorReply, PathError, WaitEdge};
+use crate::protocol::{ErrorCode, ErrorReply, PathError, SessionId, WaitEdge};
 
 /// Every way a client call can fail.
 ///
@@ -63,6 +63,25 @@ pub enum ClientError {
     /// Whatever the token stood for is no longer held.
     #[error("{}{message}", at(.index))]
     BadToken { message: String, index: Option<u32> },
+    /// The node is a lock node (of a lock, election, semaphore or
+    /// read-write lock) owned by another session, `owner` (`None`: a zombie,
+    /// held through the lock-delay of a session that ended). Only the owner
+    /// changes or deletes it; a forced delete
+    /// ([`Client::force_delete`](crate::Client::force_delete)) takes it
+    /// away the way the owner's session end would.
+    #[error("{}{message}", at(.index))]
+    NotOwner {
+        message: String,
+        owner: Option<SessionId>,
+        index: Option<u32>,
+    },
+    /// The node is a timed hold (it has a TTL) and the request gave no
+    /// token: set, touch and delete of a hold need the token its
+    /// [`Hold::take`](crate::Hold::take) returned (its czxid); use
+    /// [`Hold::extend`](crate::Hold::extend) and
+    /// [`Hold::release`](crate::Hold::release).
+    #[error("{}{message}", at(.index))]
+    TokenRequired { message: String, index: Option<u32> },
     /// A timed hold ([`Hold::take`](crate::Hold::take)) found the node held
     /// by someone else, until `until` unless they extend or release it.
     #[error("{message}")]
@@ -156,6 +175,8 @@ impl ClientError {
             ClientError::SessionExpired => ErrorCode::SessionExpired,
             ClientError::Deadlock { .. } => ErrorCode::Deadlock,
             ClientError::BadToken { .. } => ErrorCode::BadToken,
+            ClientError::NotOwner { .. } => ErrorCode::NotOwner,
+            ClientError::TokenRequired { .. } => ErrorCode::TokenRequired,
             ClientError::Held { .. } => ErrorCode::NodeExists,
             ClientError::VersionMismatch { .. } => ErrorCode::ProtocolVersion,
             ClientError::Server { code, .. } => *code,
@@ -179,6 +200,8 @@ impl ClientError {
             | ClientError::LimitExceeded { index, .. }
             | ClientError::InvalidArgument { index, .. }
             | ClientError::BadToken { index, .. }
+            | ClientError::NotOwner { index, .. }
+            | ClientError::TokenRequired { index, .. }
             | ClientError::Server { index, .. } => *index,
             _ => None,
         }
@@ -191,6 +214,7 @@ impl ClientError {
             message,
             index,
             cycle,
+            owner,
         } = reply;
         match code {
             ErrorCode::NoNode => ClientError::NoNode { message, index },
@@ -207,6 +231,12 @@ impl ClientError {
             ErrorCode::SessionExpired => ClientError::SessionExpired,
             ErrorCode::Deadlock => ClientError::Deadlock { message, cycle },
             ErrorCode::BadToken => ClientError::BadToken { message, index },
+            ErrorCode::NotOwner => ClientError::NotOwner {
+                message,
+                owner,
+                index,
+            },
+            ErrorCode::TokenRequired => ClientError::TokenRequired { message, index },
             ErrorCode::ProtocolVersion => ClientError::VersionMismatch {
                 client_version: crate::protocol::PROTOCOL_VERSION,
                 server_version: None,
@@ -287,6 +317,8 @@ mod tests {
             TooManyConnections,
             Deadlock,
             BadToken,
+            NotOwner,
+            TokenRequired,
         ] {
             let err = ClientError::from_reply(ErrorReply::new(code, "m"));
             assert_eq!(err.code(), Some(code), "{err}");

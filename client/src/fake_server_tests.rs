@@ -736,6 +736,7 @@ fn guarded_delete(path: &str, czxid: u64) -> Op {
         path: path.into(),
         version: None,
         czxid: Some(Zxid(czxid)),
+        force: false,
     }
 }
 

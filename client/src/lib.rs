@@ -19,7 +19,9 @@ pub mod protocol;
 pub mod recipes;
 mod watch;
 
-pub use client::{Client, ClientOptions, CreateOptions, Created, SessionState, SessionStatus};
+pub use client::{
+    Client, ClientOptions, CreateOptions, Created, Forced, SessionState, SessionStatus,
+};
 pub use error::ClientError;
 pub use lock_node::{LockNode, LockState, LostReason};
 pub use protocol::{

@@ -398,8 +398,8 @@ impl LockNode {
     /// zxid, so it never deletes another node at the same path.
     ///
     /// # Errors
-    /// `NoNode` or `BadToken` if the node was already gone (the lock had been
-    /// lost); `SessionExpired` or `Closed` if the session ended (the node
+    /// `NoNode`, `BadToken` or `NotOwner` if the node was already gone or
+    /// taken away (the lock had been lost); `SessionExpired` or `Closed` if the session ended (the node
     /// goes with it).
     ///
     /// # Cancel safety
@@ -411,6 +411,7 @@ impl LockNode {
             path: self.owner.path.clone(),
             version: None,
             czxid: Some(self.owner.czxid),
+            force: false,
         };
         let reply = self.client.send(op, None).await?;
         self.owner.disarm();

@@ -344,12 +344,23 @@ pub enum Op {
     Create(Create),
     /// Delete a node without children, if its version matches and, given
     /// `czxid`, if it is the node created at that zxid (a hold's token).
+    ///
+    /// A lock node may be deleted only by its owner session, a node with a
+    /// TTL (a timed hold) only with its token: otherwise
+    /// [`ErrorCode::NotOwner`] or [`ErrorCode::TokenRequired`]. `force`
+    /// lifts both rules, as the end of the owner's session would: a granted
+    /// lock node with a lock-delay becomes a zombie for that delay (its
+    /// owner is told at once, the next waiter is granted only when the
+    /// delay is over; replies [`OpResult::Zombified`]); anything else goes
+    /// at once. The server logs every forced removal with who asked.
     Delete {
         path: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         czxid: Option<Zxid>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     /// Renew a TTL node: its deadline becomes now plus its TTL, or plus
     /// `ttl_ms`, which then becomes its TTL. Given `czxid`, only if it is the
@@ -362,12 +373,17 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         czxid: Option<Zxid>,
     },
-    /// Replace a node's data, if its version matches. Replies [`OpResult::Stat`].
+    /// Replace a node's data, if its version matches and, given `czxid`,
+    /// if it is the node created at that zxid. A lock node's data is set
+    /// only by its owner session, a timed hold's only with its token
+    /// (`czxid`). Replies [`OpResult::Stat`].
     Set {
         path: String,
         data: Data,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
     },
     /// Read data and stat; `watch` sets a data watch. Replies [`OpResult::Data`].
     Get {
@@ -453,8 +469,10 @@ pub enum MultiOp {
         data: Data,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        czxid: Option<Zxid>,
     },
-    /// As [`Op::Delete`].
+    /// As [`Op::Delete`], without `force`: a forced delete goes alone.
     Delete {
         path: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -525,6 +543,11 @@ pub enum OpResult {
     Created { path: String, stat: Stat },
     /// The node was deleted.
     Deleted,
+    /// A forced delete of a granted lock node with a lock-delay: its owner
+    /// has been told, and the node stays, ownerless and holding, until
+    /// `stat.lock.freed_at_ms`; then it is deleted and the next waiter
+    /// granted.
+    Zombified { stat: Stat },
     /// The node's new stat after a set.
     Stat { stat: Stat },
     /// A node's data and stat.
@@ -565,6 +588,11 @@ pub struct ErrorReply {
     /// closed, starting with the requesting session.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cycle: Vec<WaitEdge>,
+    /// For [`ErrorCode::NotOwner`]: the session that owns the node, or
+    /// `None` for a zombie (a lock node whose owner's session ended, held
+    /// through its lock-delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<SessionId>,
 }
 
 /// One edge of a wait-for cycle: `session` would wait on the lock queue
@@ -587,6 +615,7 @@ impl ErrorReply {
             message: message.into(),
             index: None,
             cycle: Vec::new(),
+            owner: None,
         }
     }
 }
@@ -639,6 +668,10 @@ pub enum ErrorCode {
     Deadlock,
     #[error("the node is not the one the token names")]
     BadToken,
+    #[error("the node is another session's lock node")]
+    NotOwner,
+    #[error("the node is a timed hold and the request gives no token")]
+    TokenRequired,
 }
 
 /// A watch event: what happened, to which node, at which zxid.

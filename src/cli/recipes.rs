@@ -316,7 +316,7 @@ async fn finish(
     }
 }
 
-fn parse_token(token: &str) -> Result<HoldToken, String> {
+pub(crate) fn parse_token(token: &str) -> Result<HoldToken, String> {
     token
         .trim()
         .parse::<u64>()
@@ -507,7 +507,7 @@ fn print_entry(entry: &serde_json::Value) {
             .as_u64()
             .map(|at| {
                 format!(
-                    "; its session expired, freed in {}ms",
+                    "; lost by its holder (session expired or forced delete), freed in {}ms",
                     at.saturating_sub(now_ms())
                 )
             })

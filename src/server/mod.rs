@@ -42,7 +42,7 @@ use frames::Frames;
 pub use lease::default_folder as default_lease_folder;
 use outbound::{CloseReason, Outbound, Work};
 
-use crate::state::{Command, Coordinator, Outcome, Output, SessionEnd};
+use crate::state::{Command, Coordinator, Forced, ForcedNode, Outcome, Output, SessionEnd};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +166,9 @@ impl Core {
             outcome,
             events,
             ended,
+            forced,
         } = self.coordinator.apply(command, now_ms);
+        forced.iter().for_each(log_forced);
         // Before anything is queued: no client may learn of a grant, or of
         // a heartbeat that extends a holder's lease, that the file does not
         // yet cover.
@@ -215,6 +217,36 @@ impl Core {
             }
         }
         outcome
+    }
+}
+
+/// One line per forced delete, naming who asked: taking a lock or a hold
+/// from its owner is an operator's act that must leave a trace.
+fn log_forced(forced: &Forced) {
+    let Forced { by, path, node } = forced;
+    match node {
+        ForcedNode::Holder {
+            owner,
+            freed_at_ms: Some(freed_at_ms),
+        } => warn!(
+            %by, %path, %owner, freed_at_ms,
+            "forced delete: lock taken from its holder, who was told; the next waiter is granted when its lock-delay ends"
+        ),
+        ForcedNode::Holder {
+            owner,
+            freed_at_ms: None,
+        } => {
+            warn!(%by, %path, %owner, "forced delete: lock taken from its holder, who was told; it had no lock-delay")
+        }
+        ForcedNode::Waiter { owner } => {
+            warn!(%by, %path, %owner, "forced delete: a waiting lock node of another session")
+        }
+        ForcedNode::Zombie => {
+            warn!(%by, %path, "forced delete: a zombie ended before its lock-delay")
+        }
+        ForcedNode::Hold => {
+            warn!(%by, %path, "forced delete: a timed hold ended without its token")
+        }
     }
 }
 

@@ -101,6 +101,12 @@ pub struct Config {
     /// whose holder's session expired stays blocked at most this long, no
     /// longer than a generous session timeout.
     pub lock_delay_ms_max: u64,
+    /// The longest TTL a timed hold may be created or renewed with.
+    /// Default 7 days: longer than any checkout, booking or approval hold a
+    /// ticket system keeps open, short enough that a hold whose taker
+    /// vanished is gone within a week rather than never (a TTL of u64::MAX
+    /// would keep a seat until someone forced it).
+    pub hold_ttl_ms_max: u64,
 }
 
 impl Default for Config {
@@ -118,6 +124,7 @@ impl Default for Config {
             reply_cache_bytes_max: 256 * 1024 * 1024,
             lock_delay_ms_default: 500,
             lock_delay_ms_max: 60_000,
+            hold_ttl_ms_max: 7 * 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -201,6 +208,38 @@ pub struct Output {
     /// Sessions that ended in this step, in the order they ended; their
     /// connections should be told and closed.
     pub ended: Vec<(SessionId, SessionEnd)>,
+    /// Forced deletes in this step that overrode an owner or a token, for
+    /// the server to log with who asked.
+    pub forced: Vec<Forced>,
+}
+
+/// A forced delete that took a node from its owner or its token's holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forced {
+    /// The session that asked.
+    pub by: SessionId,
+    /// The node's path.
+    pub path: String,
+    /// What the node was, and what became of it.
+    pub node: ForcedNode,
+}
+
+/// What a forced delete removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForcedNode {
+    /// A granted lock node of `owner`, who was told at once; the node stays
+    /// as a zombie until `freed_at_ms` (its lock-delay), or was deleted at
+    /// once if it had none (`None`).
+    Holder {
+        owner: SessionId,
+        freed_at_ms: Option<u64>,
+    },
+    /// A waiting lock node of `owner`, deleted at once (it held nothing).
+    Waiter { owner: SessionId },
+    /// A zombie, ended before its lock-delay was over.
+    Zombie,
+    /// A timed hold, deleted without its token.
+    Hold,
 }
 
 /// Side effects collected while one command is applied.
@@ -208,6 +247,7 @@ pub struct Output {
 struct Effects {
     events: Vec<(SessionId, WatchEvent)>,
     ended: Vec<(SessionId, SessionEnd)>,
+    forced: Vec<Forced>,
 }
 
 /// The coordinator's whole state: the tree, the session table and the watch
@@ -283,6 +323,7 @@ impl Coordinator {
             outcome,
             events: fx.events,
             ended: fx.ended,
+            forced: fx.forced,
         }
     }
 
@@ -569,12 +610,7 @@ impl Coordinator {
                 .map(|lock| lock.delay_ms);
             match delay_ms {
                 Some(delay_ms) if why == SessionEnd::Expired => {
-                    let czxid = self.tree.node(key).czxid;
-                    if let Some(s) = self.sessions.get_mut(session) {
-                        s.ephemerals.remove(&czxid);
-                        s.lock_nodes = s.lock_nodes.saturating_sub(1);
-                    }
-                    self.tree.zombify(key, now_ms.saturating_add(delay_ms));
+                    self.zombify(key, session, now_ms.saturating_add(delay_ms));
                 }
                 _ => {
                     let zxid = self.next_zxid();
@@ -586,6 +622,19 @@ impl Coordinator {
         self.next_zxid();
         self.sessions.remove(session);
         fx.ended.push((session, why));
+    }
+
+    /// Takes the granted lock node `key` from its owner `session` and keeps
+    /// it holding, ownerless, until `freed_at_ms`: the road every loss of a
+    /// lock with a lock-delay takes, so that its holder has that long to
+    /// stop before the next waiter is granted.
+    fn zombify(&mut self, key: usize, session: SessionId, freed_at_ms: u64) {
+        let czxid = self.tree.node(key).czxid;
+        if let Some(s) = self.sessions.get_mut(session) {
+            s.ephemerals.remove(&czxid);
+            s.lock_nodes = s.lock_nodes.saturating_sub(1);
+        }
+        self.tree.zombify(key, freed_at_ms);
     }
 
     /// Expires overdue sessions, then deletes zombies whose lock-delay is

@@ -16,7 +16,9 @@ use latchkey_client::protocol::{
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
-use super::{session_expired, sessions, Config, Coordinator, Effects, SessionEnd};
+use super::{
+    session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode, SessionEnd,
+};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -95,12 +97,19 @@ impl Coordinator {
     ) -> Result<OpResult, ErrorReply> {
         match op {
             Op::Create(create) => self
-                .write(session, vec![MultiOp::Create(create)], false, now_ms, fx)
+                .write(
+                    session,
+                    vec![MultiOp::Create(create)],
+                    Shape::Alone,
+                    now_ms,
+                    fx,
+                )
                 .map(single_result),
             Op::Delete {
                 path,
                 version,
                 czxid,
+                force,
             } => self
                 .write(
                     session,
@@ -109,11 +118,16 @@ impl Coordinator {
                         version,
                         czxid,
                     }],
-                    false,
+                    if force { Shape::Forced } else { Shape::Alone },
                     now_ms,
                     fx,
                 )
-                .map(single_result),
+                .map(|mut results| match results.pop() {
+                    // A delete answers with a stat only when it left a
+                    // zombie behind.
+                    Some(MultiResult::Stat { stat }) => OpResult::Zombified { stat },
+                    other => single_result(other.into_iter().collect()),
+                }),
             Op::Touch {
                 path,
                 ttl_ms,
@@ -126,7 +140,7 @@ impl Coordinator {
                         ttl_ms,
                         czxid,
                     }],
-                    false,
+                    Shape::Alone,
                     now_ms,
                     fx,
                 )
@@ -135,6 +149,7 @@ impl Coordinator {
                 path,
                 data,
                 version,
+                czxid,
             } => self
                 .write(
                     session,
@@ -142,8 +157,9 @@ impl Coordinator {
                         path,
                         data,
                         version,
+                        czxid,
                     }],
-                    false,
+                    Shape::Alone,
                     now_ms,
                     fx,
                 )
@@ -159,7 +175,7 @@ impl Coordinator {
                         ),
                     ));
                 }
-                self.write(session, ops, true, now_ms, fx)
+                self.write(session, ops, Shape::Multi, now_ms, fx)
                     .map(|results| OpResult::Multi { results })
             }
             Op::Get { path, watch } => self.get(session, &path, watch),
@@ -188,14 +204,16 @@ impl Coordinator {
         &mut self,
         session: SessionId,
         ops: Vec<MultiOp>,
-        in_multi: bool,
+        shape: Shape,
         now_ms: u64,
         fx: &mut Effects,
     ) -> Result<Vec<MultiResult>, ErrorReply> {
+        let in_multi = shape == Shape::Multi;
+        let force = shape == Shape::Forced;
         let mut draft = Draft::new(&self.tree, self.zxid);
         let mut plan = Vec::with_capacity(ops.len());
         for (i, op) in ops.into_iter().enumerate() {
-            match plan_step(&mut draft, &self.config, session, op, in_multi) {
+            match plan_step(&mut draft, &self.config, session, op, in_multi, force) {
                 Ok(step) => plan.push(step),
                 Err(mut error) => {
                     if in_multi {
@@ -234,16 +252,37 @@ impl Coordinator {
         let mut results = Vec::with_capacity(plan.len());
         for step in plan {
             let mut touched = None;
+            let mut answer = step.answer;
             for action in step.actions {
                 let zxid = self.next_zxid();
                 match action {
                     Action::Create(new) => touched = Some(self.create_node(new, zxid, now_ms, fx)),
-                    Action::Delete(path) => {
+                    Action::Delete(path, Forcing::None) => {
                         let key = self
                             .tree
                             .key(&path)
                             .expect("a planned delete names a live node");
                         self.delete_node(key, zxid, Some(session), now_ms, fx);
+                    }
+                    Action::Delete(path, Forcing::Lock | Forcing::Hold) => {
+                        let key = self
+                            .tree
+                            .key(&path)
+                            .expect("a planned delete names a live node");
+                        let node = self.force_delete(key, zxid, session, now_ms, fx);
+                        if let ForcedNode::Holder {
+                            freed_at_ms: Some(_),
+                            ..
+                        } = node
+                        {
+                            touched = Some(key);
+                            answer = Answer::Stat;
+                        }
+                        fx.forced.push(Forced {
+                            by: session,
+                            path,
+                            node,
+                        });
                     }
                     Action::Set(path, change) => {
                         let key = self
@@ -267,7 +306,7 @@ impl Coordinator {
                 self.tree
                     .node(touched.expect("a create or set step touches a node"))
             };
-            results.push(match step.answer {
+            results.push(match answer {
                 Answer::Checked => MultiResult::Checked,
                 Answer::Deleted => MultiResult::Deleted,
                 Answer::Created => MultiResult::Created {
@@ -280,6 +319,55 @@ impl Coordinator {
             });
         }
         results
+    }
+
+    /// Deletes the node `key` at `zxid` for `session`, which forced it past
+    /// the owner or token rule, as the end of its owner's session would: a
+    /// granted lock node with a lock-delay is taken from its owner, who is
+    /// told at once, and stays as a zombie through the delay, so the next
+    /// waiter is granted only when the holder has had that long to stop;
+    /// anything else goes at once. Returns what it was.
+    fn force_delete(
+        &mut self,
+        key: usize,
+        zxid: Zxid,
+        session: SessionId,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> ForcedNode {
+        let node = self.tree.node(key);
+        let lock = node
+            .lock
+            .as_deref()
+            .map(|l| (l.granted.is_some(), l.delay_ms));
+        let forced = match (node.owner, lock) {
+            (Some(owner), Some((true, delay_ms))) if delay_ms > 0 => {
+                let freed_at_ms = now_ms.saturating_add(delay_ms);
+                let path = node.path.clone();
+                self.zombify(key, owner, freed_at_ms);
+                fx.events.push((
+                    owner,
+                    WatchEvent {
+                        kind: WatchEventKind::NodeDeleted,
+                        path,
+                        zxid,
+                    },
+                ));
+                return ForcedNode::Holder {
+                    owner,
+                    freed_at_ms: Some(freed_at_ms),
+                };
+            }
+            (Some(owner), Some((true, _))) => ForcedNode::Holder {
+                owner,
+                freed_at_ms: None,
+            },
+            (Some(owner), Some((false, _))) => ForcedNode::Waiter { owner },
+            (None, Some(_)) => ForcedNode::Zombie,
+            (_, None) => ForcedNode::Hold,
+        };
+        self.delete_node(key, zxid, Some(session), now_ms, fx);
+        forced
     }
 
     /// Registers a watch for a read, unless the session holds it already.
@@ -525,6 +613,15 @@ fn single_result(mut results: Vec<MultiResult>) -> OpResult {
     }
 }
 
+/// How a write's steps came: a lone request, a lone delete with force (the
+/// owner and token rules lifted), or a multi.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Alone,
+    Forced,
+    Multi,
+}
+
 /// One checked step of a write.
 struct Step {
     actions: Vec<Action>,
@@ -534,7 +631,8 @@ struct Step {
 /// One change to make; each takes one zxid.
 enum Action {
     Create(NewNode),
-    Delete(String),
+    /// A delete; forced past the rule named, unless `Forcing::None`.
+    Delete(String, Forcing),
     /// A set or a touch: either moves the version and fires data watches.
     Set(String, Change),
 }
@@ -548,6 +646,7 @@ enum Change {
 }
 
 /// What a step answers once applied.
+#[derive(Clone, Copy)]
 enum Answer {
     Checked,
     Created,
@@ -559,6 +658,10 @@ enum Answer {
 #[derive(Clone, Copy)]
 struct View {
     kind: NodeKind,
+    /// An ephemeral node's session (`None` for a zombie lock node).
+    owner: Option<SessionId>,
+    /// For a lock node: when it stops holding, if it is a zombie.
+    lock: Option<Option<u64>>,
     /// For a node the draft creates, the zxid its create will take.
     czxid: Zxid,
     ttl_ms: Option<u64>,
@@ -572,6 +675,8 @@ impl View {
     fn of(node: &Node) -> View {
         View {
             kind: node.kind,
+            owner: node.owner,
+            lock: node.lock.as_deref().map(|l| l.freed_at_ms),
             czxid: node.czxid,
             ttl_ms: node.ttl_ms,
             version: node.version,
@@ -634,6 +739,7 @@ impl<'t> Draft<'t> {
         ttl_ms: Option<u64>,
         bump_parent_seq: bool,
         data_bytes: usize,
+        owner: Option<SessionId>,
     ) {
         let czxid = self.take_zxid();
         if let Some(parent) = protocol::parent_path(path) {
@@ -648,6 +754,9 @@ impl<'t> Draft<'t> {
             path.to_owned(),
             Some(View {
                 kind,
+                owner,
+                // Lock nodes are created alone, never before a later step.
+                lock: None,
                 czxid,
                 ttl_ms,
                 version: 0,
@@ -750,6 +859,7 @@ fn plan_step(
     session: SessionId,
     op: MultiOp,
     in_multi: bool,
+    force: bool,
 ) -> Result<Step, ErrorReply> {
     match op {
         MultiOp::Create(create) => plan_create(draft, config, session, create, in_multi),
@@ -768,10 +878,14 @@ fn plan_step(
                     ),
                 ));
             }
+            if let Some(ttl_ms) = ttl_ms {
+                check_ttl(&path, ttl_ms, config)?;
+            }
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "it may have expired; create it again"))?;
             check_token(&path, czxid, view.czxid)?;
+            check_may_change(&path, &view, session, czxid, "renew")?;
             if view.ttl_ms.is_none() {
                 return Err(ErrorReply::new(
                     ErrorCode::InvalidArgument,
@@ -803,6 +917,10 @@ fn plan_step(
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "it may have been deleted already"))?;
             check_token(&path, czxid, view.czxid)?;
+            let forcing = forcing(&view, session, czxid);
+            if !force {
+                check_may_change(&path, &view, session, czxid, "delete")?;
+            }
             check_version(&path, version, view.version)?;
             if view.num_children > 0 {
                 return Err(ErrorReply::new(
@@ -815,7 +933,7 @@ fn plan_step(
             }
             draft.delete(&path);
             Ok(Step {
-                actions: vec![Action::Delete(path)],
+                actions: vec![Action::Delete(path, forcing)],
                 answer: Answer::Deleted,
             })
         }
@@ -823,11 +941,14 @@ fn plan_step(
             path,
             data,
             version,
+            czxid,
         } => {
             check_path(&path)?;
             let view = draft
                 .get(&path)
                 .ok_or_else(|| no_node(&path, "create it first"))?;
+            check_token(&path, czxid, view.czxid)?;
+            check_may_change(&path, &view, session, czxid, "set")?;
             check_version(&path, version, view.version)?;
             check_data(&data.0, config)?;
             draft.check_bytes(view.data_bytes, data.0.len(), config)?;
@@ -903,6 +1024,9 @@ fn plan_create(
             "a TTL of 0 is not allowed; give at least 1 ms, or no TTL for a node that does not expire",
         ));
     }
+    if let Some(ttl_ms) = ttl_ms {
+        check_ttl(&path, ttl_ms, config)?;
+    }
     if kind == NodeKind::Container && sequential {
         return Err(ErrorReply::new(
             ErrorCode::InvalidArgument,
@@ -943,7 +1067,7 @@ fn plan_create(
                         let above = protocol::parent_path(&ancestor).unwrap_or("/");
                         draft.check_room(above, config)?;
                         draft.check_bytes(0, node_bytes(&ancestor, 0), config)?;
-                        draft.create(&ancestor, NodeKind::Container, None, false, 0);
+                        draft.create(&ancestor, NodeKind::Container, None, false, 0, None);
                         actions.push(Action::Create(NewNode {
                             path: ancestor,
                             data: Vec::new(),
@@ -986,13 +1110,14 @@ fn plan_create(
     }
     draft.check_room(&parent, config)?;
     draft.check_bytes(0, node_bytes(&path, data.0.len()), config)?;
-    draft.create(&path, kind, ttl_ms, sequential, data.0.len());
+    let owner = (kind == NodeKind::Ephemeral).then_some(session);
+    draft.create(&path, kind, ttl_ms, sequential, data.0.len(), owner);
     actions.push(Action::Create(NewNode {
         path,
         data: data.0,
         kind,
         ttl_ms,
-        owner: (kind == NodeKind::Ephemeral).then_some(session),
+        owner,
         lock,
         bump_parent_seq: sequential,
     }));
@@ -1065,6 +1190,84 @@ fn check_version(path: &str, expected: Option<u64>, actual: u64) -> Result<(), E
         )),
         _ => Ok(()),
     }
+}
+
+/// Which rule a change of `view` by `session`, with `token` (if given),
+/// would have to be forced past: the owner rule of a lock node (another
+/// session's, or a zombie's), then the token rule of a timed hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Forcing {
+    None,
+    Lock,
+    Hold,
+}
+
+fn forcing(view: &View, session: SessionId, token: Option<Zxid>) -> Forcing {
+    if view.lock.is_some() && view.owner != Some(session) {
+        Forcing::Lock
+    } else if view.ttl_ms.is_some() && token.is_none() {
+        Forcing::Hold
+    } else {
+        Forcing::None
+    }
+}
+
+/// Refuses, with NotOwner, a change to another session's lock node or to a
+/// zombie, and, with TokenRequired, a change to a timed hold that gives no
+/// token (a wrong token was refused before, by `check_token`). `verb` says
+/// what the request would do.
+fn check_may_change(
+    path: &str,
+    view: &View,
+    session: SessionId,
+    token: Option<Zxid>,
+    verb: &str,
+) -> Result<(), ErrorReply> {
+    match forcing(view, session, token) {
+        Forcing::None => Ok(()),
+        Forcing::Lock => {
+            let message = match (view.owner, view.lock.flatten()) {
+                (Some(owner), _) => format!(
+                    "{path} is a lock node of session {owner}: only that session may {verb} it \
+                     (to take the lock away, delete the node with force: its holder is told at \
+                     once and keeps it through its lock-delay, then the next waiter is granted)"
+                ),
+                (None, freed_at_ms) => format!(
+                    "{path} is a zombie: the lock node of a session that ended, holding until \
+                     {} ms since the epoch (its lock-delay) so that its holder can stop; no one \
+                     may {verb} it (delete it with force to end it now)",
+                    freed_at_ms.unwrap_or(0)
+                ),
+            };
+            Err(ErrorReply {
+                owner: view.owner,
+                ..ErrorReply::new(ErrorCode::NotOwner, message)
+            })
+        }
+        Forcing::Hold => Err(ErrorReply::new(
+            ErrorCode::TokenRequired,
+            format!(
+                "{path} is a timed hold: to {verb} it, give its token, the czxid that took it \
+                 (`latchkey extend` and `latchkey release` take it; Hold::extend and \
+                 Hold::release), or delete it with force to end it without"
+            ),
+        )),
+    }
+}
+
+/// Refuses a hold's TTL over `Config::hold_ttl_ms_max`.
+fn check_ttl(path: &str, ttl_ms: u64, config: &Config) -> Result<(), ErrorReply> {
+    if ttl_ms > config.hold_ttl_ms_max {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "a TTL of {ttl_ms} ms was asked for {path}; the limit is {} ms (ask for less, \
+                 and extend the hold before it ends if it must last longer)",
+                config.hold_ttl_ms_max
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Fails with BadToken unless the node is the one created at `expected`

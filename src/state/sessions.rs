@@ -49,7 +49,8 @@ pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
             sum.saturating_add(size_of::<String>())
                 .saturating_add(name.len())
         }),
-        Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Exists { .. })
+        Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Zombified { .. })
+        | Ok(OpResult::Exists { .. })
         | Ok(OpResult::Pong | OpResult::Done) => 0,
         Err(error) => error.cycle.iter().fold(error.message.len(), |sum, edge| {
             sum.saturating_add(size_of::<WaitEdge>())

@@ -82,6 +82,7 @@ pub(super) fn config() -> Config {
         reply_cache_bytes_max: 1 << 30,
         lock_delay_ms_default: 500,
         lock_delay_ms_max: 60_000,
+        hold_ttl_ms_max: 3_600_000,
     }
 }
 
@@ -274,6 +275,7 @@ fn set_sized(path: &str, data_bytes: usize) -> MultiOp {
         path: path.into(),
         data: Data(vec![b'x'; data_bytes]),
         version: None,
+        czxid: None,
     }
 }
 
@@ -298,6 +300,27 @@ pub(super) fn set(path: &str, data: &str, version: Option<u64>) -> Op {
         path: path.into(),
         data: Data::from(data),
         version,
+        czxid: None,
+    }
+}
+
+/// A set of a timed hold with its token.
+pub(super) fn set_held(path: &str, data: &str, token: Zxid) -> Op {
+    Op::Set {
+        path: path.into(),
+        data: Data::from(data),
+        version: None,
+        czxid: Some(token),
+    }
+}
+
+/// A delete past the owner and token rules.
+pub(super) fn force_delete(path: &str) -> Op {
+    Op::Delete {
+        path: path.into(),
+        version: None,
+        czxid: None,
+        force: true,
     }
 }
 
@@ -306,6 +329,7 @@ pub(super) fn delete(path: &str, version: Option<u64>) -> Op {
         path: path.into(),
         version,
         czxid: None,
+        force: false,
     }
 }
 
@@ -1160,6 +1184,7 @@ fn a_failing_last_step_leaves_everything_unchanged() {
                     path: "/keep".into(),
                     data: Data::from("x"),
                     version: None,
+                    czxid: None,
                 },
                 MultiOp::Delete {
                     path: "/keep".into(),
@@ -1207,6 +1232,7 @@ fn later_steps_see_earlier_ones() {
                     path: "/a/b".into(),
                     data: Data::from("v1"),
                     version: Some(0),
+                    czxid: None,
                 },
                 MultiOp::Check {
                     path: "/a/b".into(),
@@ -1263,6 +1289,7 @@ fn later_steps_see_earlier_ones() {
                     path: "/old".into(),
                     data: Data::from("x"),
                     version: None,
+                    czxid: None,
                 },
             ],
         },
@@ -1410,8 +1437,9 @@ fn ttl_nodes_expire_exactly_at_their_deadline_and_sets_renew_them() {
             ..mk("/hold")
         },
     );
+    let token = h.stat(s, "/hold").expect("held").czxid;
     h.now_ms = 2_600;
-    h.ok(s, set("/hold", "renew", None));
+    h.ok(s, set_held("/hold", "renew", token));
     assert_eq!(h.c.next_deadline_ms(), Some(3_600));
     h.tick(3_000);
     assert!(h.present(s, "/hold"));

@@ -222,16 +222,19 @@ fn nth_write(i: u64) -> Op {
             path: key.into(),
             data: Data(Vec::new()),
             version: Some(u64::MAX),
+            czxid: None,
         },
         9 => Op::Delete {
             path: format!("{QUEUE}/absent"),
             version: None,
             czxid: None,
+            force: false,
         },
         _ => Op::Set {
             path: key.into(),
             data: Data(vec![u8::try_from(i % 251).expect("small")]),
             version: None,
+            czxid: None,
         },
     }
 }

@@ -92,6 +92,7 @@ impl Bulk {
             path: path.into(),
             version: None,
             czxid: None,
+            force: false,
         };
         assert_eq!(self.send(session, op), Ok(OpResult::Deleted));
     }
@@ -342,7 +343,7 @@ proptest! {
                     if !held[slot].is_empty() {
                         let at = n % held[slot].len();
                         let path = held[slot].remove(at);
-                        let op = Op::Delete { path, version: None, czxid: None };
+                        let op = Op::Delete { path, version: None, czxid: None, force: false };
                         let out = h.send(slots[slot], op);
                         prop_assert_eq!(result(&out), &Ok(OpResult::Deleted));
                     }

@@ -7,7 +7,9 @@ use latchkey_client::protocol::{
     Op, OpResult, SessionId, Stat, WaitEdge, WatchEventKind, Xid, Zxid,
 };
 
-use super::tests::{create, delete, event, get, mk, next, result, seq, set, Harness};
+use super::tests::{
+    create, delete, event, force_delete, get, mk, next, result, seq, set, set_held, Harness,
+};
 
 const EXCLUSIVE: LockMode = LockMode::Exclusive;
 const SHARED: LockMode = LockMode::Shared;
@@ -78,6 +80,7 @@ fn delete_token(path: &str, czxid: Zxid) -> Op {
         path: path.into(),
         version: None,
         czxid: Some(czxid),
+        force: false,
     }
 }
 
@@ -137,6 +140,7 @@ fn a_token_guard_names_one_incarnation_of_a_path() {
             path: "/holds/x".into(),
             version: Some(7),
             czxid: Some(first),
+            force: false,
         },
     );
     assert_eq!(e.code, ErrorCode::BadToken);
@@ -151,6 +155,7 @@ fn a_token_guard_names_one_incarnation_of_a_path() {
                     path: "/holds/x".into(),
                     data: "v".into(),
                     version: None,
+                    czxid: Some(second),
                 },
                 check("/holds/x", Some(1), Some(second)),
             ],
@@ -169,6 +174,120 @@ fn a_token_guard_names_one_incarnation_of_a_path() {
     assert_eq!((e.code, e.index), (ErrorCode::NoNode, Some(0)));
     h.ok(s, delete_token("/holds/x", second));
     assert!(!h.present(s, "/holds/x"));
+}
+
+#[test]
+fn a_timed_hold_is_set_renewed_and_deleted_only_with_its_token() {
+    let mut h = Harness::new();
+    let [buyer, other] = [h.open(), h.open()];
+    h.create(buyer, "/holds");
+    h.create_with(buyer, ttl("/holds/seat", 10_000));
+    let stale = h.stat(buyer, "/holds/seat").expect("held").czxid;
+    // An earlier hold of the same name, ended and taken again: its token
+    // is stale.
+    h.ok(buyer, delete_token("/holds/seat", stale));
+    h.create_with(buyer, ttl("/holds/seat", 10_000));
+    let token = h.stat(buyer, "/holds/seat").expect("held").czxid;
+    let zxid = h.c.zxid();
+    // No token, from any session, the taker's own included: refused, and
+    // the message names the way with the token.
+    for session in [buyer, other] {
+        for op in [
+            set("/holds/seat", "someone else", None),
+            touch("/holds/seat", Some(5_000), None),
+            delete("/holds/seat", None),
+        ] {
+            let e = h.err(session, op.clone());
+            assert_eq!(e.code, ErrorCode::TokenRequired, "{op:?}: {e:?}");
+            assert!(
+                e.message.contains("latchkey extend") && e.message.contains("latchkey release"),
+                "{e:?}"
+            );
+        }
+    }
+    // A wrong token and the stale one: refused as tokens of another hold.
+    for bad in [next(token, 5), stale] {
+        assert_eq!(
+            h.err(other, set_held("/holds/seat", "x", bad)).code,
+            ErrorCode::BadToken
+        );
+        assert_eq!(
+            h.err(other, touch("/holds/seat", None, Some(bad))).code,
+            ErrorCode::BadToken
+        );
+        assert_eq!(
+            h.err(other, delete_token("/holds/seat", bad)).code,
+            ErrorCode::BadToken
+        );
+    }
+    assert_eq!(h.c.zxid(), zxid, "nothing was written");
+    // With the token, any session may: the token is the proof, not the
+    // session.
+    h.ok(other, set_held("/holds/seat", "buyer-7", token));
+    h.ok(other, touch("/holds/seat", Some(20_000), Some(token)));
+    let stat = h.stat(other, "/holds/seat").expect("held");
+    assert_eq!((stat.version, stat.ttl_ms), (2, Some(20_000)));
+    // A forced delete ends it without the token, and says so.
+    let out = h.send(other, force_delete("/holds/seat"));
+    assert_eq!(result(&out), &Ok(OpResult::Deleted));
+    assert_eq!(out.forced[0].node, super::ForcedNode::Hold);
+    assert!(!h.present(other, "/holds/seat"));
+}
+
+#[test]
+fn a_hold_s_ttl_is_at_most_the_ceiling_and_deadlines_never_overflow() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let max = super::tests::config().hold_ttl_ms_max;
+    h.now_ms = 1_000;
+    for (ttl_ms, ok) in [
+        (0, false),
+        (1, true),
+        (max, true),
+        (max + 1, false),
+        (u64::MAX, false),
+    ] {
+        let path = format!("/t{ttl_ms}");
+        let out = h.send(s, create(ttl(&path, ttl_ms)));
+        match result(&out) {
+            Ok(_) => assert!(ok, "a TTL of {ttl_ms} ms was accepted"),
+            Err(e) => {
+                assert!(!ok, "a TTL of {ttl_ms} ms was refused: {e:?}");
+                assert_eq!(e.code, ErrorCode::InvalidArgument);
+                if ttl_ms > 0 {
+                    assert!(
+                        e.message.contains(&format!("the limit is {max} ms")),
+                        "{e:?}"
+                    );
+                }
+            }
+        }
+    }
+    // A touch that sets a TTL obeys the same ceiling.
+    let token = h.stat(s, "/t1").expect("held").czxid;
+    for (ttl_ms, code) in [
+        (0, Some(ErrorCode::InvalidArgument)),
+        (max + 1, Some(ErrorCode::InvalidArgument)),
+        (u64::MAX, Some(ErrorCode::InvalidArgument)),
+        (max, None),
+    ] {
+        let out = h.send(s, touch("/t1", Some(ttl_ms), Some(token)));
+        assert_eq!(
+            result(&out).as_ref().err().map(|e| e.code),
+            code,
+            "touch with {ttl_ms}"
+        );
+    }
+    assert_eq!(h.stat(s, "/t1").expect("held").ttl_ms, Some(max));
+    // The ceiling's deadline: one ms early it stays, then it goes. (The
+    // session that took it has long expired by then: a hold outlives it.)
+    let deadline = 1_000 + max;
+    h.now_ms = deadline - 1;
+    h.tick(deadline - 1);
+    let later = h.open();
+    assert!(h.present(later, "/t1"));
+    h.tick(deadline);
+    assert!(!h.present(later, "/t1"));
 }
 
 #[test]
@@ -241,8 +360,9 @@ fn touch_with_a_ttl_sets_a_new_ttl() {
     let mut h = Harness::new();
     let s = h.open_with(60_000, "x").expect("open").session;
     h.create_with(s, ttl("/hold", 1_000));
+    let token = h.stat(s, "/hold").expect("hold").czxid;
     h.now_ms = 500;
-    h.ok(s, touch("/hold", Some(5_000), None));
+    h.ok(s, touch("/hold", Some(5_000), Some(token)));
     assert_eq!(h.stat(s, "/hold").expect("hold").ttl_ms, Some(5_000));
     assert_eq!(h.c.next_deadline_ms(), Some(5_500));
     h.tick(5_499);
@@ -257,6 +377,7 @@ fn touch_in_a_multi_answers_a_stat_and_fails_all_or_nothing() {
     let s = h.open_with(60_000, "x").expect("open").session;
     h.create_with(s, ttl("/a", 1_000));
     h.create_with(s, ttl("/b", 1_000));
+    let a = h.stat(s, "/a").expect("a").czxid;
     let b = h.stat(s, "/b").expect("b").czxid;
     let e = h.err(
         s,
@@ -265,7 +386,7 @@ fn touch_in_a_multi_answers_a_stat_and_fails_all_or_nothing() {
                 MultiOp::Touch {
                     path: "/a".into(),
                     ttl_ms: Some(9_000),
-                    czxid: None,
+                    czxid: Some(a),
                 },
                 MultiOp::Touch {
                     path: "/b".into(),
@@ -285,7 +406,7 @@ fn touch_in_a_multi_answers_a_stat_and_fails_all_or_nothing() {
                 MultiOp::Touch {
                     path: "/a".into(),
                     ttl_ms: Some(9_000),
-                    czxid: None,
+                    czxid: Some(a),
                 },
                 // A later step sees the touch's version.
                 check("/a", Some(1), None),
@@ -332,15 +453,24 @@ fn a_retried_touch_is_answered_from_the_reply_cache() {
     let mut h = Harness::new();
     let s = h.open();
     h.create_with(s, ttl("/hold", 1_000));
-    let first = h.send_xid(s, Xid(10), touch("/hold", None, None));
+    let token = h.stat(s, "/hold").expect("hold").czxid;
+    let first = h.send_xid(s, Xid(10), touch("/hold", None, Some(token)));
     let zxid = h.c.zxid();
-    let again = h.send_xid(s, Xid(10), touch("/hold", None, None));
+    let again = h.send_xid(s, Xid(10), touch("/hold", None, Some(token)));
     assert_eq!(result(&again), result(&first));
     assert_eq!(h.c.zxid(), zxid, "a retried touch is not applied twice");
     assert_eq!(h.stat(s, "/hold").expect("hold").version, 1);
     // Sets are unaffected by the touch's bookkeeping.
-    h.ok(s, set("/hold", "x", Some(1)));
-    h.ok(s, delete("/hold", Some(2)));
+    h.ok(s, set_held("/hold", "x", token));
+    h.ok(
+        s,
+        Op::Delete {
+            path: "/hold".into(),
+            version: Some(2),
+            czxid: Some(token),
+            force: false,
+        },
+    );
 }
 
 // ---- lock nodes and their grants ----
@@ -597,34 +727,157 @@ fn tokens_increase_across_the_grants_of_two_locks() {
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
 }
 
+/// The stat of a live node, seen by `session`.
+fn lock_info(h: &mut Harness, session: SessionId, path: &str) -> LockInfo {
+    h.stat(session, path)
+        .expect("live")
+        .lock
+        .expect("a lock node")
+}
+
 #[test]
-fn an_owner_hears_of_its_node_deleted_by_another_session_only() {
+fn another_session_may_not_delete_set_or_touch_a_lock_node_held_or_waiting() {
     let mut h = Harness::new();
-    let [a, b] = [h.open(), h.open()];
+    let [a, b, c] = [h.open(), h.open(), h.open()];
     let (held, _) = h.lock(a, "/l/n-", EXCLUSIVE);
+    let (c_holds, _) = h.lock(c, "/v/n-", EXCLUSIVE);
+    let (a_waits, g) = h.lock(a, "/v/n-", EXCLUSIVE);
+    assert_eq!(g, None);
+    let zxid = h.c.zxid();
+    for path in [&held, &a_waits] {
+        for op in [
+            delete(path, None),
+            set(path, "mine now", None),
+            Op::Touch {
+                path: path.clone(),
+                ttl_ms: None,
+                czxid: None,
+            },
+        ] {
+            let out = h.send(b, op.clone());
+            let Err(e) = result(&out) else {
+                panic!("{op:?} by another session answered {out:?}");
+            };
+            assert_eq!(e.code, ErrorCode::NotOwner, "{op:?}: {e:?}");
+            assert_eq!(e.owner, Some(a), "the error names the owner");
+            assert!(
+                e.message.contains(&format!("lock node of session {a}"))
+                    && e.message.contains("with force"),
+                "{e:?}"
+            );
+            assert!(out.events.is_empty(), "{:?}", out.events);
+        }
+    }
+    // Inside a multi too, and the multi changes nothing.
+    let e = h.err(
+        b,
+        Op::Multi {
+            ops: vec![MultiOp::Create(mk("/other")), delete_step(&held)],
+        },
+    );
+    assert_eq!((e.code, e.index), (ErrorCode::NotOwner, Some(1)));
+    assert!(!h.present(b, "/other"));
+    assert_eq!(h.c.zxid(), zxid, "nothing was written");
+    assert!(lock_info(&mut h, b, &held).granted.is_some());
+    // The owner itself may set its node's data and delete it.
+    h.ok(a, set(&held, "note", None));
+    h.ok(a, delete(&held, None));
+    h.ok(c, delete(&c_holds, None));
+    assert!(lock_info(&mut h, a, &a_waits).granted.is_some());
+}
+
+fn delete_step(path: &str) -> MultiOp {
+    MultiOp::Delete {
+        path: path.into(),
+        version: None,
+        czxid: None,
+    }
+}
+
+#[test]
+fn a_forced_delete_of_a_held_lock_tells_the_holder_and_grants_only_after_its_delay() {
+    let mut h = Harness::new();
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    h.now_ms = 1_000;
+    let (held, _) = h.take(a, lock_delay("/l/n-", EXCLUSIVE, Some(300)));
     let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
-    // b's waiting node deleted by a: b is told; nothing is granted.
-    let out = h.send(a, delete(&waiting, None));
+    h.ok(a, get(&held, true));
+    let out = h.send(c, force_delete(&held));
+    let zxid = h.c.zxid();
+    // Only the holder hears, at once; the lock is not passed on yet.
+    assert_eq!(
+        out.events,
+        vec![event(a, WatchEventKind::NodeDeleted, &held, zxid)]
+    );
+    let Ok(OpResult::Zombified { stat }) = result(&out) else {
+        panic!("a forced delete of a held lock answered {out:?}");
+    };
+    assert_eq!(stat.ephemeral_owner, None);
+    assert_eq!(stat.lock.as_ref().and_then(|l| l.freed_at_ms), Some(1_300));
+    assert_eq!(
+        out.forced,
+        vec![super::Forced {
+            by: c,
+            path: held.clone(),
+            node: super::ForcedNode::Holder {
+                owner: a,
+                freed_at_ms: Some(1_300),
+            },
+        }]
+    );
+    assert_eq!(lock_info(&mut h, b, &waiting).granted, None);
+    assert!(lock_info(&mut h, b, &held).granted.is_some(), "still holds");
+    // The holder's own release of what is now a zombie is refused: the
+    // delay runs out as it would after its session's end.
+    assert_eq!(h.err(a, delete(&held, None)).code, ErrorCode::NotOwner);
+    assert_eq!(h.c.next_deadline_ms(), Some(1_300));
+    let out = h.tick(1_299);
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    let out = h.tick(1_300);
+    let freed = h.c.zxid();
+    assert_eq!(
+        out.events,
+        vec![
+            // a's data watch on its node fires when the node goes.
+            event(a, WatchEventKind::NodeDeleted, &held, freed),
+            event(b, WatchEventKind::LockGranted, &waiting, freed),
+        ]
+    );
+}
+
+#[test]
+fn a_forced_delete_without_a_delay_or_of_a_waiter_goes_at_once_and_tells_the_owner() {
+    let mut h = Harness::new();
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    let (held, _) = h.take(a, lock_delay("/l/n-", EXCLUSIVE, Some(0)));
+    let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
+    let (behind, _) = h.lock(c, "/l/n-", EXCLUSIVE);
+    // b's waiting node: b is told, nothing is granted.
+    let out = h.send(c, force_delete(&waiting));
+    assert_eq!(result(&out), &Ok(OpResult::Deleted));
     assert_eq!(
         out.events,
         vec![event(b, WatchEventKind::NodeDeleted, &waiting, h.c.zxid())]
     );
-    // a's held node deleted by b: a is told once even though it also holds
-    // a data watch on it; b's new node behind it is granted after.
-    let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
-    h.ok(a, get(&held, true));
-    let out = h.send(b, delete(&held, None));
+    assert_eq!(
+        out.forced[0].node,
+        super::ForcedNode::Waiter { owner: b },
+        "{:?}",
+        out.forced
+    );
+    // a's held node without a delay: a is told before c is granted.
+    let out = h.send(b, force_delete(&held));
     let zxid = h.c.zxid();
     assert_eq!(
         out.events,
         vec![
             event(a, WatchEventKind::NodeDeleted, &held, zxid),
-            event(b, WatchEventKind::LockGranted, &waiting, zxid),
+            event(c, WatchEventKind::LockGranted, &behind, zxid),
         ]
     );
-    // The owner's own delete tells it nothing.
-    let out = h.send(b, delete(&waiting, None));
-    assert!(out.events.is_empty(), "{:?}", out.events);
+    // A forced delete of one's own node is a plain one: nothing is logged.
+    let out = h.send(c, force_delete(&behind));
+    assert!(out.events.is_empty() && out.forced.is_empty(), "{out:?}");
 }
 
 // ---- lock-delay ----
@@ -726,7 +979,7 @@ fn an_expired_session_s_waiting_nodes_go_at_once_and_its_held_ones_wait() {
 }
 
 #[test]
-fn a_zombie_can_be_deleted_by_anyone_and_frees_at_once() {
+fn a_zombie_refuses_a_plain_delete_and_a_forced_one_frees_it_at_once() {
     let mut h = Harness::new();
     let a = short_session(&mut h, 1_000);
     let b = h.open_with(60_000, "long").expect("open").session;
@@ -734,11 +987,16 @@ fn a_zombie_can_be_deleted_by_anyone_and_frees_at_once() {
     let (waiting, _) = h.lock(b, "/l/n-", EXCLUSIVE);
     h.tick(1_001);
     assert!(h.present(b, &held));
-    let out = h.send(b, delete(&held, None));
+    let e = h.err(b, delete(&held, None));
+    assert_eq!((e.code, e.owner), (ErrorCode::NotOwner, None));
+    assert!(e.message.contains("zombie"), "{e:?}");
+    assert_eq!(h.err(b, set(&held, "x", None)).code, ErrorCode::NotOwner);
+    let out = h.send(b, force_delete(&held));
     assert_eq!(
         out.events,
         vec![event(b, WatchEventKind::LockGranted, &waiting, h.c.zxid())]
     );
+    assert_eq!(out.forced[0].node, super::ForcedNode::Zombie);
     // b was last heard at 1_001; only its session deadline is left.
     assert_eq!(
         h.c.next_deadline_ms(),
@@ -910,7 +1168,7 @@ fn set_watches_lock_reports_grants_and_deletions_missed_while_away() {
     // deletes b's node in /k.
     h.ok(a, delete(held, None));
     let token = h.grant_of(b, &granted).expect("granted").token;
-    h.ok(c, delete(&gone, None));
+    h.ok(c, force_delete(&gone));
     h.resume(b, "s3cret", 0).expect("resume");
     let zxid = h.c.zxid();
     let out = h.send(

@@ -57,6 +57,8 @@ const DATA_BYTES_MAX: usize = 3;
 /// freed within a run; the largest allowed is below some generated ones.
 const LOCK_DELAY_MS_DEFAULT: u64 = 200;
 const LOCK_DELAY_MS_MAX: u64 = 400;
+/// Below some generated TTLs, so that the ceiling refuses now and then.
+const HOLD_TTL_MS_MAX: u64 = 500;
 /// All sessions' cached replies hold at most this many fixed costs of a
 /// reply (a few of them longer error messages): small, so that the budget
 /// drops replies now and then.
@@ -77,6 +79,7 @@ fn config(reply_fixed_bytes: usize) -> Config {
         reply_cache_bytes_max: REPLY_CACHE_BUDGET_REPLIES * reply_fixed_bytes,
         lock_delay_ms_default: LOCK_DELAY_MS_DEFAULT,
         lock_delay_ms_max: LOCK_DELAY_MS_MAX,
+        hold_ttl_ms_max: HOLD_TTL_MS_MAX,
         ..super::tests::config()
     }
 }
@@ -100,6 +103,7 @@ fn reply_fixed_bytes() -> usize {
         path: "/".into(),
         data: Data(Vec::new()),
         version: None,
+        czxid: None,
     };
     c.apply(
         Command::Request {
@@ -289,6 +293,18 @@ fn lets_through(mode: LockMode, ahead: &[LockMode]) -> bool {
 }
 
 /// The answer a cached reply repeats, as the model compares answers.
+/// The owner and token rules: a lock node is changed only by its owner
+/// session (a zombie by no one), a node with a TTL only with its token.
+fn may_change(node: &ModelNode, session: SessionId, czxid: Option<Zxid>) -> Result<(), ErrorCode> {
+    if node.lock.is_some() && node.owner != Some(session) {
+        Err(ErrorCode::NotOwner)
+    } else if node.ttl_ms.is_some() && czxid.is_none() {
+        Err(ErrorCode::TokenRequired)
+    } else {
+        Ok(())
+    }
+}
+
 fn codes(full: &Result<OpResult, ErrorReply>) -> Result<OpResult, (ErrorCode, Option<u32>)> {
     full.clone().map_err(|e| (e.code, e.index))
 }
@@ -915,18 +931,27 @@ impl Model {
                 path,
                 data,
                 version,
+                czxid,
             } => alone(
                 self,
                 MultiOp::Set {
                     path,
                     data,
                     version,
+                    czxid,
                 },
             ),
             Op::Delete {
                 path,
                 version,
                 czxid,
+                force: true,
+            } => self.force_delete(session, &path, version, czxid, now_ms),
+            Op::Delete {
+                path,
+                version,
+                czxid,
+                force: false,
             } => alone(
                 self,
                 MultiOp::Delete {
@@ -1111,8 +1136,13 @@ impl Model {
                 path,
                 data,
                 version,
+                czxid,
             } => {
                 let node = self.node(path)?;
+                if czxid.is_some_and(|z| z != node.czxid) {
+                    return Err(ErrorCode::BadToken);
+                }
+                may_change(&node, session, *czxid)?;
                 if version.is_some_and(|v| v != node.version) {
                     return Err(ErrorCode::BadVersion);
                 }
@@ -1129,22 +1159,7 @@ impl Model {
                 version,
                 czxid,
             } => {
-                if !canonical(path) {
-                    return Err(ErrorCode::InvalidPath);
-                }
-                if path == "/" {
-                    return Err(ErrorCode::InvalidArgument);
-                }
-                let node = self.node(path)?;
-                if czxid.is_some_and(|z| z != node.czxid) {
-                    return Err(ErrorCode::BadToken);
-                }
-                if version.is_some_and(|v| v != node.version) {
-                    return Err(ErrorCode::BadVersion);
-                }
-                if !self.children(path).is_empty() {
-                    return Err(ErrorCode::NotEmpty);
-                }
+                self.check_delete(session, path, *version, *czxid, false)?;
                 self.remove(path, Some(session), now_ms);
                 Ok(MultiResult::Deleted)
             }
@@ -1170,13 +1185,14 @@ impl Model {
                 if !canonical(path) {
                     return Err(ErrorCode::InvalidPath);
                 }
-                if *ttl_ms == Some(0) {
+                if ttl_ms.is_some_and(|t| t == 0 || t > HOLD_TTL_MS_MAX) {
                     return Err(ErrorCode::InvalidArgument);
                 }
                 let node = self.node(path)?;
                 if czxid.is_some_and(|z| z != node.czxid) {
                     return Err(ErrorCode::BadToken);
                 }
+                may_change(&node, session, *czxid)?;
                 if node.ttl_ms.is_none() {
                     return Err(ErrorCode::InvalidArgument);
                 }
@@ -1190,6 +1206,93 @@ impl Model {
                 })
             }
         }
+    }
+
+    /// The checks of a delete, in the coordinator's order; `force` skips
+    /// the owner and token rules. Returns the node.
+    fn check_delete(
+        &self,
+        session: SessionId,
+        path: &str,
+        version: Option<u64>,
+        czxid: Option<Zxid>,
+        force: bool,
+    ) -> Result<ModelNode, ErrorCode> {
+        if !canonical(path) {
+            return Err(ErrorCode::InvalidPath);
+        }
+        if path == "/" {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        let node = self.node(path)?;
+        if czxid.is_some_and(|z| z != node.czxid) {
+            return Err(ErrorCode::BadToken);
+        }
+        if !force {
+            may_change(&node, session, czxid)?;
+        }
+        if version.is_some_and(|v| v != node.version) {
+            return Err(ErrorCode::BadVersion);
+        }
+        if !self.children(path).is_empty() {
+            return Err(ErrorCode::NotEmpty);
+        }
+        Ok(node)
+    }
+
+    /// A forced delete: the checks of a delete but the owner and token
+    /// rules. Another session's granted lock node with a lock-delay is
+    /// taken from it (told at once, with this write's zxid) and stays as a
+    /// zombie through the delay; anything else goes at once, its owner
+    /// told as of any delete by another.
+    fn force_delete(
+        &mut self,
+        session: SessionId,
+        path: &str,
+        version: Option<u64>,
+        czxid: Option<Zxid>,
+        now_ms: u64,
+    ) -> Result<OpResult, (ErrorCode, Option<u32>)> {
+        let node = self
+            .check_delete(session, path, version, czxid, true)
+            .map_err(|code| (code, None))?;
+        let overrides = may_change(&node, session, czxid).is_err();
+        let taken = node.owner.filter(|&owner| {
+            overrides
+                && node
+                    .lock
+                    .as_ref()
+                    .is_some_and(|l| l.granted.is_some() && l.delay_ms > 0)
+                && owner != session
+        });
+        if let Some(owner) = taken {
+            let zxid = self.next_zxid();
+            let node = self.nodes.get_mut(path).expect("checked");
+            let lock = node.lock.as_mut().expect("a lock node");
+            lock.freed_at_ms = Some(now_ms + lock.delay_ms);
+            node.owner = None;
+            self.events.push((
+                owner,
+                WatchEvent {
+                    kind: WatchEventKind::NodeDeleted,
+                    path: path.to_owned(),
+                    zxid,
+                },
+            ));
+            self.notes.push("forced delete made a zombie");
+            return Ok(OpResult::Zombified {
+                stat: self.stat(path),
+            });
+        }
+        if overrides {
+            self.notes.push(match (node.lock.is_some(), node.owner) {
+                (true, None) => "forced delete ended a zombie",
+                (true, Some(_)) => "forced delete of another's lock node",
+                (false, _) => "forced delete of a hold without its token",
+            });
+        }
+        self.remove(path, Some(session), now_ms);
+        Ok(OpResult::Deleted)
     }
 
     /// The node at a path that must be canonical and present.
@@ -1252,7 +1355,7 @@ impl Model {
             return Err(ErrorCode::NodeExists);
         }
         if (ttl_ms.is_some() && *kind != NodeKind::Persistent)
-            || *ttl_ms == Some(0)
+            || ttl_ms.is_some_and(|t| t == 0 || t > HOLD_TTL_MS_MAX)
             || (*kind == NodeKind::Container && *sequential)
         {
             return Err(ErrorCode::InvalidArgument);
@@ -1713,6 +1816,7 @@ enum Write {
         path: PathPick,
         data: Vec<u8>,
         version: Option<u64>,
+        token: Token,
     },
     Delete {
         path: PathPick,
@@ -1774,6 +1878,12 @@ enum Request {
         child: Vec<PathPick>,
         lock: Vec<PathPick>,
     },
+    /// A lone delete with force: mostly of a lock node or a hold.
+    ForceDelete {
+        path: PathPick,
+        version: Option<u64>,
+        token: Token,
+    },
     Close,
 }
 
@@ -1829,6 +1939,7 @@ fn path_pick() -> BoxedStrategy<PathPick> {
         3 => (0usize..64, prop::sample::select(vec!["x", "s"]))
             .prop_map(|(i, name)| PathPick::Under(i, name)),
         2 => (0usize..64).prop_map(PathPick::Lock),
+        2 => (0usize..64).prop_map(PathPick::WithTtl),
         1 => prop::sample::select(vec!["a", "/a/", "/a//b", ""]).prop_map(PathPick::Bad),
     ]
     .boxed()
@@ -1847,6 +1958,11 @@ fn version() -> impl Strategy<Value = Option<u64>> {
 
 fn token() -> impl Strategy<Value = Token> {
     prop_oneof![6 => Just(Token::Any), 1 => Just(Token::Right), 1 => Just(Token::Wrong)]
+}
+
+/// The token of a request that is meant for a hold: mostly the right one.
+fn hold_token() -> impl Strategy<Value = Token> {
+    prop_oneof![1 => Just(Token::Any), 5 => Just(Token::Right), 1 => Just(Token::Wrong)]
 }
 
 fn ttl() -> impl Strategy<Value = Option<u64>> {
@@ -1930,6 +2046,21 @@ fn lock_write() -> BoxedStrategy<Write> {
         .boxed()
 }
 
+/// A timed hold taken: a persistent node with a TTL within the ceiling,
+/// so that the token rule has holds to refuse and forced deletes to end.
+fn hold_write() -> BoxedStrategy<Write> {
+    (create_path(), data(), 100u64..HOLD_TTL_MS_MAX)
+        .prop_map(|(path, data, ttl_ms)| Write::Create {
+            path,
+            data,
+            kind: NodeKind::Persistent,
+            sequential: false,
+            ttl_ms: Some(ttl_ms),
+            make_parents: true,
+        })
+        .boxed()
+}
+
 fn write() -> BoxedStrategy<Write> {
     prop_oneof![
         6 => (
@@ -1943,13 +2074,13 @@ fn write() -> BoxedStrategy<Write> {
                 Write::Create { path, data, kind, sequential, ttl_ms, make_parents }
             }),
         1 => lock_write(),
-        3 => (path_pick(), data(), version())
-            .prop_map(|(path, data, version)| Write::Set { path, data, version }),
+        3 => (path_pick(), data(), version(), token())
+            .prop_map(|(path, data, version, token)| Write::Set { path, data, version, token }),
         4 => (path_pick(), version(), token())
             .prop_map(|(path, version, token)| Write::Delete { path, version, token }),
         1 => (path_pick(), version(), token())
             .prop_map(|(path, version, token)| Write::Check { path, version, token }),
-        1 => (touch_path(), ttl(), token())
+        1 => (touch_path(), ttl(), hold_token())
             .prop_map(|(path, ttl_ms, token)| Write::Touch { path, ttl_ms, token }),
     ]
     .boxed()
@@ -2013,11 +2144,22 @@ fn request() -> BoxedStrategy<Request> {
     prop_oneof![
         8 => write().prop_map(Request::Write),
         20 => lock_write().prop_map(Request::Write),
+        2 => hold_write().prop_map(Request::Write),
         3 => release().prop_map(Request::Write),
         3 => prop::collection::vec(write(), 0..=3).prop_map(Request::Multi),
         7 => (read, path_pick(), prop::bool::weighted(0.8))
             .prop_map(|(read, path, watch)| Request::Read(read, path, watch)),
         2 => set_watches(),
+        2 => (
+            prop_oneof![
+                3 => (0usize..64).prop_map(PathPick::Lock),
+                2 => (0usize..64).prop_map(PathPick::WithTtl),
+                1 => path_pick(),
+            ],
+            version(),
+            token(),
+        )
+            .prop_map(|(path, version, token)| Request::ForceDelete { path, version, token }),
         1 => ack().prop_map(Request::Ping),
         1 => Just(Request::Close),
     ]
@@ -2297,11 +2439,16 @@ fn resolve_write(w: &Write, model: &Model, mine: &[String]) -> MultiOp {
             path: pick,
             data,
             version,
-        } => MultiOp::Set {
-            path: path(pick),
-            data: Data(data.clone()),
-            version: *version,
-        },
+            token,
+        } => {
+            let path = path(pick);
+            MultiOp::Set {
+                czxid: resolve_token(*token, &path, model),
+                path,
+                data: Data(data.clone()),
+                version: *version,
+            }
+        }
         Write::Delete {
             path: pick,
             version,
@@ -2350,10 +2497,12 @@ fn resolve_request(request: &Request, session: SessionId, model: &Model, clients
                 path,
                 data,
                 version,
+                czxid,
             } => Op::Set {
                 path,
                 data,
                 version,
+                czxid,
             },
             MultiOp::Delete {
                 path,
@@ -2363,6 +2512,7 @@ fn resolve_request(request: &Request, session: SessionId, model: &Model, clients
                 path,
                 version,
                 czxid,
+                force: false,
             },
             // A lone check is not on the wire: send it as a one-step multi.
             check @ MultiOp::Check { .. } => Op::Multi { ops: vec![check] },
@@ -2434,6 +2584,19 @@ fn resolve_request(request: &Request, session: SessionId, model: &Model, clients
                 exist,
                 child,
                 lock,
+            }
+        }
+        Request::ForceDelete {
+            path,
+            version,
+            token,
+        } => {
+            let path = resolve_path(path, model, mine);
+            Op::Delete {
+                czxid: resolve_token(*token, &path, model),
+                path,
+                version: *version,
+                force: true,
             }
         }
         Request::Close => Op::CloseSession,
@@ -2829,6 +2992,13 @@ fn sessions_watches_and_writes_match_a_reference_model() {
             "lock granted on a release",
             "one write granted several nodes",
             "lock owner told of a delete by another",
+            // The owner and token rules.
+            "NotOwner",
+            "TokenRequired",
+            "forced delete made a zombie",
+            "forced delete ended a zombie",
+            "forced delete of another's lock node",
+            "forced delete of a hold without its token",
             "zombie made",
             "zombie freed",
             "Deadlock",

@@ -84,6 +84,7 @@ fn small_config() -> Config {
         // a stream; the generator asks for more now and then.
         lock_delay_ms_default: 200,
         lock_delay_ms_max: 400,
+        hold_ttl_ms_max: 5_000,
     }
 }
 
@@ -203,6 +204,7 @@ fn random_multi_op(rng: &mut XorShift, zxid: Zxid) -> MultiOp {
             path: random_path(rng),
             data: random_data(rng),
             version: random_version(rng),
+            czxid: None,
         },
         2 | 5 => MultiOp::Delete {
             path: random_target(rng),
@@ -230,11 +232,13 @@ fn random_op(rng: &mut XorShift, zxid: Zxid) -> Op {
             path: random_target(rng),
             version: random_version(rng),
             czxid: random_czxid(rng, zxid),
+            force: false,
         },
         4 => Op::Set {
             path: random_path(rng),
             data: random_data(rng),
             version: random_version(rng),
+            czxid: None,
         },
         5 => Op::Get {
             path: random_target(rng),
@@ -269,6 +273,7 @@ fn random_op(rng: &mut XorShift, zxid: Zxid) -> Op {
             path: random_target(rng),
             version: None,
             czxid: None,
+            force: false,
         },
     }
 }
@@ -553,11 +558,13 @@ fn real_op(op: &ModelOp) -> Op {
             path,
             data: Data(data),
             version,
+            czxid: None,
         },
         ModelOp::Delete(path, version) => Op::Delete {
             path,
             version,
             czxid: None,
+            force: false,
         },
         ModelOp::Get(path) => Op::Get { path, watch: false },
     }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use latchkey::server::{Config, RunningServer};
 use latchkey_client::protocol::{self, limits, ErrorCode, Hello, Reply, ServerMessage, Welcome};
-use latchkey_client::{Client, ClientOptions};
+use latchkey_client::{Client, ClientError, ClientOptions};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -407,4 +407,27 @@ async fn pump(
             }
         }
     }
+}
+
+/// Waits until `path` has exactly `count` children.
+pub async fn wait_for_children(client: &Client, path: &str, count: usize) {
+    within(&format!("{count} children under {path}"), async {
+        loop {
+            match client.children_watch(path).await {
+                Ok((children, _, _)) if children.len() == count => return,
+                Ok((_, _, watch)) => {
+                    watch.await.expect("a children watch fires");
+                }
+                Err(ClientError::NoNode { .. }) if count == 0 => return,
+                Err(ClientError::NoNode { .. }) => {
+                    let (stat, created) = client.exists_watch(path).await.unwrap();
+                    if stat.is_none() {
+                        created.await.expect("an exist watch fires");
+                    }
+                }
+                Err(e) => panic!("listing {path}: {e}"),
+            }
+        }
+    })
+    .await
 }

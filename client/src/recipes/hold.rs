@@ -19,8 +19,12 @@ const TAKE_ATTEMPTS_MAX: usize = 3;
 /// A hold is a persistent node with a TTL: it outlives the process and
 /// session that took it, and the server deletes it once the TTL passes
 /// without an [`Hold::extend`]. Any client that knows the [`HoldToken`]
-/// (another web server handling the same buyer) can extend or release it;
-/// a stale token (of an expired hold, taken again since) is refused.
+/// (another web server handling the same buyer) can extend, rewrite or
+/// release it; a stale token (of an expired hold, taken again since) is
+/// refused, and so is a set, touch or delete of the node that gives no
+/// token (`TokenRequired`): only a forced delete
+/// ([`Client::force_delete`]) ends a hold without it. The TTL is at most
+/// the server's `--hold-ttl-max` (7 days by default).
 #[derive(Clone, Copy, Debug)]
 pub struct Hold;
 
@@ -109,11 +113,44 @@ impl Hold {
             path: path.to_string(),
             version: None,
             czxid: Some(token.0),
+            force: false,
         };
         match client.request(op).await? {
             OpResult::Deleted => Ok(()),
             other => Err(ClientError::protocol(format!(
                 "a delete was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Replaces the data stored in the hold on `path` (who holds it), if
+    /// `token` is still its token. Like any write to the node, it renews
+    /// the hold for its TTL from now.
+    ///
+    /// # Errors
+    /// As [`Hold::release`]; `TooLarge` for data over the server's limit.
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the request went out does not stop the
+    /// write.
+    pub async fn set(
+        client: &Client,
+        path: &str,
+        token: HoldToken,
+        data: impl Into<Data>,
+    ) -> Result<SystemTime, ClientError> {
+        let op = Op::Set {
+            path: path.to_string(),
+            data: data.into(),
+            version: None,
+            czxid: Some(token.0),
+        };
+        match client.request(op).await? {
+            OpResult::Stat { stat } => Ok(system_time(
+                stat.mtime_ms.saturating_add(stat.ttl_ms.unwrap_or(0)),
+            )),
+            other => Err(ClientError::protocol(format!(
+                "a set was answered with {other:?}"
             ))),
         }
     }
