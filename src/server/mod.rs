@@ -10,6 +10,7 @@
 mod config;
 mod frames;
 mod lease;
+pub(crate) mod log_limit;
 mod outbound;
 
 use std::collections::{HashMap, VecDeque};
@@ -40,6 +41,7 @@ use tracing::{debug, info, warn};
 pub use config::Config;
 use frames::Frames;
 pub use lease::default_folder as default_lease_folder;
+use log_limit::limited;
 use outbound::{CloseReason, Outbound, Work};
 
 use crate::state::{Command, Coordinator, Forced, ForcedNode, Outcome, Output, SessionEnd};
@@ -524,6 +526,7 @@ async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
                 let queues = core.take_to_flush();
                 drop(core);
                 flush(queues);
+                log_limit::report_folded();
             }
         }
     }
@@ -538,7 +541,9 @@ async fn serve_socket(
     tracker: TaskTracker,
 ) {
     let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
-        warn!(
+        limited!(
+            warn,
+            "refusing connection: the connection limit is reached",
             %peer,
             limit = shared.config.connections_max,
             "refusing connection: the connection limit is reached"
@@ -678,9 +683,9 @@ impl Connection {
             Outcome::Session(Err(refusal)) => {
                 drop(core);
                 if refusal.code == ErrorCode::LimitExceeded {
-                    warn!(%peer, "closing connection: handshake refused: {}", refusal.message);
+                    limited!(warn, "closing connection: handshake refused at a limit", %peer, "closing connection: handshake refused: {}", refusal.message);
                 } else {
-                    info!(%peer, "closing connection: handshake refused: {}", refusal.message);
+                    limited!(info, "closing connection: handshake refused", %peer, "closing connection: handshake refused: {}", refusal.message);
                 }
                 return Err(protocol::encode(&ServerMessage::Fatal(refusal)));
             }
@@ -775,7 +780,7 @@ impl Connection {
     /// its xid can be read (the connection stays), else with a fatal error.
     fn reject_frame(&self, frame: &[u8], error: &serde_json::Error) -> bool {
         let Ok(XidOnly { xid }) = serde_json::from_slice::<XidOnly>(frame) else {
-            warn!(peer = %self.peer, session = %self.session, "closing connection: frame is not a request: {error}");
+            limited!(warn, "closing connection: frame is not a request", peer = %self.peer, session = %self.session, "closing connection: frame is not a request: {error}");
             self.fatal(
                 ErrorCode::Malformed,
                 format!("the frame is not a valid request (JSON with \"xid\" and \"op\"): {error}"),
@@ -788,7 +793,7 @@ impl Connection {
         } else {
             ErrorCode::Malformed
         };
-        debug!(peer = %self.peer, session = %self.session, ?code, "rejected request: {text}");
+        limited!(debug, "rejected request", peer = %self.peer, session = %self.session, ?code, "rejected request: {text}");
         let now_ms = self.shared.clock.now_ms();
         let mut core = self.shared.core.lock();
         if !core.is_current(self.session, self.id) {
@@ -845,7 +850,9 @@ impl Connection {
 }
 
 fn log_overflow(peer: SocketAddr, bytes_max: usize) {
-    warn!(
+    limited!(
+        warn,
+        "closing connection: the client is not reading its replies",
         %peer,
         "closing connection: the client is not reading its replies \
          (over {bytes_max} bytes queued); its session can resume"
@@ -876,7 +883,7 @@ async fn read_hello(
         };
         let n = match read {
             Err(_) => {
-                warn!(%peer, "closing connection: no handshake within {timeout:?}");
+                limited!(warn, "closing connection: no handshake", %peer, "closing connection: no handshake within {timeout:?}");
                 return Err(NoHello::Silent);
             }
             Ok(Ok(0)) => {
@@ -894,14 +901,14 @@ async fn read_hello(
             first = Some(serde_json::from_slice::<Hello>(frame));
             false
         }) {
-            warn!(%peer, "closing connection: broken handshake frame: {e}");
+            limited!(warn, "closing connection: broken handshake frame", %peer, "closing connection: broken handshake frame: {e}");
             return Err(fatal(ErrorCode::Malformed, format!("broken frame: {e}")));
         }
         let hello = match first {
             None => continue,
             Some(Ok(hello)) => hello,
             Some(Err(e)) => {
-                warn!(%peer, "closing connection: the first frame is not a handshake: {e}");
+                limited!(warn, "closing connection: the first frame is not a handshake", %peer, "closing connection: the first frame is not a handshake: {e}");
                 return Err(fatal(
                     ErrorCode::Malformed,
                     format!("the first frame must be a handshake (hello): {e}"),
@@ -909,7 +916,7 @@ async fn read_hello(
             }
         };
         if hello.protocol_version != protocol::PROTOCOL_VERSION {
-            warn!(%peer, theirs = hello.protocol_version, "closing connection: protocol version mismatch");
+            limited!(warn, "closing connection: protocol version mismatch", %peer, theirs = hello.protocol_version, "closing connection: protocol version mismatch");
             return Err(fatal(
                 ErrorCode::ProtocolVersion,
                 format!(
@@ -1018,7 +1025,9 @@ impl Live {
             if let Some(deadline) = &mut self.frame_deadline {
                 if deadline.as_mut().poll(cx).is_ready() {
                     let frame_timeout = self.connection.shared.config.frame_timeout;
-                    warn!(
+                    limited!(
+                        warn,
+                        "closing connection: a frame stalled",
                         peer = %self.connection.peer, session = %self.connection.session,
                         "closing connection: a frame stalled: its first bytes came but not the \
                          rest within {frame_timeout:?} (its session can resume)"
@@ -1065,7 +1074,7 @@ impl Live {
             .feed(bytes, |frame| connection.handle_frame(frame));
         match fed {
             Err(e) => {
-                warn!(peer = %connection.peer, session = %connection.session, "closing connection: {e}");
+                limited!(warn, "closing connection: frame refused", peer = %connection.peer, session = %connection.session, "closing connection: {e}");
                 connection.fatal(
                     ErrorCode::TooLarge,
                     format!(
@@ -1153,7 +1162,9 @@ impl Live {
                         match deadline.as_mut().poll(cx) {
                             Poll::Pending => return Poll::Pending,
                             Poll::Ready(WriteCut::Timeout) => {
-                                warn!(
+                                limited!(
+                                    warn,
+                                    "closing connection: a write timed out",
                                     %peer,
                                     "closing connection: a write took over {limit:?}; \
                                      the client is not reading (its session can resume)"

@@ -13,7 +13,9 @@ use futures_util::task::AtomicWaker;
 use latchkey_client::protocol::limits::REPLY_FRAME_BYTES_MAX;
 use parking_lot::Mutex;
 use tokio::net::tcp::OwnedWriteHalf;
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::server::log_limit::limited;
 
 /// Why a connection's queue stopped taking frames.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,7 +180,11 @@ impl Outbound {
                     Work::Write(framed)
                 }
                 Err(e) => {
-                    warn!("closing connection: {e}");
+                    limited!(
+                        warn,
+                        "closing connection: a reply batch failed",
+                        "closing connection: {e}"
+                    );
                     state.closing = Some(CloseReason::Done);
                     state.socket = None;
                     Work::Closed(CloseReason::Done)
@@ -220,7 +226,11 @@ impl Outbound {
         let mut framed = match framed {
             Ok(framed) => framed,
             Err(e) => {
-                warn!("closing connection: {e}");
+                limited!(
+                    warn,
+                    "closing connection: a reply batch failed",
+                    "closing connection: {e}"
+                );
                 self.state.lock().busy = false;
                 self.close(CloseReason::Done);
                 return false;
