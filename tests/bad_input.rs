@@ -25,7 +25,7 @@ async fn root_state(addr: SocketAddr) -> (Vec<String>, u64) {
     let mut raw = Raw::session(addr).await;
     let reply = raw.request(1, json!({"children": {"path": "/"}})).await;
     match reply.result {
-        Ok(OpResult::Children { children, stat }) => (children, stat.cversion),
+        Ok(OpResult::Children { children, stat, .. }) => (children, stat.cversion),
         other => panic!("children of / failed: {other:?}"),
     }
 }

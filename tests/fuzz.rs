@@ -332,7 +332,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
             .prop_map(|(path, version)| Op::Set { path, data: Data::from("s"), version, czxid: None }),
         1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Get { path, watch }),
         1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Exists { path, watch }),
-        1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Children { path, watch }),
+        1 => (arb_path(), any::<bool>()).prop_map(|(path, watch)| Op::Children { path, watch, after: None, limit: None }),
         2 => prop::collection::vec(arb_multi_op(), 0..5).prop_map(|ops| Op::Multi { ops }),
         1 => any::<u64>().prop_map(|ack| Op::Ping { ack: Xid(ack) }),
         1 => (arb_opt_u64(), paths(), paths(), paths(), paths()).prop_map(
@@ -623,6 +623,7 @@ fn small_config() -> Config {
         nodes_max: 30,
         tree_bytes_max: 600,
         children_per_node_max: 5,
+        children_page_max: 3,
         watches_per_session_max: 4,
         watches_max: 6,
         reply_cache_bytes_max: Config::default().reply_cache_bytes_max,

@@ -282,3 +282,71 @@ async fn watches_are_one_shot_and_report_children_and_creation() {
     assert_eq!(event.kind, WatchEventKind::NodeChildrenChanged);
     server.stop().await;
 }
+
+/// A listing comes in pages of at most the server's page size, from any
+/// client; our client reads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_come_in_pages_and_the_client_reads_every_one() {
+    use latchkey_client::protocol::{ErrorCode, OpResult};
+    let server = start_server().await;
+    let client = connect(server.addr()).await;
+    let total = 2_500usize;
+    let ops: Vec<MultiOp> = (0..total)
+        .map(|i| {
+            MultiOp::Create(Create {
+                path: format!("/many/n{i:05}"),
+                make_parents: true,
+                ..Create::default()
+            })
+        })
+        .collect();
+    for chunk in ops.chunks(1_000) {
+        client.multi(chunk.to_vec()).await.unwrap();
+    }
+    let (children, stat) = client.children("/many").await.unwrap();
+    assert_eq!(children.len(), total);
+    assert!(children.windows(2).all(|w| w[0] < w[1]), "sorted");
+    assert_eq!(stat.num_children, 2_500);
+
+    let mut raw = common::Raw::session(server.addr()).await;
+    let page = |reply: latchkey_client::protocol::Reply| match reply.result {
+        Ok(OpResult::Children { children, more, .. }) => (children, more),
+        other => panic!("a listing answered {other:?}"),
+    };
+    let (first, more) = page(
+        raw.request(1, serde_json::json!({"children": {"path": "/many"}}))
+            .await,
+    );
+    assert_eq!((first.len(), more), (1_000, true), "the server's page size");
+    let (next, more) = page(
+        raw.request(
+            2,
+            serde_json::json!({"children": {"path": "/many", "after": first[999], "limit": 5}}),
+        )
+        .await,
+    );
+    assert_eq!(next, ["n01000", "n01001", "n01002", "n01003", "n01004"]);
+    assert!(more);
+    let (last, more) = page(
+        raw.request(
+            3,
+            serde_json::json!({"children": {"path": "/many", "after": "n02497"}}),
+        )
+        .await,
+    );
+    assert_eq!(
+        (last, more),
+        (vec!["n02498".into(), "n02499".into()], false)
+    );
+    let reply = raw
+        .request(
+            4,
+            serde_json::json!({"children": {"path": "/many", "limit": 0}}),
+        )
+        .await;
+    assert_eq!(
+        reply.result.map_err(|e| e.code),
+        Err(ErrorCode::InvalidArgument)
+    );
+    server.stop().await;
+}

@@ -662,23 +662,23 @@ impl Client {
         }
     }
 
-    /// A node's children, sorted, with the node's own stat.
+    /// A node's children, sorted, with the node's own stat: every page of
+    /// the listing (the server sends at most its page size, 1,000 names by
+    /// default, per request), read again from the start if the children
+    /// changed between pages (the node's `cversion` moved), so the list is
+    /// one moment's.
     ///
     /// # Errors
-    /// `InvalidPath`, `NoNode`, `SessionExpired`, `Closed`.
+    /// `InvalidPath`, `NoNode`, `SessionExpired`, `Closed`; `LimitExceeded`
+    /// if the children changed during each of 5 listings in a row (read
+    /// them page by page with [`Client::children_page`] instead).
     ///
     /// # Cancel safety
     /// Safe: a read changes nothing.
     pub async fn children(&self, path: &str) -> Result<(Vec<String>, Stat), ClientError> {
-        check_path(path)?;
-        let op = Op::Children {
-            path: path.into(),
-            watch: false,
-        };
-        match self.call(op, None).await? {
-            OpResult::Children { children, stat } => Ok((children, stat)),
-            other => Err(unexpected("children", &other)),
-        }
+        self.children_listing(path, None)
+            .await
+            .map(|(c, s, _)| (c, s))
     }
 
     /// As [`Client::children`], and sets a child watch, which fires when a
@@ -694,18 +694,102 @@ impl Client {
         &self,
         path: &str,
     ) -> Result<(Vec<String>, Stat, Watch), ClientError> {
+        let (children, stat, watch) = self.children_listing(path, Some(())).await?;
+        let watch = watch.ok_or_else(|| ClientError::protocol("a watched listing has a watch"))?;
+        Ok((children, stat, watch))
+    }
+
+    /// One page of a node's children: the names after `after` (from the
+    /// first if `None`), at most `limit` of them and at most the server's
+    /// page size, with the node's stat, and whether names follow. For the
+    /// next page, pass the last name as `after`. Pages are not one
+    /// snapshot: a `cversion` that moved between pages means the children
+    /// changed in between.
+    ///
+    /// # Errors
+    /// `InvalidPath`, `NoNode`, `InvalidArgument` (a limit of 0),
+    /// `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Safe: a read changes nothing.
+    pub async fn children_page(
+        &self,
+        path: &str,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<String>, Stat, bool), ClientError> {
         check_path(path)?;
-        let (tx, watch) = Watch::new(path.into(), WatchKind::Child);
         let op = Op::Children {
             path: path.into(),
-            watch: true,
+            watch: false,
+            limit,
+            after: after.map(str::to_owned),
         };
-        match self.call(op, Some(tx)).await? {
-            OpResult::Children { children, stat } => Ok((children, stat, watch)),
+        match self.call(op, None).await? {
+            OpResult::Children {
+                children,
+                stat,
+                more,
+            } => Ok((children, stat, more)),
             other => Err(unexpected("children", &other)),
         }
     }
 
+    /// Every page of `path`'s children as of one `cversion`; with `watch`,
+    /// the first page of the listing that is returned sets a child watch.
+    async fn children_listing(
+        &self,
+        path: &str,
+        watch: Option<()>,
+    ) -> Result<(Vec<String>, Stat, Option<Watch>), ClientError> {
+        check_path(path)?;
+        for _ in 0..CHILDREN_LISTINGS_MAX {
+            let (tx, rx) = match watch {
+                Some(()) => {
+                    let (tx, rx) = Watch::new(path.into(), WatchKind::Child);
+                    (Some(tx), Some(rx))
+                }
+                None => (None, None),
+            };
+            let op = Op::Children {
+                path: path.into(),
+                watch: tx.is_some(),
+                limit: None,
+                after: None,
+            };
+            let (mut children, first, mut more) = match self.call(op, tx).await? {
+                OpResult::Children {
+                    children,
+                    stat,
+                    more,
+                } => (children, stat, more),
+                other => return Err(unexpected("children", &other)),
+            };
+            let mut changed = false;
+            // Bounded: each page is non-empty and moves `after` forward,
+            // and the node has at most CHILDREN_PER_NODE_MAX children.
+            while more {
+                let after = children.last().cloned();
+                let (page, stat, next) = self.children_page(path, after.as_deref(), None).await?;
+                if stat.cversion != first.cversion || page.is_empty() {
+                    changed = true;
+                    break;
+                }
+                children.extend(page);
+                more = next;
+            }
+            if !changed {
+                return Ok((children, first, rx));
+            }
+        }
+        Err(ClientError::LimitExceeded {
+            message: format!(
+                "the children of {path} changed while they were listed, {CHILDREN_LISTINGS_MAX} \
+                 times in a row; list them page by page with children_page"
+            ),
+            index: None,
+        })
+    }
     /// Applies all of `ops` or none, and returns one result per op.
     ///
     /// # Errors
@@ -764,6 +848,10 @@ impl Client {
         result
     }
 }
+
+/// How many times [`Client::children`] lists a node again whose children
+/// changed between pages before it gives up.
+const CHILDREN_LISTINGS_MAX: usize = 5;
 
 /// What a [`Client::force_delete`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -205,7 +205,8 @@ async fn a_version_mismatch_names_both_versions() {
     assert_eq!(err.code(), Some(ErrorCode::ProtocolVersion));
     let text = err.to_string();
     assert!(
-        text.contains("version 1") && text.contains("version 2"),
+        text.contains(&format!("version {PROTOCOL_VERSION}"))
+            && text.contains(&format!("version {}", PROTOCOL_VERSION + 1)),
         "{text}"
     );
 }
@@ -262,6 +263,7 @@ async fn watches_fire_on_matching_events() {
         let children = OpResult::Children {
             children: vec![],
             stat: stat(0),
+            more: false,
         };
         peer.reply(r.xid, Ok(children)).await;
     })
@@ -1041,5 +1043,46 @@ async fn a_hold_that_is_taken_names_its_end() {
         err.to_string()
             .contains("held until 2023-11-14T22:23:20.000Z"),
         "{err}"
+    );
+}
+
+/// A listing in pages reads on from the last name, and starts over when
+/// the children changed between pages (the node's cversion moved), so
+/// that the list it returns is one moment's.
+#[tokio::test]
+async fn a_listing_reads_every_page_and_starts_over_when_the_children_change() {
+    let fake = Fake::start().await;
+    let (client, mut peer) = connected(&fake, fake.options(), QUIET_TIMEOUT_MS).await;
+    let listing = tokio::spawn(async move { client.children("/q").await });
+    let page = |names: &[&str], cversion: u64, more: bool| OpResult::Children {
+        children: names.iter().map(|n| n.to_string()).collect(),
+        stat: Stat {
+            cversion,
+            ..stat(0)
+        },
+        more,
+    };
+    let mut asked = Vec::new();
+    for (names, cversion, more) in [
+        (&["a", "b"][..], 1, true),
+        // Changed meanwhile: the client starts over.
+        (&["c"][..], 2, false),
+        (&["a", "b"][..], 2, true),
+        (&["c", "d"][..], 2, false),
+    ] {
+        let r = within(peer.request()).await;
+        let Op::Children { after, limit, .. } = &r.op else {
+            panic!("expected a listing, got {:?}", r.op);
+        };
+        assert_eq!(*limit, None);
+        asked.push(after.clone());
+        peer.reply(r.xid, Ok(page(names, cversion, more))).await;
+    }
+    let (children, stat) = within(listing).await.unwrap().unwrap();
+    assert_eq!(children, ["a", "b", "c", "d"]);
+    assert_eq!(stat.cversion, 2);
+    assert_eq!(
+        asked,
+        [None, Some("b".to_string()), None, Some("b".to_string())]
     );
 }

@@ -25,7 +25,11 @@ use tokio_util::codec::LengthDelimitedCodec;
 
 /// The protocol version this build speaks. A peer with another version is
 /// refused during the handshake with [`ErrorCode::ProtocolVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: a `children` listing comes in pages of at most the server's
+/// page size (`more` says another page follows); a version 1 client would
+/// take the first page for the whole list, so it is refused instead.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Wire limits shared by both sides. Server tunables live in the server's
 /// `Config`; these are the values a client can rely on.
@@ -398,12 +402,21 @@ pub enum Op {
         #[serde(default)]
         watch: bool,
     },
-    /// List children (sorted) with the node's own stat; `watch` sets a child
-    /// watch. Replies [`OpResult::Children`].
+    /// List children (sorted by bytes) with the node's own stat; `watch`
+    /// sets a child watch. One page: the names after `after` (all if
+    /// `None`), at most `limit` of them and at most the server's page size
+    /// (1,000 by default), so that no listing holds the server long.
+    /// Replies [`OpResult::Children`], whose `more` says whether names
+    /// follow the page; ask again with `after` set to its last name. Pages
+    /// are not one snapshot: compare the stat's `cversion` across them.
     Children {
         path: String,
         #[serde(default)]
         watch: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     /// Apply all or none of these. Replies [`OpResult::Multi`].
     Multi { ops: Vec<MultiOp> },
@@ -554,8 +567,14 @@ pub enum OpResult {
     Data { data: Data, stat: Stat },
     /// The node's stat, or `None` if it does not exist.
     Exists { stat: Option<Stat> },
-    /// Sorted child names and the parent's stat.
-    Children { children: Vec<String>, stat: Stat },
+    /// One page of sorted child names and the parent's stat; `more` if
+    /// names follow the page.
+    Children {
+        children: Vec<String>,
+        stat: Stat,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
+    },
     /// One result per operation of the multi, in order.
     Multi { results: Vec<MultiResult> },
     /// The answer to a ping.

@@ -757,10 +757,8 @@ impl Connection {
             unreachable!("a request is answered with a reply");
         };
         let closed = close_after && reply.result.is_ok();
-        let message = protocol::encode(&ServerMessage::Reply(reply));
-        // Queued under the lock: a reply that set a watch must reach the
-        // client before the event of any later change fires that watch.
         if closed {
+            let message = protocol::encode(&ServerMessage::Reply(reply));
             core.connections.remove(&self.session);
             self.outbound.push_last(message, CloseReason::Done);
             let queues = core.take_to_flush();
@@ -769,11 +767,16 @@ impl Connection {
             info!(peer = %self.peer, session = %self.session, "closing connection: its client closed the session");
             return false;
         }
-        let queued = self.outbound.push(message);
+        // The reply's place is taken under the lock (a reply that set a
+        // watch must reach the client before the event of any later change
+        // fires that watch), but it is encoded after: a page of names or a
+        // large node's data costs the other clients no wait.
+        self.outbound.hold();
         let queues = core.take_to_flush();
         drop(core);
         flush(queues);
-        queued
+        self.outbound
+            .fill(protocol::encode(&ServerMessage::Reply(reply)))
     }
 
     /// Answers a frame that is not a valid request: with an error reply when
@@ -944,7 +947,8 @@ fn refusal_limit(shared: &Shared) -> Duration {
 /// `limit`.
 async fn send_last(writer: &OwnedWriteHalf, frame: &Bytes, limit: Duration) {
     let mut framed = VecDeque::from([frame.clone()]);
-    let Ok(mut framed) = outbound::frame_batch(&mut framed) else {
+    let all = framed.len();
+    let Ok(mut framed) = outbound::frame_batch(&mut framed, all) else {
         return;
     };
     let write = async {

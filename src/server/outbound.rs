@@ -34,6 +34,11 @@ pub enum CloseReason {
 
 struct State {
     frames: VecDeque<Bytes>,
+    /// Set between [`Outbound::hold`] and [`Outbound::fill`]: a reply is
+    /// being encoded outside the coordinator's lock, and goes in at this
+    /// index of `frames`; the frames from there on wait behind it, so that
+    /// they keep their order. (A u32: frames are bounded by `bytes_max`.)
+    held_at: Option<u32>,
     bytes: usize,
     closing: Option<CloseReason>,
     /// Someone is writing: an inline writer, or the connection's task.
@@ -79,6 +84,7 @@ impl Outbound {
         Outbound {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
+                held_at: None,
                 bytes: 0,
                 closing: None,
                 busy: false,
@@ -99,23 +105,70 @@ impl Outbound {
     /// pushing alone wakes nobody, so that a frame written inline costs no
     /// task wake.
     pub fn push(&self, frame: Bytes) -> bool {
-        let mut state = self.state.lock();
+        let state = self.state.lock();
         if state.closing.is_some() {
             return false;
         }
+        self.queue(state, frame)
+    }
+
+    /// Queues `frame` behind everything queued (behind a held reply too),
+    /// or overflows.
+    fn queue(&self, mut state: parking_lot::MutexGuard<'_, State>, frame: Bytes) -> bool {
         if state.bytes > 0 && state.bytes + frame.len() > self.bytes_max {
-            state.socket = None;
-            state.closing = Some(CloseReason::Overflow {
-                bytes_max: self.bytes_max,
-            });
-            state.frames.clear();
-            state.bytes = 0;
-            drop(state);
-            self.task.wake();
-            return false;
+            return self.overflow(state);
         }
         state.bytes += frame.len();
         state.frames.push_back(frame);
+        true
+    }
+
+    /// Closes the queue for a client that let too much pile up: what is
+    /// queued is dropped. Returns false, for the push that overflowed.
+    fn overflow(&self, mut state: parking_lot::MutexGuard<'_, State>) -> bool {
+        state.socket = None;
+        state.closing = Some(CloseReason::Overflow {
+            bytes_max: self.bytes_max,
+        });
+        state.frames.clear();
+        state.held_at = None;
+        state.bytes = 0;
+        drop(state);
+        self.task.wake();
+        false
+    }
+
+    /// Keeps a place for a reply that the caller encodes after it lets go
+    /// of the coordinator's lock: frames pushed until [`Outbound::fill`]
+    /// wait behind it. Call under the coordinator's lock, where the reply
+    /// was made, and fill without waiting on anything; a second hold
+    /// before the fill is a bug (one connection answers one request at a
+    /// time).
+    pub fn hold(&self) {
+        let mut state = self.state.lock();
+        debug_assert!(state.held_at.is_none(), "a reply is already held");
+        if state.closing.is_none() {
+            state.held_at = Some(u32::try_from(state.frames.len()).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// Puts the held reply in its place, and the frames queued behind it
+    /// after it. Returns as [`Outbound::push`] does for the reply.
+    pub fn fill(&self, reply: Bytes) -> bool {
+        let mut state = self.state.lock();
+        // None: the queue was closing at the hold, or overflowed since and
+        // dropped everything.
+        let Some(at) = state.held_at.take() else {
+            return false;
+        };
+        if state.bytes > 0 && state.bytes + reply.len() > self.bytes_max {
+            return self.overflow(state);
+        }
+        state.bytes += reply.len();
+        let at = usize::try_from(at)
+            .unwrap_or(usize::MAX)
+            .min(state.frames.len());
+        state.frames.insert(at, reply);
         true
     }
 
@@ -172,9 +225,8 @@ impl Outbound {
         if state.busy {
             return Work::Idle;
         }
-        if !state.frames.is_empty() {
-            state.bytes = 0;
-            return match frame_batch(&mut state.frames) {
+        if state.writable() > 0 {
+            return match state.take_batch() {
                 Ok(framed) => {
                     state.busy = true;
                     Work::Write(framed)
@@ -192,8 +244,11 @@ impl Outbound {
             };
         }
         match &state.closing {
-            Some(reason) => Work::Closed(reason.clone()),
-            None => Work::Idle,
+            // A held reply and what waits behind it still go out first.
+            Some(reason) if state.held_at.is_none() && state.frames.is_empty() => {
+                Work::Closed(reason.clone())
+            }
+            _ => Work::Idle,
         }
     }
 
@@ -211,7 +266,7 @@ impl Outbound {
     pub fn write_inline(&self) -> bool {
         let (socket, framed) = {
             let mut state = self.state.lock();
-            if state.busy || state.frames.is_empty() || state.closing.is_some() {
+            if state.busy || state.writable() == 0 || state.closing.is_some() {
                 return true;
             }
             let Some(socket) = state.socket.clone() else {
@@ -219,9 +274,8 @@ impl Outbound {
                 self.task.wake();
                 return true;
             };
-            state.bytes = 0;
             state.busy = true;
-            (socket, frame_batch(&mut state.frames))
+            (socket, state.take_batch())
         };
         let mut framed = match framed {
             Ok(framed) => framed,
@@ -257,7 +311,7 @@ impl Outbound {
             state.busy = false;
             // Frames queued meanwhile, or a close, are the connection
             // task's now.
-            let wake = !state.frames.is_empty() || state.closing.is_some();
+            let wake = state.writable() > 0 || state.closing.is_some();
             drop(state);
             if wake {
                 self.task.wake();
@@ -271,13 +325,40 @@ impl Outbound {
     }
 }
 
-/// The frames of `batch`, each behind its 4-byte big-endian length, in one
-/// buffer for one write; empties `batch`. The buffer is the batch's size and
-/// goes with it, so an idle connection holds no write buffer.
-pub(super) fn frame_batch(batch: &mut VecDeque<Bytes>) -> std::io::Result<BytesMut> {
-    let total: usize = batch.iter().map(|frame| frame.len() + 4).sum();
+impl State {
+    /// How many frames from the front may be written now: all, or those
+    /// ahead of a held reply.
+    fn writable(&self) -> usize {
+        match self.held_at {
+            Some(at) => usize::try_from(at)
+                .unwrap_or(usize::MAX)
+                .min(self.frames.len()),
+            None => self.frames.len(),
+        }
+    }
+
+    /// Takes the writable frames as one batch (see [`frame_batch`]); a held
+    /// reply's place moves to the front by as many.
+    fn take_batch(&mut self) -> std::io::Result<BytesMut> {
+        let n = self.writable();
+        let taken: usize = self.frames.iter().take(n).map(Bytes::len).sum();
+        self.bytes = self.bytes.saturating_sub(taken);
+        if let Some(at) = &mut self.held_at {
+            *at = at.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        frame_batch(&mut self.frames, n)
+    }
+}
+
+/// The first `n` frames of `batch`, each behind its 4-byte big-endian
+/// length, in one buffer for one write; takes them out of `batch`. The
+/// buffer is the batch's size and goes with it, so an idle connection holds
+/// no write buffer.
+pub(super) fn frame_batch(batch: &mut VecDeque<Bytes>, n: usize) -> std::io::Result<BytesMut> {
+    let n = n.min(batch.len());
+    let total: usize = batch.iter().take(n).map(|frame| frame.len() + 4).sum();
     let mut framed = BytesMut::with_capacity(total);
-    for frame in batch.drain(..) {
+    for frame in batch.drain(..n) {
         // Clients refuse frames over this; sending one would only make them
         // drop the connection with a less clear error.
         let len = u32::try_from(frame.len())
@@ -348,6 +429,54 @@ mod tests {
         assert_eq!(frames(&written(out.take_work())).len(), 3);
         out.written();
         assert_eq!(out.take_work(), Work::Closed(CloseReason::Done));
+    }
+
+    #[test]
+    fn a_held_reply_keeps_its_place_ahead_of_what_was_queued_after_it() {
+        let out = Outbound::new(1 << 20, None);
+        assert!(out.push(Bytes::from_static(b"before")));
+        out.hold();
+        assert!(out.push(Bytes::from_static(b"event")));
+        assert_eq!(
+            frames(&written(out.take_work())),
+            [b"before".to_vec()],
+            "only what is ahead of the held reply goes"
+        );
+        out.written();
+        assert_eq!(out.take_work(), Work::Idle, "the event waits for the reply");
+        assert!(out.fill(Bytes::from_static(b"reply")));
+        assert_eq!(
+            frames(&written(out.take_work())),
+            [b"reply".to_vec(), b"event".to_vec()]
+        );
+        out.written();
+
+        // A close while a reply is held: the reply, then the last frame.
+        out.hold();
+        out.push_last(Bytes::from_static(b"moved"), CloseReason::Moved);
+        assert_eq!(out.take_work(), Work::Idle, "not closed before the reply");
+        assert!(out.fill(Bytes::from_static(b"reply")));
+        assert_eq!(
+            frames(&written(out.take_work())),
+            [b"reply".to_vec(), b"moved".to_vec()]
+        );
+        out.written();
+        assert_eq!(out.take_work(), Work::Closed(CloseReason::Moved));
+    }
+
+    #[test]
+    fn a_held_reply_over_the_bound_overflows() {
+        let out = Outbound::new(10, None);
+        assert!(out.push(Bytes::from_static(b"123456")));
+        out.hold();
+        assert!(!out.fill(Bytes::from_static(b"789012")));
+        assert_eq!(out.closing(), Some(CloseReason::Overflow { bytes_max: 10 }));
+        // An overflow while held drops the place too.
+        let out = Outbound::new(10, None);
+        assert!(out.push(Bytes::from_static(b"123456")));
+        out.hold();
+        assert!(!out.push(Bytes::from_static(b"789012")));
+        assert!(!out.fill(Bytes::from_static(b"r")));
     }
 
     #[test]

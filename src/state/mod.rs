@@ -70,6 +70,11 @@ pub struct Config {
     /// Most children of one node. Default and ceiling
     /// `protocol::limits::CHILDREN_PER_NODE_MAX`, so a listing fits a frame.
     pub children_per_node_max: usize,
+    /// Most names in one page of a children listing. Default 1,000: a page
+    /// then costs the coordinator tens of microseconds (cloning its names;
+    /// the reply is encoded outside its lock), where one listing of 100,000
+    /// children stalled every other client for 25-120 ms.
+    pub children_page_max: usize,
     /// Most watches per session. Default
     /// `protocol::limits::WATCHES_PER_SESSION_MAX`.
     pub watches_per_session_max: usize,
@@ -119,6 +124,7 @@ impl Default for Config {
             nodes_max: 10_000_000,
             tree_bytes_max: 1024 * 1024 * 1024,
             children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
+            children_page_max: 1_000,
             watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
             watches_max: 2_000_000,
             reply_cache_bytes_max: 256 * 1024 * 1024,

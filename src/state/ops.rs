@@ -180,7 +180,12 @@ impl Coordinator {
             }
             Op::Get { path, watch } => self.get(session, &path, watch),
             Op::Exists { path, watch } => self.exists(session, &path, watch),
-            Op::Children { path, watch } => self.children(session, &path, watch),
+            Op::Children {
+                path,
+                watch,
+                limit,
+                after,
+            } => self.children(session, &path, watch, limit, after.as_deref()),
             Op::Ping { ack } => {
                 self.sessions.forget_through(session, ack);
                 Ok(OpResult::Pong)
@@ -442,19 +447,51 @@ impl Coordinator {
         Ok(OpResult::Exists { stat })
     }
 
+    /// One page of `path`'s children: at most `limit` and
+    /// `Config::children_page_max` names after `after`. The cost is the
+    /// page's, never the whole listing's: a range of the sorted child set.
     fn children(
         &mut self,
         session: SessionId,
         path: &str,
         watch: bool,
+        limit: Option<u32>,
+        after: Option<&str>,
     ) -> Result<OpResult, ErrorReply> {
         check_path(path)?;
+        if limit == Some(0) {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                format!("a listing of {path} with a limit of 0 lists nothing; give at least 1"),
+            ));
+        }
         let Some(node) = self.tree.get(path) else {
             return Err(no_node(path, "check the path, or create it first"));
         };
+        let page = limit
+            .and_then(|l| usize::try_from(l).ok())
+            .unwrap_or(usize::MAX)
+            .min(self.config.children_page_max)
+            .max(1);
+        let range = match after {
+            Some(after) => node
+                .children
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => node.children.range::<str, _>(..),
+        };
+        let mut children: Vec<String> = Vec::with_capacity(page.min(node.children.len()));
+        let mut more = false;
+        for name in range {
+            if children.len() == page {
+                more = true;
+                break;
+            }
+            children.push(name.clone());
+        }
         let answer = OpResult::Children {
-            children: node.children.iter().cloned().collect(),
+            children,
             stat: node.stat(),
+            more,
         };
         if watch {
             self.watch_for_read(session, path, WatchKind::Child)?;

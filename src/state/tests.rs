@@ -77,6 +77,7 @@ pub(super) fn config() -> Config {
         nodes_max: 10_000,
         tree_bytes_max: 1 << 30,
         children_per_node_max: 1_000,
+        children_page_max: 1_000,
         watches_per_session_max: 1_000,
         watches_max: 10_000,
         reply_cache_bytes_max: 1 << 30,
@@ -351,6 +352,8 @@ pub(super) fn children(path: &str, watch: bool) -> Op {
     Op::Children {
         path: path.into(),
         watch,
+        after: None,
+        limit: None,
     }
 }
 

@@ -59,6 +59,8 @@ const LOCK_DELAY_MS_DEFAULT: u64 = 200;
 const LOCK_DELAY_MS_MAX: u64 = 400;
 /// Below some generated TTLs, so that the ceiling refuses now and then.
 const HOLD_TTL_MS_MAX: u64 = 500;
+/// Small, so that listings come in several pages.
+const CHILDREN_PAGE_MAX: usize = 2;
 /// All sessions' cached replies hold at most this many fixed costs of a
 /// reply (a few of them longer error messages): small, so that the budget
 /// drops replies now and then.
@@ -80,6 +82,7 @@ fn config(reply_fixed_bytes: usize) -> Config {
         lock_delay_ms_default: LOCK_DELAY_MS_DEFAULT,
         lock_delay_ms_max: LOCK_DELAY_MS_MAX,
         hold_ttl_ms_max: HOLD_TTL_MS_MAX,
+        children_page_max: CHILDREN_PAGE_MAX,
         ..super::tests::config()
     }
 }
@@ -977,9 +980,14 @@ impl Model {
                 .map(|results| OpResult::Multi { results }),
             Op::Get { path, watch } => self.get(session, &path, watch).map_err(no_index),
             Op::Exists { path, watch } => self.exists(session, &path, watch).map_err(no_index),
-            Op::Children { path, watch } => {
-                self.children_of(session, &path, watch).map_err(no_index)
-            }
+            Op::Children {
+                path,
+                watch,
+                limit,
+                after,
+            } => self
+                .children_of(session, &path, watch, limit, after.as_deref())
+                .map_err(no_index),
             Op::Ping { ack } => {
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.acknowledge(ack.0);
@@ -1574,19 +1582,41 @@ impl Model {
         Ok(OpResult::Exists { stat })
     }
 
+    /// One page: the names after `after`, at most `limit` and the page
+    /// size of them, and whether more follow.
     fn children_of(
         &mut self,
         session: SessionId,
         path: &str,
         watch: bool,
+        limit: Option<u32>,
+        after: Option<&str>,
     ) -> Result<OpResult, ErrorCode> {
+        if !canonical(path) {
+            return Err(ErrorCode::InvalidPath);
+        }
+        if limit == Some(0) {
+            return Err(ErrorCode::InvalidArgument);
+        }
         self.node(path)?;
         if watch {
             self.watches
                 .insert((session, path.to_owned(), WatchKind::Child));
         }
+        let page = limit.map_or(CHILDREN_PAGE_MAX, |l| {
+            CHILDREN_PAGE_MAX.min(usize::try_from(l).expect("small"))
+        });
+        let rest: Vec<String> = self
+            .children(path)
+            .into_iter()
+            .filter(|name| after.is_none_or(|after| name.as_str() > after))
+            .collect();
+        if rest.len() > page {
+            self.notes.push("a listing had more pages");
+        }
         Ok(OpResult::Children {
-            children: self.children(path).into_iter().collect(),
+            more: rest.len() > page,
+            children: rest.into_iter().take(page).collect(),
             stat: self.stat(path),
         })
     }
@@ -1839,7 +1869,12 @@ enum Write {
 enum Read {
     Get,
     Exists,
-    Children,
+    /// A page: at most `limit` names, after the nth child of the node (or
+    /// a name between children) if given.
+    Children {
+        limit: Option<u32>,
+        after: Option<(usize, bool)>,
+    },
 }
 
 /// Which xid a client acknowledges: every reply so far, none, or the nth
@@ -2140,7 +2175,12 @@ fn set_watches() -> BoxedStrategy<Request> {
 }
 
 fn request() -> BoxedStrategy<Request> {
-    let read = prop_oneof![Just(Read::Get), Just(Read::Exists), Just(Read::Children)];
+    let page = (
+        prop_oneof![3 => Just(None), 1 => (0u32..4).prop_map(Some)],
+        prop_oneof![2 => Just(None), 1 => (0usize..8, any::<bool>()).prop_map(Some)],
+    )
+        .prop_map(|(limit, after)| Read::Children { limit, after });
+    let read = prop_oneof![Just(Read::Get), Just(Read::Exists), page];
     prop_oneof![
         8 => write().prop_map(Request::Write),
         20 => lock_write().prop_map(Request::Write),
@@ -2535,7 +2575,20 @@ fn resolve_request(request: &Request, session: SessionId, model: &Model, clients
             match read {
                 Read::Get => Op::Get { path, watch },
                 Read::Exists => Op::Exists { path, watch },
-                Read::Children => Op::Children { path, watch },
+                Read::Children { limit, after } => {
+                    let names: Vec<String> = model.children(&path).into_iter().collect();
+                    let after = after.map(|(i, between)| match names.len() {
+                        0 => "m".to_owned(),
+                        n if between => format!("{}~", names[i % n]),
+                        n => names[i % n].clone(),
+                    });
+                    Op::Children {
+                        path,
+                        watch,
+                        limit: *limit,
+                        after,
+                    }
+                }
             }
         }
         Request::Ping(ack) => Op::Ping {
@@ -2992,6 +3045,7 @@ fn sessions_watches_and_writes_match_a_reference_model() {
             "lock granted on a release",
             "one write granted several nodes",
             "lock owner told of a delete by another",
+            "a listing had more pages",
             // The owner and token rules.
             "NotOwner",
             "TokenRequired",

@@ -73,6 +73,7 @@ fn small_config() -> Config {
         // (seen in the "bounds hit" counts over seeds 1-12).
         tree_bytes_max: 700,
         children_per_node_max: 6,
+        children_page_max: 4,
         watches_per_session_max: 5,
         // Below 6 sessions x 5, so both watch bounds are hit.
         watches_max: 12,
@@ -251,6 +252,8 @@ fn random_op(rng: &mut XorShift, zxid: Zxid) -> Op {
         7 => Op::Children {
             path: random_path(rng),
             watch: rng.chance(60),
+            after: None,
+            limit: None,
         },
         8 | 9 => {
             let n = rng.below(5);
