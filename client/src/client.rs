@@ -676,7 +676,7 @@ impl Client {
     /// # Cancel safety
     /// Safe: a read changes nothing.
     pub async fn children(&self, path: &str) -> Result<(Vec<String>, Stat), ClientError> {
-        self.children_listing(path, None)
+        self.children_listing(path, false)
             .await
             .map(|(c, s, _)| (c, s))
     }
@@ -694,7 +694,7 @@ impl Client {
         &self,
         path: &str,
     ) -> Result<(Vec<String>, Stat, Watch), ClientError> {
-        let (children, stat, watch) = self.children_listing(path, Some(())).await?;
+        let (children, stat, watch) = self.children_listing(path, true).await?;
         let watch = watch.ok_or_else(|| ClientError::protocol("a watched listing has a watch"))?;
         Ok((children, stat, watch))
     }
@@ -740,16 +740,15 @@ impl Client {
     async fn children_listing(
         &self,
         path: &str,
-        watch: Option<()>,
+        watch: bool,
     ) -> Result<(Vec<String>, Stat, Option<Watch>), ClientError> {
         check_path(path)?;
         for _ in 0..CHILDREN_LISTINGS_MAX {
-            let (tx, rx) = match watch {
-                Some(()) => {
-                    let (tx, rx) = Watch::new(path.into(), WatchKind::Child);
-                    (Some(tx), Some(rx))
-                }
-                None => (None, None),
+            let (tx, rx) = if watch {
+                let (tx, rx) = Watch::new(path.into(), WatchKind::Child);
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
             };
             let op = Op::Children {
                 path: path.into(),

@@ -695,10 +695,8 @@ impl Model {
                 .filter(|l| l.granted.is_some() && l.delay_ms > 0)
                 .map(|l| l.delay_ms);
             match delay_ms {
-                Some(delay_ms) if why == SessionEnd::Expired => {
-                    let node = self.nodes.get_mut(&path).expect("owned");
-                    node.owner = None;
-                    node.lock.as_mut().expect("a lock node").freed_at_ms = Some(now_ms + delay_ms);
+                Some(_) if why == SessionEnd::Expired => {
+                    self.zombify(&path, now_ms);
                     self.notes.push("zombie made");
                 }
                 _ => self.remove(&path, Some(session), now_ms),
@@ -708,6 +706,15 @@ impl Model {
         self.next_zxid();
         self.sessions.remove(&session);
         self.ended.push((session, why));
+    }
+
+    /// Takes a granted lock node from its owner: ownerless and holding
+    /// until its lock-delay has passed.
+    fn zombify(&mut self, path: &str, now_ms: u64) {
+        let node = self.nodes.get_mut(path).expect("a live lock node");
+        let lock = node.lock.as_mut().expect("a lock node");
+        lock.freed_at_ms = Some(now_ms + lock.delay_ms);
+        node.owner = None;
     }
 
     /// Expires sessions not heard from for longer than their timeout (in id
@@ -1275,10 +1282,7 @@ impl Model {
         });
         if let Some(owner) = taken {
             let zxid = self.next_zxid();
-            let node = self.nodes.get_mut(path).expect("checked");
-            let lock = node.lock.as_mut().expect("a lock node");
-            lock.freed_at_ms = Some(now_ms + lock.delay_ms);
-            node.owner = None;
+            self.zombify(path, now_ms);
             self.events.push((
                 owner,
                 WatchEvent {
