@@ -288,6 +288,10 @@ struct ServeArgs {
     /// The longest TTL a timed hold may be taken or extended for.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7days")]
     hold_ttl_max: Duration,
+    /// Most lock nodes one session may have waiting at once; a create past
+    /// it is refused with limit_exceeded.
+    #[arg(long, default_value_t = Config::default().coordinator.waits_per_session_max)]
+    waits_per_session_max: usize,
     /// How long one batch of replies may take to write before a client that
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -394,6 +398,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             reply_cache_bytes_max: args.reply_cache_bytes_max,
             lock_delay_ms_default: millis(args.lock_delay),
             hold_ttl_ms_max: millis(args.hold_ttl_max),
+            waits_per_session_max: args.waits_per_session_max,
             ..crate::state::Config::default()
         },
         connections_max: args.connections_max,

@@ -630,6 +630,7 @@ fn small_config() -> Config {
         lock_delay_ms_default: 200,
         lock_delay_ms_max: 400,
         hold_ttl_ms_max: 5_000,
+        waits_per_session_max: 3,
     }
 }
 

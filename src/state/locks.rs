@@ -11,12 +11,14 @@
 //!
 //! The wait-for graph has an edge from a session to each session it waits
 //! for: a waiting exclusive node waits for the owners of every node ahead
-//! of it, a waiting shared node for those of every exclusive node ahead, a
-//! semaphore node for no one in particular. Listed edge by edge, one queue
-//! of N exclusive waiters has N^2/2 edges. Neither search here lists them:
-//! the deadlock check reads each queue node at most twice per search (see
-//! `Coordinator::find_cycle`), and the invariant check follows at most
-//! about two edges per node that reach the same sessions (see
+//! of it, a waiting shared node for those of every exclusive node ahead. A
+//! semaphore node waits for any one permit holder to leave (an OR-wait, no
+//! single edge): it is stuck for good only if every holder is. Listed edge
+//! by edge, one queue of N exclusive waiters has N^2/2 edges. Neither
+//! search here lists them: the deadlock check reads each queue node at most
+//! twice per half of its search and, searching from both ends, costs about
+//! what the cheaper end costs (see `Search`); the invariant check follows
+//! at most about two edges per node that reach the same sessions (see
 //! `Coordinator::for_each_wait_target`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -48,8 +50,10 @@ pub(crate) fn qualifies(mode: LockMode, ahead: usize, exclusive_ahead: bool) -> 
     }
 }
 
-/// How far one search has read a queue: the nodes ahead of `all` were all
-/// read, the exclusive nodes ahead of `exclusive` too (`None`: none yet).
+/// How far one half of a search has read a queue. Forward: the nodes ahead
+/// of `all` were all read, the exclusive nodes ahead of `exclusive` too;
+/// backward: the nodes behind `all`, and the exclusive ones behind
+/// `exclusive`. `None`: none yet.
 #[derive(Clone, Copy, Default)]
 struct Scanned {
     all: Option<Zxid>,
@@ -63,6 +67,25 @@ fn unread(from: Option<Zxid>, to: Zxid) -> Option<(Bound<Zxid>, Bound<Zxid>)> {
         None => Some((Bound::Unbounded, Bound::Excluded(to))),
         Some(from) if from < to => Some((Bound::Included(from), Bound::Excluded(to))),
         Some(_) => None,
+    }
+}
+
+/// The range after `from` up to, not including, `to` (the back if
+/// `None`); `None` if empty.
+fn unread_behind(from: Zxid, to: Option<Zxid>) -> Option<(Bound<Zxid>, Bound<Zxid>)> {
+    match to {
+        None => Some((Bound::Excluded(from), Bound::Unbounded)),
+        Some(to) if from < to => Some((Bound::Excluded(from), Bound::Excluded(to))),
+        Some(_) => None,
+    }
+}
+
+/// The lower of two backward marks, `None` (nothing read) above all.
+fn min_mark(a: Option<Zxid>, b: Option<Zxid>) -> Option<Zxid> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
     }
 }
 
@@ -113,15 +136,18 @@ impl Coordinator {
 
     /// Refuses, with Deadlock, a lock node of `mode` that `session` would
     /// create at `path` if it would wait for a session that is `session`
-    /// itself or reaches it through the other sessions' waits. Changes
-    /// nothing. Nodes granted at once and semaphore waits are never refused.
+    /// itself or reaches it through the other sessions' waits; a semaphore
+    /// node if every permit holder is `session` or reaches it (see
+    /// `find_semaphore_cycles`). Changes nothing. Nodes granted at once are
+    /// never refused.
     ///
     /// Every wait is checked when it starts, and the waits a node has only
     /// shrink as the nodes ahead of it leave or turn into zombies, so the
     /// graph is acyclic before this wait and a cycle must pass through it.
-    /// Cost: at most two reads of each node of the queues the search
-    /// reaches (linear in them, not quadratic), and none at all for a
-    /// session that owns no other lock node.
+    /// Cost: nothing at all for a session that owns no other lock node;
+    /// else the bound written at `Search`, which does not grow with the
+    /// waits of the sessions the new wait is for while nobody waits for
+    /// the caller.
     pub(super) fn check_lock_wait(
         &self,
         session: SessionId,
@@ -135,12 +161,7 @@ impl Coordinator {
         let Some(parent_key) = self.tree.key(lock) else {
             return Ok(());
         };
-        let ahead = self.tree.lock_queue_len(parent_key);
-        let exclusive_ahead = self
-            .tree
-            .exclusive_ahead_of(parent_key, QUEUE_BACK)
-            .is_some();
-        if qualifies(mode, ahead, exclusive_ahead) {
+        if !self.would_wait(path, mode) {
             return Ok(());
         }
         // Every edge points at the owner of a lock node, so no wait leads
@@ -149,7 +170,7 @@ impl Coordinator {
         if self
             .sessions
             .get(session)
-            .map_or(true, |s| s.lock_nodes == 0)
+            .map_or(true, |s| s.lock_nodes() == 0)
         {
             return Ok(());
         }
@@ -159,23 +180,57 @@ impl Coordinator {
         }
     }
 
-    /// A shortest cycle that `session`, waiting with a node of `mode` at
-    /// the back of the queue `lock` (under `parent_key`), would close,
+    /// Whether a lock node of `mode` created at `path` now would wait: its
+    /// queue's rule does not let it through at the back, or grants are
+    /// paused. A parent that does not exist yet has an empty queue.
+    pub(super) fn would_wait(&self, path: &str, mode: LockMode) -> bool {
+        let parent_key = protocol::parent_path(path).and_then(|p| self.tree.key(p));
+        let (ahead, exclusive_ahead) = parent_key.map_or((0, false), |key| {
+            let exclusive = self.tree.exclusive_ahead_of(key, QUEUE_BACK).is_some();
+            (self.tree.lock_queue_len(key), exclusive)
+        });
+        self.grants_paused_until_ms.is_some() || !qualifies(mode, ahead, exclusive_ahead)
+    }
+
+    /// Refuses, with LimitExceeded, the lock nodes `locks` (path and mode)
+    /// if those that would wait would take `session` past
+    /// `waits_per_session_max` waits. A lock node is created alone, never
+    /// in a multi, so each is judged against the queue as it is.
+    pub(super) fn check_waits_limit<'p>(
+        &self,
+        session: SessionId,
+        locks: impl Iterator<Item = (&'p str, LockMode)>,
+    ) -> Result<(), ErrorReply> {
+        let waits = locks
+            .filter(|&(path, mode)| self.would_wait(path, mode))
+            .count();
+        let max = self.config.waits_per_session_max;
+        let now = self.sessions.get(session).map_or(0, |s| s.waiting.len());
+        if waits == 0 || now.saturating_add(waits) <= max {
+            return Ok(());
+        }
+        Err(ErrorReply::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "session {session} already waits for {now} lock nodes and this request would add \
+                 {waits}; the limit is {max} (give up some waits first, or raise \
+                 --waits-per-session-max)"
+            ),
+        ))
+    }
+
+    /// The queue of the lock node `key`: its parent's path and slab key,
+    /// and the node's mode.
+    fn queue_of(&self, key: usize) -> Option<(&str, usize, LockMode)> {
+        let node = self.tree.node(key);
+        let mode = node.lock.as_deref()?.mode;
+        let parent = protocol::parent_path(&node.path)?;
+        Some((parent, self.tree.key(parent)?, mode))
+    }
+
+    /// A shortest cycle that `session` would close by waiting at the back
+    /// of the queue `lock` (under `parent_key`) with a node of `mode`,
     /// starting with its own edge; `None` if none would.
-    ///
-    /// A breadth-first search over sessions, each expanded at most once
-    /// (its waits in czxid order, each queue read in queue order), so the
-    /// answer is the same on every replica. Expanding a wait does not list
-    /// its edges one by one: an exclusive node's edges go to the owners of
-    /// the nodes ahead of it, and of those, the ones ahead of a node this
-    /// search has already expanded in the same queue were reached then, at
-    /// no greater distance (the search goes in order of distance). So each
-    /// queue keeps how far from its front it has been read (`Scanned`), and
-    /// a wait reads only the nodes between that mark and itself; a shared
-    /// node likewise reads only the exclusive nodes past both marks,
-    /// through the queue's exclusive index. Each node is thus read at most
-    /// twice per search, and the distances, hence the cycle's length, are
-    /// those of the search over every edge.
     fn find_cycle(
         &self,
         session: SessionId,
@@ -183,50 +238,44 @@ impl Coordinator {
         parent_key: usize,
         mode: LockMode,
     ) -> Option<Vec<WaitEdge>> {
-        let mut scanned: BTreeMap<usize, Scanned> = BTreeMap::new();
-        let mut holders = Vec::new();
-        self.read_wait(&mut scanned, parent_key, mode, QUEUE_BACK, &mut holders);
-        if holders.contains(&session) {
-            return Some(vec![edge(session, lock, session)]);
-        }
-        // Each reached session -> the session and queue it was reached from.
-        let mut reached: BTreeMap<SessionId, (SessionId, &str)> = BTreeMap::new();
-        let mut frontier = VecDeque::new();
-        for holder in holders.drain(..) {
-            if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
-                e.insert((session, lock));
-                frontier.push_back(holder);
+        let root = match mode {
+            LockMode::Semaphore { .. } => Root::Semaphore { parent_key },
+            mode => Root::Queue { parent_key, mode },
+        };
+        Search::new(self, session, lock, root).run()
+    }
+
+    /// The distinct owners of the granted nodes of the semaphore queue
+    /// under `parent_key` (its first nodes), or `None` if a zombie holds a
+    /// permit; and how many nodes it read.
+    fn permit_holders(&self, parent_key: usize) -> (Option<BTreeSet<SessionId>>, u64) {
+        let mut holders = BTreeSet::new();
+        let mut read = 0u64;
+        for (_, key) in self.tree.lock_queue(parent_key, ..) {
+            read = read.saturating_add(1);
+            let node = self.tree.node(key);
+            if node.lock.as_deref().map_or(true, |l| l.granted.is_none()) {
+                break;
             }
-        }
-        // Bounded: a session enters the frontier at most once, and each of
-        // its waits is read once.
-        while let Some(waiter) = frontier.pop_front() {
-            let Some(s) = self.sessions.get(waiter) else {
-                continue;
+            match node.owner {
+                Some(owner) => holders.insert(owner),
+                None => return (None, read),
             };
-            for (&czxid, &key) in &s.waiting {
-                let node = self.tree.node(key);
-                let (Some(info), Some(via)) =
-                    (node.lock.as_deref(), protocol::parent_path(&node.path))
-                else {
-                    continue;
-                };
-                let Some(via_key) = self.tree.key(via) else {
-                    continue;
-                };
-                self.read_wait(&mut scanned, via_key, info.mode, czxid, &mut holders);
-                for holder in holders.drain(..) {
-                    if holder == session {
-                        return Some(trace_cycle(&reached, session, waiter, via));
-                    }
-                    if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
-                        e.insert((waiter, via));
-                        frontier.push_back(holder);
-                    }
-                }
-            }
         }
-        None
+        (Some(holders), read)
+    }
+
+    /// Appends the owners of the waiting nodes of the semaphore queue
+    /// under `parent_key` to `waiters`; returns how many nodes it read.
+    fn read_semaphore_waiters(&self, parent_key: usize, waiters: &mut Vec<SessionId>) -> u64 {
+        let waiting = self.tree.lock_queue(parent_key, ..).filter(|&(_, key)| {
+            self.tree
+                .node(key)
+                .lock
+                .as_deref()
+                .is_some_and(|l| l.granted.is_none())
+        });
+        self.read_owners(waiting, waiters)
     }
 
     /// Appends to `holders` the owners, not read before in this search (by
@@ -234,43 +283,84 @@ impl Coordinator {
     /// the queue under `parent_key` waits for, in queue order; repeats
     /// possible. Zombies have no owner and add no one; semaphore nodes wait
     /// for any one of several holders to leave (an OR-wait), which no
-    /// single edge describes, so they add no one either.
-    fn read_wait(
+    /// single edge describes, so they add no one either. Returns how many
+    /// nodes it read.
+    fn read_ahead(
         &self,
         scanned: &mut BTreeMap<usize, Scanned>,
         parent_key: usize,
         mode: LockMode,
         czxid: Zxid,
         holders: &mut Vec<SessionId>,
-    ) {
+    ) -> u64 {
         let mark = scanned.entry(parent_key).or_default();
-        let mut read = |key: usize| {
-            #[cfg(test)]
-            self.wait_reads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Some(owner) = self.tree.node(key).owner {
-                holders.push(owner);
-            }
+        let range = match mode {
+            LockMode::Semaphore { .. } => None,
+            LockMode::Exclusive => unread(mark.all, czxid).inspect(|_| mark.all = Some(czxid)),
+            LockMode::Shared => unread(mark.all.max(mark.exclusive), czxid)
+                .inspect(|_| mark.exclusive = Some(czxid)),
         };
-        match mode {
-            LockMode::Semaphore { .. } => {}
+        let Some(range) = range else {
+            return 0;
+        };
+        let nodes: Box<dyn Iterator<Item = (Zxid, usize)>> = if mode == LockMode::Exclusive {
+            Box::new(self.tree.lock_queue(parent_key, range))
+        } else {
+            Box::new(self.tree.lock_queue_exclusive(parent_key, range))
+        };
+        self.read_owners(nodes, holders)
+    }
+
+    /// Appends to `waiters` the owners, not read before in this search (by
+    /// `scanned`), of the nodes that wait for the node of `mode` at `czxid`
+    /// in the queue under `parent_key`: every node behind an exclusive one,
+    /// the exclusive nodes behind a shared one (shared nodes wait only for
+    /// exclusive ones), none behind a semaphore node (no single edge).
+    /// Everything read waits: behind an exclusive node, or an exclusive
+    /// node behind any, nothing is granted. Returns how many nodes it read.
+    fn read_behind(
+        &self,
+        scanned: &mut BTreeMap<usize, Scanned>,
+        parent_key: usize,
+        mode: LockMode,
+        czxid: Zxid,
+        waiters: &mut Vec<SessionId>,
+    ) -> u64 {
+        let mark = scanned.entry(parent_key).or_default();
+        let range = match mode {
+            LockMode::Semaphore { .. } => None,
             LockMode::Exclusive => {
-                if let Some(range) = unread(mark.all, czxid) {
-                    for (_, key) in self.tree.lock_queue(parent_key, range) {
-                        read(key);
-                    }
-                    mark.all = Some(czxid);
-                }
+                unread_behind(czxid, mark.all).inspect(|_| mark.all = Some(czxid))
             }
-            LockMode::Shared => {
-                if let Some(range) = unread(mark.all.max(mark.exclusive), czxid) {
-                    for (_, key) in self.tree.lock_queue_exclusive(parent_key, range) {
-                        read(key);
-                    }
-                    mark.exclusive = Some(czxid);
-                }
+            LockMode::Shared => unread_behind(czxid, min_mark(mark.all, mark.exclusive))
+                .inspect(|_| mark.exclusive = Some(czxid)),
+        };
+        let Some(range) = range else {
+            return 0;
+        };
+        let nodes: Box<dyn Iterator<Item = (Zxid, usize)>> = if mode == LockMode::Exclusive {
+            Box::new(self.tree.lock_queue(parent_key, range))
+        } else {
+            Box::new(self.tree.lock_queue_exclusive(parent_key, range))
+        };
+        self.read_owners(nodes, waiters)
+    }
+
+    /// Appends the owner of each of `nodes` to `owners` (zombies have
+    /// none); returns how many nodes it read.
+    fn read_owners(
+        &self,
+        nodes: impl Iterator<Item = (Zxid, usize)>,
+        owners: &mut Vec<SessionId>,
+    ) -> u64 {
+        let mut read = 0u64;
+        for (_, key) in nodes {
+            read = read.saturating_add(1);
+            if let Some(owner) = self.tree.node(key).owner {
+                owners.push(owner);
             }
         }
+        read
     }
 
     /// Calls `target` with the owner of each node that a waiting node of
@@ -430,6 +520,7 @@ impl Coordinator {
         let owner = node.owner;
         if let Some(s) = owner.and_then(|o| self.sessions.get_mut(o)) {
             s.waiting.remove(&node.czxid);
+            s.held.insert(node.czxid, key);
             s.held_delay_ms_max = Some(s.held_delay_ms_max.unwrap_or(0).max(delay_ms));
         }
         if let Some(owner) = owner {
@@ -534,6 +625,16 @@ impl Coordinator {
                             node.path, node.czxid, grant.token, self.zxid
                         ));
                     }
+                    let listed = node
+                        .owner
+                        .and_then(|o| self.sessions.get(o))
+                        .map_or(true, |s| s.held.get(&node.czxid) == Some(&key));
+                    if !listed {
+                        return Err(format!(
+                            "granted lock node {} is not among its owner's held locks",
+                            node.path
+                        ));
+                    }
                 } else {
                     waits = waits.saturating_add(1);
                     let listed = node
@@ -553,10 +654,10 @@ impl Coordinator {
         }
         for (id, s) in self.sessions.iter() {
             let count = owned.get(id).copied().unwrap_or(0);
-            if s.lock_nodes != count {
+            if s.lock_nodes() != count {
                 return Err(format!(
-                    "session {id} counts {} lock nodes but owns {count}",
-                    s.lock_nodes
+                    "session {id} lists {} lock nodes but owns {count}",
+                    s.lock_nodes()
                 ));
             }
         }
@@ -616,6 +717,402 @@ impl Coordinator {
     }
 }
 
+/// Where the forward half of a `Search` starts: the new node's wait at the
+/// back of the queue under `parent_key`.
+#[derive(Clone, Copy)]
+enum Root {
+    /// An exclusive or shared wait: for the owners of the nodes ahead
+    /// that its mode waits for, each an edge.
+    Queue { parent_key: usize, mode: LockMode },
+    /// A semaphore wait: for any one permit to be freed, no single edge.
+    /// The forward half cannot follow it; the backward half settles it.
+    Semaphore { parent_key: usize },
+}
+
+/// A session one half of a `Search` reached: its distance from the caller
+/// (forward: edges from the caller to it; backward: from it to the
+/// caller), and the session it was reached from with the queue of that
+/// edge.
+#[derive(Clone, Copy)]
+struct Reach<'a> {
+    distance: u32,
+    next: SessionId,
+    via: &'a str,
+}
+
+/// One half of a `Search`: what it reached, what it has still to expand
+/// (in order of distance), how far it read each queue, and what it cost.
+#[derive(Default)]
+struct Half<'a> {
+    reached: BTreeMap<SessionId, Reach<'a>>,
+    frontier: VecDeque<SessionId>,
+    scanned: BTreeMap<usize, Scanned>,
+    spent: u64,
+}
+
+impl Half<'_> {
+    /// The distance of the next session to expand, if any is left.
+    fn next_distance(&self) -> Option<u32> {
+        let next = self.frontier.front()?;
+        self.reached.get(next).map(|r| r.distance)
+    }
+}
+
+/// What the backward half knows of a semaphore queue it met: its permit
+/// holders (`None` if a zombie holds a permit: that one is freed when its
+/// lock-delay ends, so the queue never counts as stuck), and which of them
+/// wait for the caller.
+struct Permits {
+    holders: Option<BTreeSet<SessionId>>,
+    stuck: BTreeSet<SessionId>,
+}
+
+/// The search for a shortest cycle that a new wait of `session` in `lock`
+/// would be certain to close, from both ends at once: forward from the
+/// sessions the wait is for, along their waits, and backward from
+/// `session`, through the waits that are stuck if it is. A session is stuck
+/// if one of its waits is: an exclusive or shared wait when one session it
+/// waits for is stuck; a semaphore wait (an OR-wait, for any one permit)
+/// when every permit holder is, and no zombie holds one. Both halves are
+/// breadth-first, each session expanded at most once per half, in an order
+/// fixed by the state alone, so the answer is the same on every replica.
+/// A cycle of length L meets both halves' reach by the time their next
+/// distances sum to L - 1, so the search stops there with a shortest one;
+/// the forward half cannot follow a semaphore wait, so once it has met one,
+/// only the backward half's end settles the answer.
+///
+/// A cycle through a semaphore is given as a path whose semaphore edge
+/// goes to the holder that was found stuck last; every other holder of that
+/// semaphore waits for the caller too.
+///
+/// Expanding a session does not list its edges one by one: of the nodes a
+/// wait is for, those ahead of a node this half already expanded in the
+/// same queue were reached then, at no greater distance; so each queue
+/// keeps how far this half has read it (`Scanned`), and each queue node is
+/// read at most twice per half (once in full, once through the queue's
+/// exclusive index). Backward, likewise, from the back of the queue, and a
+/// semaphore queue's holders and waiters once each.
+///
+/// Cost, the bound: a half run to its end costs the waits (forward) or the
+/// lock nodes (backward) of the sessions it reaches, plus at most two reads
+/// per node of the queues those lie in. The search advances the half whose
+/// spending after its next step (estimated by the session's waits or lock
+/// nodes) is lower, and stops as soon as either half runs out (the forward
+/// half: if it met no semaphore wait), so it spends at most about twice
+/// what the cheaper half costs alone, plus one step. So a create behind a
+/// session that waits in 20,000 queues, by a caller that nobody waits for,
+/// costs a few reads: the backward half ends before the forward one has
+/// expanded that session. Only a caller that many wait for, queued behind
+/// sessions that wait for many, costs much; the per-session limit on waits
+/// bounds each session's part of that.
+struct Search<'a> {
+    c: &'a Coordinator,
+    session: SessionId,
+    lock: &'a str,
+    /// The forward half's start, until it is expanded (a semaphore root
+    /// never is).
+    root: Option<Root>,
+    /// Whether the forward half skipped a semaphore wait: then it no longer
+    /// sees every cycle, so neither its end nor the early stop is final.
+    partial: bool,
+    forward: Half<'a>,
+    backward: Half<'a>,
+    /// The semaphore queues the backward half met, by parent slab key.
+    permits: BTreeMap<usize, Permits>,
+    /// The shortest cycle met so far: its length, and a session on it that
+    /// both halves reached.
+    best: Option<(u32, SessionId)>,
+}
+
+impl<'a> Search<'a> {
+    fn new(c: &'a Coordinator, session: SessionId, lock: &'a str, root: Root) -> Self {
+        let mut backward = Half::default();
+        backward.reached.insert(
+            session,
+            Reach {
+                distance: 0,
+                next: session,
+                via: lock,
+            },
+        );
+        backward.frontier.push_back(session);
+        Search {
+            c,
+            session,
+            lock,
+            root: Some(root),
+            partial: matches!(root, Root::Semaphore { .. }),
+            forward: Half::default(),
+            backward,
+            permits: BTreeMap::new(),
+            best: None,
+        }
+    }
+
+    /// Runs the search to its end: a shortest cycle, starting with the
+    /// caller's new edge, or `None`.
+    fn run(mut self) -> Option<Vec<WaitEdge>> {
+        // Bounded: each pass expands the root or one session of one half,
+        // and a session enters each half's frontier at most once. The
+        // backward half running out settles the answer either way.
+        while let Some(b) = self.backward.next_distance() {
+            let forward_next = match self.root {
+                Some(Root::Queue { .. }) => Some(0),
+                Some(Root::Semaphore { .. }) => None,
+                None => self.forward.next_distance(),
+            };
+            if forward_next.is_none() && self.root.is_none() && !self.partial {
+                break;
+            }
+            let f = forward_next.unwrap_or(0);
+            let settled =
+                |(length, _): (u32, SessionId)| length <= f.saturating_add(b).saturating_add(1);
+            if self.best.is_some_and(settled) && (!self.partial || self.root.is_some()) {
+                break;
+            }
+            let forward_cost = self.forward.spent.saturating_add(self.forward_estimate());
+            let backward_cost = self.backward.spent.saturating_add(self.backward_estimate());
+            if forward_next.is_some() && forward_cost <= backward_cost {
+                self.expand_forward();
+            } else {
+                self.expand_backward();
+            }
+        }
+        #[cfg(test)]
+        self.c.deadlock_steps.fetch_add(
+            self.forward.spent.saturating_add(self.backward.spent),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let (_, meeting) = self.best?;
+        Some(self.trace(meeting))
+    }
+
+    /// What the forward half's next step costs, at least: the root's
+    /// queue, or the next session's waits.
+    fn forward_estimate(&self) -> u64 {
+        let count = match self.root {
+            Some(Root::Queue { parent_key, .. }) => self.c.tree.lock_queue_len(parent_key),
+            Some(Root::Semaphore { .. }) => 0,
+            None => self
+                .forward
+                .frontier
+                .front()
+                .and_then(|&s| self.c.sessions.get(s))
+                .map_or(0, |s| s.waiting.len()),
+        };
+        u64::try_from(count).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    /// What the backward half's next step costs, at least: the next
+    /// session's lock nodes.
+    fn backward_estimate(&self) -> u64 {
+        let count = self
+            .backward
+            .frontier
+            .front()
+            .and_then(|&s| self.c.sessions.get(s))
+            .map_or(0, |s| s.lock_nodes());
+        u64::try_from(count).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    /// Expands the forward root, or else the next session of the forward
+    /// half: every session it waits for is reached one edge further.
+    fn expand_forward(&mut self) {
+        let c = self.c;
+        let mut found = Vec::new();
+        self.forward.spent = self.forward.spent.saturating_add(1);
+        if let Some(Root::Queue { parent_key, mode }) = self.root {
+            self.root = None;
+            let read = c.read_ahead(
+                &mut self.forward.scanned,
+                parent_key,
+                mode,
+                QUEUE_BACK,
+                &mut found,
+            );
+            self.forward.spent = self.forward.spent.saturating_add(read);
+            for holder in found {
+                self.reach_forward(holder, 1, self.session, self.lock);
+            }
+            return;
+        }
+        let Some(waiter) = self.forward.frontier.pop_front() else {
+            return;
+        };
+        let distance = self.forward.reached.get(&waiter).map_or(0, |r| r.distance);
+        let Some(s) = c.sessions.get(waiter) else {
+            return;
+        };
+        for (&czxid, &key) in &s.waiting {
+            self.forward.spent = self.forward.spent.saturating_add(1);
+            let Some((via, via_key, mode)) = c.queue_of(key) else {
+                continue;
+            };
+            if matches!(mode, LockMode::Semaphore { .. }) {
+                self.partial = true;
+                continue;
+            }
+            let read = c.read_ahead(&mut self.forward.scanned, via_key, mode, czxid, &mut found);
+            self.forward.spent = self.forward.spent.saturating_add(read);
+            for holder in found.drain(..) {
+                self.reach_forward(holder, distance.saturating_add(1), waiter, via);
+            }
+        }
+    }
+
+    /// Expands the next session of the backward half (stuck if the caller
+    /// is): every session with a wait that this makes stuck is reached one
+    /// edge further.
+    fn expand_backward(&mut self) {
+        let c = self.c;
+        let mut found = Vec::new();
+        self.backward.spent = self.backward.spent.saturating_add(1);
+        let Some(holder) = self.backward.frontier.pop_front() else {
+            return;
+        };
+        let distance = self.backward.reached.get(&holder).map_or(0, |r| r.distance);
+        let further = distance.saturating_add(1);
+        let Some(s) = c.sessions.get(holder) else {
+            return;
+        };
+        for (&czxid, &key) in s.held.iter().chain(&s.waiting) {
+            self.backward.spent = self.backward.spent.saturating_add(1);
+            let Some((via, via_key, mode)) = c.queue_of(key) else {
+                continue;
+            };
+            // While the root is not expanded, this is where the new wait's
+            // edges to the sessions this half reaches are found: so that
+            // when this half runs out first, no cycle is left unseen.
+            match self.root {
+                Some(Root::Queue {
+                    parent_key,
+                    mode: joining,
+                }) if parent_key == via_key
+                    && (joining == LockMode::Exclusive || mode == LockMode::Exclusive) =>
+                {
+                    self.reach_forward(holder, 1, self.session, self.lock);
+                }
+                _ => {}
+            }
+            if matches!(mode, LockMode::Semaphore { .. }) {
+                let held = s.held.contains_key(&czxid);
+                if held && self.permit_stuck(via_key, holder) {
+                    if matches!(self.root, Some(Root::Semaphore { parent_key }) if parent_key == via_key)
+                    {
+                        self.reach_forward(holder, 1, self.session, self.lock);
+                    }
+                    let read = c.read_semaphore_waiters(via_key, &mut found);
+                    self.backward.spent = self.backward.spent.saturating_add(read);
+                }
+            } else {
+                let read =
+                    c.read_behind(&mut self.backward.scanned, via_key, mode, czxid, &mut found);
+                self.backward.spent = self.backward.spent.saturating_add(read);
+            }
+            for waiter in found.drain(..) {
+                self.reach_backward(waiter, further, holder, via);
+            }
+        }
+    }
+
+    /// Records that `holder`, stuck, holds a permit of the semaphore under
+    /// `parent_key`; true if this makes every holder of it stuck (once per
+    /// queue: its waiters are then read, once).
+    fn permit_stuck(&mut self, parent_key: usize, holder: SessionId) -> bool {
+        let c = self.c;
+        let permits = self.permits.entry(parent_key).or_insert_with(|| {
+            let (holders, read) = c.permit_holders(parent_key);
+            self.backward.spent = self.backward.spent.saturating_add(read);
+            Permits {
+                holders,
+                stuck: BTreeSet::new(),
+            }
+        });
+        let Some(holders) = &permits.holders else {
+            return false;
+        };
+        permits.stuck.insert(holder) && permits.stuck.len() == holders.len()
+    }
+
+    /// `holder`, waited for by `from` in `via`, reached forward at
+    /// `distance`, unless reached before. The caller is not expanded: a
+    /// shortest cycle passes it once.
+    fn reach_forward(&mut self, holder: SessionId, distance: u32, from: SessionId, via: &'a str) {
+        if self.forward.reached.contains_key(&holder) {
+            return;
+        }
+        let reach = Reach {
+            distance,
+            next: from,
+            via,
+        };
+        self.forward.reached.insert(holder, reach);
+        if let Some(back) = self.backward.reached.get(&holder) {
+            self.met(distance.saturating_add(back.distance), holder);
+        }
+        if holder != self.session {
+            self.forward.frontier.push_back(holder);
+        }
+    }
+
+    /// `waiter`, stuck through a wait for `to` in `via`, reached backward
+    /// at `distance`, unless reached before.
+    fn reach_backward(&mut self, waiter: SessionId, distance: u32, to: SessionId, via: &'a str) {
+        if self.backward.reached.contains_key(&waiter) {
+            return;
+        }
+        let reach = Reach {
+            distance,
+            next: to,
+            via,
+        };
+        self.backward.reached.insert(waiter, reach);
+        if let Some(ahead) = self.forward.reached.get(&waiter) {
+            self.met(distance.saturating_add(ahead.distance), waiter);
+        }
+        self.backward.frontier.push_back(waiter);
+    }
+
+    /// A cycle of `length` through `meeting`: kept if the shortest so far.
+    fn met(&mut self, length: u32, meeting: SessionId) {
+        if self.best.map_or(true, |(best, _)| length < best) {
+            self.best = Some((length, meeting));
+        }
+    }
+
+    /// The cycle through `meeting`: the forward half's path from the caller
+    /// to it, then the backward half's path from it to the caller.
+    fn trace(&self, meeting: SessionId) -> Vec<WaitEdge> {
+        let mut cycle = Vec::new();
+        let mut at = meeting;
+        // Bounded: each step goes one edge closer to the caller, on a path
+        // of distinct reached sessions.
+        for _ in 0..=self.forward.reached.len() {
+            let Some(r) = self.forward.reached.get(&at) else {
+                break;
+            };
+            cycle.push(edge(r.next, r.via, at));
+            if r.next == self.session {
+                break;
+            }
+            at = r.next;
+        }
+        cycle.reverse();
+        let mut at = meeting;
+        for _ in 0..=self.backward.reached.len() {
+            if at == self.session {
+                break;
+            }
+            let Some(r) = self.backward.reached.get(&at) else {
+                break;
+            };
+            cycle.push(edge(at, r.via, r.next));
+            at = r.next;
+        }
+        cycle
+    }
+}
+
 /// One wait: `session` waits in `lock` for `holder`.
 fn edge(session: SessionId, lock: &str, holder: SessionId) -> WaitEdge {
     WaitEdge {
@@ -623,34 +1120,6 @@ fn edge(session: SessionId, lock: &str, holder: SessionId) -> WaitEdge {
         lock: lock.to_owned(),
         holder,
     }
-}
-
-/// The cycle a breadth-first search from `session` closed when `waiter`,
-/// reached through `reached` (each session -> the session and queue it was
-/// reached from), turned out to wait for `session` in `via`: the search
-/// tree's path from `session` to `waiter`, then that last edge.
-fn trace_cycle(
-    reached: &BTreeMap<SessionId, (SessionId, &str)>,
-    session: SessionId,
-    waiter: SessionId,
-    via: &str,
-) -> Vec<WaitEdge> {
-    let mut cycle = vec![edge(waiter, via, session)];
-    let mut at = waiter;
-    // Bounded: each step goes back one edge of the search tree, whose root
-    // is `session`.
-    for _ in 0..reached.len() {
-        let Some(&(from, via)) = reached.get(&at) else {
-            break;
-        };
-        cycle.push(edge(from, via, at));
-        if from == session {
-            break;
-        }
-        at = from;
-    }
-    cycle.reverse();
-    cycle
 }
 
 /// The Deadlock refusal of a lock node at `path`: names the cycle, and the
@@ -746,16 +1215,102 @@ impl Coordinator {
         let Some(lock) = protocol::parent_path(path) else {
             return Ok(());
         };
-        let holders = self.joining_blockers_reference(lock, mode);
-        if holders.is_empty() {
+        let Some(parent_key) = self.tree.key(lock) else {
             return Ok(());
+        };
+        let stuck = self.stuck_reference(session);
+        let first = if let LockMode::Semaphore { .. } = mode {
+            let queue = self.tree.lock_queue_len(parent_key);
+            if qualifies(mode, queue, false) {
+                return Ok(());
+            }
+            let Some(holders) = self.permit_holders_reference(parent_key) else {
+                return Ok(());
+            };
+            if holders.is_empty() || !holders.iter().all(|h| stuck.contains_key(h)) {
+                return Ok(());
+            }
+            holders.into_iter().max_by_key(|h| stuck[h].0)
+        } else {
+            let blockers = self.joining_blockers_reference(lock, mode);
+            blockers
+                .into_iter()
+                .filter(|h| stuck.contains_key(h))
+                .min_by_key(|h| stuck[h].0)
+        };
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let mut cycle = vec![edge(session, lock, first)];
+        let mut at = first;
+        while at != session {
+            let (_, next, via) = &stuck[&at];
+            cycle.push(edge(at, via, *next));
+            at = *next;
         }
-        match find_cycle_reference(session, lock, holders, |waiter| {
-            self.wait_edges_reference(waiter)
-        }) {
-            None => Ok(()),
-            Some(cycle) => Err(deadlock(path, cycle)),
+        Err(deadlock(path, cycle))
+    }
+
+    /// The owners of the granted nodes of the semaphore queue under
+    /// `parent_key`, in queue order, or `None` if a zombie holds a permit.
+    fn permit_holders_reference(&self, parent_key: usize) -> Option<Vec<SessionId>> {
+        let mut holders = Vec::new();
+        for (_, key) in self.tree.lock_queue(parent_key, ..) {
+            let node = self.tree.node(key);
+            if node.lock.as_deref().is_some_and(|l| l.granted.is_some()) {
+                holders.push(node.owner?);
+            }
         }
+        Some(holders)
+    }
+
+    /// Every session that is stuck if `session` is, found level by level
+    /// over every wait of every session: -> its distance to `session`, and
+    /// the next session and queue on the way. A wait is stuck if one
+    /// session it waits for is (exclusive and shared) or if every permit
+    /// holder is and no zombie holds one (semaphore), the next session
+    /// then being the holder found stuck last.
+    pub(super) fn stuck_reference(
+        &self,
+        session: SessionId,
+    ) -> BTreeMap<SessionId, (u32, SessionId, String)> {
+        let mut stuck = BTreeMap::from([(session, (0u32, session, String::new()))]);
+        for level in 0u32.. {
+            let mut next = Vec::new();
+            for (&id, s) in self.sessions.iter() {
+                if stuck.contains_key(&id) {
+                    continue;
+                }
+                for (&czxid, &key) in &s.waiting {
+                    let Some((via, via_key, mode)) = self.queue_of(key) else {
+                        continue;
+                    };
+                    let at_level = |h: &SessionId| stuck.get(h).is_some_and(|d| d.0 == level);
+                    let to = if let LockMode::Semaphore { .. } = mode {
+                        self.permit_holders_reference(via_key)
+                            .filter(|hs| hs.iter().all(|h| stuck.contains_key(h)))
+                            .and_then(|hs| hs.into_iter().find(at_level))
+                    } else {
+                        let ahead = self
+                            .tree
+                            .lock_queue(via_key, ..czxid)
+                            .map(|(_, key)| self.tree.node(key));
+                        Self::blockers_reference(mode, ahead)
+                            .into_iter()
+                            .find(at_level)
+                    };
+                    if let Some(to) = to {
+                        next.push((id, (level + 1, to, via.to_owned())));
+                        break;
+                    }
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            stuck.extend(next);
+        }
+        stuck
     }
 
     /// `wait_edges` by the full rule.
@@ -786,7 +1341,8 @@ impl Coordinator {
     }
 
     /// Whether `edge` is a wait by the full rule: its session has a waiting
-    /// node in its queue that waits for its holder.
+    /// node in its queue that waits for its holder, or waits for a permit
+    /// of a semaphore its holder holds one of.
     pub(super) fn is_wait_reference(&self, edge: &WaitEdge) -> bool {
         let Some(s) = self.sessions.get(edge.session) else {
             return false;
@@ -802,6 +1358,11 @@ impl Coordinator {
             let Some(parent_key) = self.tree.key(&edge.lock) else {
                 return false;
             };
+            if let LockMode::Semaphore { .. } = lock.mode {
+                return self
+                    .permit_holders_reference(parent_key)
+                    .is_some_and(|hs| hs.contains(&edge.holder));
+            }
             let ahead = self
                 .tree
                 .lock_queue(parent_key, ..czxid)
@@ -838,46 +1399,10 @@ impl Coordinator {
         reach
     }
 
-    /// How many lock-queue nodes the wait-for edges have read so far.
-    pub(super) fn wait_reads(&self) -> u64 {
-        self.wait_reads.load(std::sync::atomic::Ordering::Relaxed)
+    /// How many steps the deadlock searches have taken so far: sessions
+    /// expanded, their waits or lock nodes looked at, queue nodes read.
+    pub(super) fn deadlock_steps(&self) -> u64 {
+        self.deadlock_steps
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
-}
-
-/// A shortest cycle (in the graph `wait_edges` lists, all edges listed) that `session`,
-/// waiting in `lock` for `holders`, would close, starting with its own edge;
-/// `None` if none would. A breadth-first search over the sessions' edges in
-/// SessionId order: each session is expanded at most once, so the cost is
-/// that of the edges it reaches, and the answer is the same on every
-/// replica.
-#[cfg(test)]
-fn find_cycle_reference<'a>(
-    session: SessionId,
-    lock: &'a str,
-    holders: BTreeSet<SessionId>,
-    wait_edges: impl Fn(SessionId) -> BTreeMap<SessionId, &'a str>,
-) -> Option<Vec<WaitEdge>> {
-    if holders.contains(&session) {
-        return Some(vec![edge(session, lock, session)]);
-    }
-    // Each reached session -> the session and queue it was reached from.
-    let mut reached: BTreeMap<SessionId, (SessionId, &str)> = BTreeMap::new();
-    let mut frontier = VecDeque::new();
-    for holder in holders {
-        reached.insert(holder, (session, lock));
-        frontier.push_back(holder);
-    }
-    // Bounded: a session enters the frontier at most once.
-    while let Some(waiter) = frontier.pop_front() {
-        for (holder, via) in wait_edges(waiter) {
-            if holder == session {
-                return Some(trace_cycle(&reached, session, waiter, via));
-            }
-            if let std::collections::btree_map::Entry::Vacant(e) = reached.entry(holder) {
-                e.insert((waiter, via));
-                frontier.push_back(holder);
-            }
-        }
-    }
-    None
 }

@@ -112,6 +112,12 @@ pub struct Config {
     /// vanished is gone within a week rather than never (a TTL of u64::MAX
     /// would keep a seat until someone forced it).
     pub hold_ttl_ms_max: u64,
+    /// Most lock nodes one session may have waiting at once. Default
+    /// 10,000: far more than a worker waits for (a few locks, or one
+    /// multi-lock of a few dozen), and it bounds what one session adds to
+    /// a deadlock search that must expand it (one step per wait, about
+    /// 1-2 ms at 10,000 on this hardware, see `benches/deadlock.rs`).
+    pub waits_per_session_max: usize,
 }
 
 impl Default for Config {
@@ -131,6 +137,7 @@ impl Default for Config {
             lock_delay_ms_default: 500,
             lock_delay_ms_max: 60_000,
             hold_ttl_ms_max: 7 * 24 * 60 * 60 * 1000,
+            waits_per_session_max: 10_000,
         }
     }
 }
@@ -274,10 +281,10 @@ pub struct Coordinator {
     /// The zxid seen by the last `check_invariants`, to catch a decrease.
     /// Atomic rather than `Cell` so that the coordinator stays `Sync`.
     zxid_checked: AtomicU64,
-    /// Lock-queue nodes the deadlock check has read, so that tests can
-    /// bound its work by counting rather than timing.
+    /// Steps the deadlock check has taken (see `deadlock_steps`), so that
+    /// tests can bound its work by counting rather than timing.
     #[cfg(test)]
-    wait_reads: AtomicU64,
+    deadlock_steps: AtomicU64,
 }
 
 impl Coordinator {
@@ -294,7 +301,7 @@ impl Coordinator {
             lease_horizon_ms: 0,
             zxid_checked: AtomicU64::new(zxid_start.0),
             #[cfg(test)]
-            wait_reads: AtomicU64::new(0),
+            deadlock_steps: AtomicU64::new(0),
         }
     }
 
@@ -638,7 +645,7 @@ impl Coordinator {
         let czxid = self.tree.node(key).czxid;
         if let Some(s) = self.sessions.get_mut(session) {
             s.ephemerals.remove(&czxid);
-            s.lock_nodes = s.lock_nodes.saturating_sub(1);
+            s.held.remove(&czxid);
         }
         self.tree.zombify(key, freed_at_ms);
     }
@@ -692,9 +699,7 @@ impl Coordinator {
             if let Some(s) = self.sessions.get_mut(owner) {
                 s.ephemerals.remove(&node.czxid);
                 s.waiting.remove(&node.czxid);
-                if node.lock.is_some() {
-                    s.lock_nodes = s.lock_nodes.saturating_sub(1);
-                }
+                s.held.remove(&node.czxid);
             }
         }
         let parent = latchkey_client::protocol::parent_path(&node.path).unwrap_or("/");
@@ -745,7 +750,6 @@ impl Coordinator {
                 s.ephemerals.insert(zxid, key);
                 if is_lock {
                     s.waiting.insert(zxid, key);
-                    s.lock_nodes = s.lock_nodes.saturating_add(1);
                 }
             }
         }

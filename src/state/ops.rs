@@ -228,18 +228,24 @@ impl Coordinator {
                 }
             }
         }
-        for step in &plan {
-            for action in &step.actions {
-                if let Action::Create(NewNode {
-                    path,
-                    lock: Some(lock),
-                    ..
-                }) = action
-                {
-                    self.check_lock_mode(path, lock.mode)?;
-                    self.check_lock_wait(session, path, lock.mode)?;
-                }
-            }
+        let locks = || {
+            plan.iter()
+                .flat_map(|step| &step.actions)
+                .filter_map(|action| match action {
+                    Action::Create(NewNode {
+                        path,
+                        lock: Some(lock),
+                        ..
+                    }) => Some((path.as_str(), lock.mode)),
+                    _ => None,
+                })
+        };
+        for (path, mode) in locks() {
+            self.check_lock_mode(path, mode)?;
+        }
+        self.check_waits_limit(session, locks())?;
+        for (path, mode) in locks() {
+            self.check_lock_wait(session, path, mode)?;
         }
         Ok(self.apply_plan(plan, session, now_ms, fx))
     }

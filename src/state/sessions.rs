@@ -97,13 +97,21 @@ pub(crate) struct Session {
     /// it was granted one: how long after its deadline a holder may still
     /// be finishing. Never lowered while the session lives (conservative).
     pub(crate) held_delay_ms_max: Option<u64>,
-    /// How many lock nodes the session owns, granted or waiting. A session
-    /// that owns none is in no queue, so no wait can lead back to it: its
-    /// first wait needs no deadlock search.
-    pub(crate) lock_nodes: usize,
+    /// The session's granted lock nodes, czxid -> slab key (a zombie is no
+    /// longer its session's): with `waiting`, every lock node it owns, which
+    /// the deadlock search reads to find the sessions that wait for it, so
+    /// that this costs in proportion to its locks, not to its ephemerals.
+    pub(crate) held: BTreeMap<Zxid, usize>,
 }
 
 impl Session {
+    /// How many lock nodes the session owns, granted or waiting. A session
+    /// that owns none is in no queue, so no wait can lead back to it: its
+    /// first wait needs no deadlock search.
+    pub(crate) fn lock_nodes(&self) -> usize {
+        self.held.len().saturating_add(self.waiting.len())
+    }
+
     /// The first instant at which a tick expires this session: it is never
     /// expired at or before exactly `last_heard_ms + timeout_ms`.
     pub(crate) fn deadline_ms(&self) -> u64 {
@@ -309,7 +317,7 @@ impl Sessions {
             ephemerals: BTreeMap::new(),
             waiting: BTreeMap::new(),
             held_delay_ms_max: None,
-            lock_nodes: 0,
+            held: BTreeMap::new(),
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);

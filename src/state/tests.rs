@@ -84,6 +84,7 @@ pub(super) fn config() -> Config {
         lock_delay_ms_default: 500,
         lock_delay_ms_max: 60_000,
         hold_ttl_ms_max: 3_600_000,
+        waits_per_session_max: 64,
     }
 }
 

@@ -82,9 +82,9 @@ impl Bulk {
         prefix: &str,
         mode: LockMode,
     ) -> (Result<OpResult, ErrorReply>, u64) {
-        let before = self.c.wait_reads();
+        let before = self.c.deadlock_steps();
         let out = self.send(session, Op::Create(lock(prefix, mode)));
-        (out, self.c.wait_reads() - before)
+        (out, self.c.deadlock_steps() - before)
     }
 
     fn delete(&mut self, session: SessionId, path: &str) {
@@ -192,6 +192,81 @@ fn one_create_behind_twenty_thousand_waiters_reads_each_node_at_most_twice() {
     );
     assert!(reads <= bound, "{reads} > {bound}");
     b.c.check_invariants().expect("invariants");
+}
+
+/// Waits in the many-queue scenarios: the issue's 20,000.
+const WAITS: usize = 20_000;
+
+/// A coordinator with room for `WAITS` waits of one session, plus a few.
+fn roomy() -> Bulk {
+    let nodes = 8 * WAITS + 64;
+    Bulk {
+        c: Coordinator::new(
+            Config {
+                nodes_max: nodes,
+                tree_bytes_max: 64 * nodes,
+                children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
+                waits_per_session_max: WAITS + 1,
+                ..config()
+            },
+            super::tests::START,
+        ),
+        xid: 0,
+    }
+}
+
+/// A session that waits in `n` queues, each held by `holder`.
+fn waiting_in(b: &mut Bulk, holder: SessionId, n: usize, tag: &str) -> SessionId {
+    let waiter = b.open();
+    for i in 0..n {
+        let queue = format!("/{tag}{i}/n-");
+        b.lock(holder, &queue, EXCLUSIVE);
+        b.lock(waiter, &queue, EXCLUSIVE);
+    }
+    waiter
+}
+
+#[test]
+fn a_create_behind_a_session_waiting_in_twenty_thousand_queues_costs_what_one_behind_none_does() {
+    let mut b = roomy();
+    let holder = b.open();
+    // `busy` waits in WAITS queues, `idle` in none; each holds a lock the
+    // caller then queues for.
+    let busy = waiting_in(&mut b, holder, WAITS, "w");
+    let idle = b.open();
+    b.lock(busy, "/busy/n-", EXCLUSIVE);
+    b.lock(idle, "/idle/n-", EXCLUSIVE);
+    // The caller holds a lock of its own, so its wait is searched.
+    let caller = b.open();
+    b.lock(caller, "/mine/n-", EXCLUSIVE);
+    let (out, behind_idle) = b.lock_counted(caller, "/idle/n-", EXCLUSIVE);
+    assert!(matches!(out, Ok(OpResult::Created { .. })), "{out:?}");
+    let (out, behind_busy) = b.lock_counted(caller, "/busy/n-", EXCLUSIVE);
+    assert!(matches!(out, Ok(OpResult::Created { .. })), "{out:?}");
+    assert!(
+        behind_busy <= 4 * behind_idle.max(1),
+        "behind a session waiting in {WAITS} queues: {behind_busy} steps; behind one waiting in \
+         none: {behind_idle}"
+    );
+
+    // The caller's own waits cost nothing either when the sessions ahead
+    // wait for nothing: a caller waiting in WAITS queues joins /lone.
+    let lone = b.open();
+    b.lock(lone, "/lone/n-", EXCLUSIVE);
+    let many = waiting_in(&mut b, holder, WAITS, "c");
+    let (out, steps) = b.lock_counted(many, "/lone/n-", EXCLUSIVE);
+    assert!(matches!(out, Ok(OpResult::Created { .. })), "{out:?}");
+    assert!(steps <= 4 * behind_idle.max(1), "{steps} steps");
+
+    // And a cycle through the busy session is still found: `busy` waits in
+    // /mine2 for `caller2`, who then queues for /busy.
+    let caller2 = b.open();
+    b.lock(caller2, "/mine2/n-", EXCLUSIVE);
+    b.lock(busy, "/mine2/n-", EXCLUSIVE);
+    let (out, _) = b.lock_counted(caller2, "/busy/n-", EXCLUSIVE);
+    let cycle = out.expect_err("a cycle").cycle;
+    assert_eq!(cycle.len(), 2, "{cycle:?}");
+    assert_eq!((cycle[0].holder, cycle[1].holder), (busy, caller2));
 }
 
 #[test]
@@ -325,7 +400,15 @@ proptest! {
                             let first = &e.cycle[0];
                             prop_assert_eq!(first.session, s);
                             prop_assert_eq!(&first.lock, &queue);
-                            prop_assert!(blockers.contains(&first.holder), "{:?}", e.cycle);
+                            prop_assert!(
+                                blockers.contains(&first.holder) || matches!(mode, LockMode::Semaphore { .. }),
+                                "{:?}", e.cycle
+                            );
+                            // Every session on it is stuck if `s` is.
+                            let stuck = h.c.stuck_reference(s);
+                            for edge in &e.cycle {
+                                prop_assert!(stuck.contains_key(&edge.holder), "{:?}", e.cycle);
+                            }
                             for pair in e.cycle.windows(2) {
                                 prop_assert_eq!(pair[0].holder, pair[1].session);
                                 prop_assert!(h.c.is_wait_reference(&pair[1]), "{:?}", e.cycle);

@@ -1095,7 +1095,7 @@ fn a_session_waiting_behind_its_own_node_is_refused() {
 }
 
 #[test]
-fn shared_behind_shared_and_semaphore_waits_are_never_refused() {
+fn shared_behind_shared_waits_are_never_refused() {
     let mut h = Harness::new();
     let [a, b] = [h.open(), h.open()];
     h.lock(a, "/r/x/n-", SHARED);
@@ -1108,15 +1108,118 @@ fn shared_behind_shared_and_semaphore_waits_are_never_refused() {
     );
     // A session may hold several shared nodes of one queue.
     assert!(h.lock(a, "/r/x/n-", SHARED).1.is_some());
+}
 
+#[test]
+fn a_cycle_through_a_semaphore_of_one_permit_is_refused() {
+    let mut h = Harness::new();
     let one = LockMode::Semaphore { permits: 1 };
+    let [a, b] = [h.open(), h.open()];
     h.lock(a, "/s/x/n-", one);
     h.lock(b, "/s/y/n-", one);
-    let (_, g1) = h.lock(a, "/s/y/n-", one);
-    let (_, g2) = h.lock(b, "/s/x/n-", one);
-    assert_eq!((g1, g2), (None, None), "OR-waits are not judged");
-    // Even behind its own semaphore node.
-    assert_eq!(h.lock(a, "/s/x/n-", one).1, None);
+    // b waits for nothing: a may wait for its permit.
+    assert_eq!(h.lock(a, "/s/y/n-", one).1, None);
+    let e = h.err(b, Op::Create(lock("/s/x/n-", one)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    assert_eq!(
+        e.cycle,
+        vec![wait_edge(b, "/s/x", a), wait_edge(a, "/s/y", b)]
+    );
+    assert!(e.message.contains("would deadlock"), "{}", e.message);
+    // Behind its own permit, alone: it would wait for itself.
+    let e = h.err(a, Op::Create(lock("/s/x/n-", one)));
+    assert_eq!(e.cycle, vec![wait_edge(a, "/s/x", a)]);
+    // Nothing was created by the refusals.
+    assert_eq!(h.children(b, "/s/x").len(), 1);
+}
+
+#[test]
+fn a_semaphore_of_two_permits_is_refused_only_when_both_holders_wait_on_the_caller() {
+    let mut h = Harness::new();
+    let two = LockMode::Semaphore { permits: 2 };
+    let [a, b, c] = [h.open(), h.open(), h.open()];
+    h.lock(a, "/s2/n-", two);
+    h.lock(c, "/s2/n-", two);
+    h.lock(b, "/l/n-", EXCLUSIVE);
+    // a waits on b; c still can free its permit: b may wait.
+    assert_eq!(h.lock(a, "/l/n-", EXCLUSIVE).1, None);
+    let (waiting, g) = h.lock(b, "/s2/n-", two);
+    assert_eq!(g, None, "c holds a permit and waits for no one");
+    h.send(b, delete(&waiting, None));
+    // Now c waits on b too: no permit can ever be freed.
+    assert_eq!(h.lock(c, "/l/n-", SHARED).1, None);
+    let e = h.err(b, Op::Create(lock("/s2/n-", two)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    assert_eq!(e.cycle.len(), 2, "{:?}", e.cycle);
+    assert_eq!(e.cycle[0].session, b);
+    assert!([a, c].contains(&e.cycle[0].holder), "{:?}", e.cycle);
+    assert_eq!(e.cycle[1], wait_edge(e.cycle[0].holder, "/l", b));
+
+    // A session holding both permits may not wait for a third.
+    let d = h.open();
+    h.lock(d, "/s3/n-", two);
+    h.lock(d, "/s3/n-", two);
+    let e = h.err(d, Op::Create(lock("/s3/n-", two)));
+    assert_eq!(e.cycle, vec![wait_edge(d, "/s3", d)]);
+}
+
+#[test]
+fn a_permit_held_by_a_zombie_will_be_freed_so_the_wait_is_not_refused() {
+    let mut h = Harness::new();
+    let one = LockMode::Semaphore { permits: 1 };
+    let a = h.open_with(1_000, "short").expect("open").session;
+    let b = h.open_with(60_000, "b").expect("open").session;
+    h.lock(a, "/z1/n-", one);
+    h.lock(b, "/w1/n-", EXCLUSIVE);
+    assert_eq!(h.lock(a, "/w1/n-", EXCLUSIVE).1, None);
+    // While a lives, b's wait for a's permit would deadlock.
+    let e = h.err(b, Op::Create(lock("/z1/n-", one)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    // a expires: its permit is held by a zombie for the lock-delay, then
+    // freed, so b may wait for it.
+    h.tick(1_001);
+    let (waiting, g) = h.lock(b, "/z1/n-", one);
+    assert_eq!(g, None);
+    h.tick(1_501);
+    assert!(h.grant_of(b, &waiting).is_some());
+}
+
+#[test]
+fn a_session_fills_its_waits_to_the_limit_and_the_next_wait_is_refused() {
+    let mut h = Harness::new();
+    let max = super::tests::config().waits_per_session_max;
+    let [holder, waiter] = [h.open(), h.open()];
+    for i in 0..=max {
+        h.lock(holder, &format!("/full{i}/n-"), EXCLUSIVE);
+    }
+    let mut waits = Vec::new();
+    for i in 0..max {
+        let (path, grant) = h.lock(waiter, &format!("/full{i}/n-"), EXCLUSIVE);
+        assert_eq!(grant, None);
+        waits.push(path);
+    }
+    let e = h.err(
+        waiter,
+        Op::Create(lock(&format!("/full{max}/n-"), EXCLUSIVE)),
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(
+        e.message.contains(&format!("the limit is {max}"))
+            && e.message.contains("--waits-per-session-max"),
+        "{}",
+        e.message
+    );
+    assert!(
+        h.children(waiter, &format!("/full{max}")).len() == 1,
+        "nothing created"
+    );
+    // A lock granted at once is no wait: still allowed at the limit.
+    let (_, grant) = h.lock(waiter, "/free/n-", EXCLUSIVE);
+    assert!(grant.is_some());
+    // Giving up one wait makes room for one.
+    h.send(waiter, delete(&waits[0], None));
+    let (_, grant) = h.lock(waiter, &format!("/full{max}/n-"), EXCLUSIVE);
+    assert_eq!(grant, None);
 }
 
 #[test]

@@ -34,7 +34,7 @@
 //! Cases: `LATCHKEY_MODEL_CASES`, or a default sized to run in a few seconds
 //! in a debug build on two cores.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::mem::size_of;
 
 use latchkey_client::protocol::{
@@ -61,6 +61,8 @@ const LOCK_DELAY_MS_MAX: u64 = 400;
 const HOLD_TTL_MS_MAX: u64 = 500;
 /// Small, so that listings come in several pages.
 const CHILDREN_PAGE_MAX: usize = 2;
+/// Small, so that a session's waits reach the limit now and then.
+const WAITS_PER_SESSION_MAX: usize = 2;
 /// All sessions' cached replies hold at most this many fixed costs of a
 /// reply (a few of them longer error messages): small, so that the budget
 /// drops replies now and then.
@@ -83,6 +85,7 @@ fn config(reply_fixed_bytes: usize) -> Config {
         lock_delay_ms_max: LOCK_DELAY_MS_MAX,
         hold_ttl_ms_max: HOLD_TTL_MS_MAX,
         children_page_max: CHILDREN_PAGE_MAX,
+        waits_per_session_max: WAITS_PER_SESSION_MAX,
         ..super::tests::config()
     }
 }
@@ -1426,10 +1429,13 @@ impl Model {
             if !same_kind {
                 return Err(ErrorCode::InvalidArgument);
             }
-            if !lets_through(info.mode, &modes)
-                && self.shortest_cycle(session, parent, info.mode).is_some()
-            {
-                return Err(ErrorCode::Deadlock);
+            if !lets_through(info.mode, &modes) {
+                if self.waiting_of(session) >= WAITS_PER_SESSION_MAX {
+                    return Err(ErrorCode::LimitExceeded);
+                }
+                if self.shortest_cycle(session, parent, info.mode).is_some() {
+                    return Err(ErrorCode::Deadlock);
+                }
             }
         }
         let owner = (*kind == NodeKind::Ephemeral).then_some(session);
@@ -1491,35 +1497,90 @@ impl Model {
         waits
     }
 
-    /// The length of a shortest cycle of waits that `session` would close
-    /// by waiting at the back of `parent`'s queue with a node of `mode`, if
-    /// any: a breadth-first search over all waits.
-    fn shortest_cycle(&self, session: SessionId, parent: &str, mode: LockMode) -> Option<usize> {
-        let first = self.waits_for(mode, &self.queue(parent));
-        if first.contains(&session) {
-            return Some(1);
+    /// How many lock nodes `session` has waiting.
+    fn waiting_of(&self, session: SessionId) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| n.owner == Some(session))
+            .filter(|n| n.lock.as_ref().is_some_and(|l| l.granted.is_none()))
+            .count()
+    }
+
+    /// The owners of the granted nodes of `parent`'s queue, or `None` if a
+    /// zombie holds one (its permit is freed when its lock-delay ends).
+    fn permit_holders(&self, parent: &str) -> Option<Vec<SessionId>> {
+        let mut holders = Vec::new();
+        for path in self.queue(parent) {
+            let node = &self.nodes[path.as_str()];
+            if self.lock_of(&path).granted.is_some() {
+                holders.push(node.owner?);
+            }
         }
+        Some(holders)
+    }
+
+    /// Every session that would be stuck for good if `session` were, with
+    /// its distance to `session`, level by level: a session is stuck if it
+    /// waits for a stuck one, or for a permit of a semaphore whose holders
+    /// are all stuck (no zombie among them).
+    fn stuck(&self, session: SessionId) -> BTreeMap<SessionId, usize> {
         let waits = self.waits();
-        let mut distance: BTreeMap<SessionId, usize> = first.iter().map(|&h| (h, 1)).collect();
-        let mut frontier: VecDeque<SessionId> = first.into_iter().collect();
-        while let Some(at) = frontier.pop_front() {
-            let d = distance[&at];
-            for (_, _, holder) in waits.iter().filter(|(w, _, _)| *w == at) {
-                if *holder == session {
-                    return Some(d + 1);
-                }
-                if !distance.contains_key(holder) {
-                    distance.insert(*holder, d + 1);
-                    frontier.push_back(*holder);
+        let mut semaphore_waits = BTreeSet::new();
+        for (path, node) in &self.nodes {
+            if let (Some(lock), Some(owner)) = (&node.lock, node.owner) {
+                if lock.granted.is_none() && matches!(lock.mode, LockMode::Semaphore { .. }) {
+                    semaphore_waits.insert((owner, parent_of(path).to_owned()));
                 }
             }
         }
-        None
+        let mut distance = BTreeMap::from([(session, 0)]);
+        for level in 0.. {
+            let mut next = BTreeSet::new();
+            for (waiter, _, holder) in &waits {
+                if !distance.contains_key(waiter) && distance.get(holder) == Some(&level) {
+                    next.insert(*waiter);
+                }
+            }
+            for (waiter, parent) in &semaphore_waits {
+                let holders = self.permit_holders(parent).unwrap_or_default();
+                let levels: Option<Vec<usize>> =
+                    holders.iter().map(|h| distance.get(h).copied()).collect();
+                let last = levels.and_then(|l| l.into_iter().max());
+                if !distance.contains_key(waiter) && last == Some(level) {
+                    next.insert(*waiter);
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            distance.extend(next.into_iter().map(|s| (s, level + 1)));
+        }
+        distance
+    }
+
+    /// The length of a shortest cycle of waits that `session` would be
+    /// certain to close by waiting at the back of `parent`'s queue with a
+    /// node of `mode`, if any: for a semaphore, one through the holder
+    /// found stuck last, if every holder is.
+    fn shortest_cycle(&self, session: SessionId, parent: &str, mode: LockMode) -> Option<usize> {
+        let stuck = self.stuck(session);
+        if let LockMode::Semaphore { .. } = mode {
+            let holders = self.permit_holders(parent)?;
+            let levels: Option<Vec<usize>> =
+                holders.iter().map(|h| stuck.get(h).copied()).collect();
+            return levels?.into_iter().max().map(|d| d + 1);
+        }
+        self.waits_for(mode, &self.queue(parent))
+            .iter()
+            .filter_map(|h| stuck.get(h))
+            .min()
+            .map(|d| d + 1)
     }
 
     /// Why `cycle`, the coordinator's answer to a refused wait of `session`
     /// at the back of `parent`'s queue with a node of `mode`, is not a
-    /// shortest cycle of real waits starting with that one.
+    /// shortest cycle of real waits starting with that one, through
+    /// sessions stuck if `session` is.
     fn check_cycle(
         &self,
         session: SessionId,
@@ -1536,15 +1597,34 @@ impl Model {
         }
         let first = self.waits_for(mode, &self.queue(parent));
         let waits = self.waits();
+        let stuck = self.stuck(session);
+        let holds_permit = |lock: &str, holder: SessionId| {
+            self.permit_holders(lock)
+                .is_some_and(|hs| hs.contains(&holder))
+        };
+        let semaphore_wait = |waiter: SessionId, lock: &str| {
+            self.queue(lock).iter().any(|p| {
+                let l = self.lock_of(p);
+                self.nodes[p.as_str()].owner == Some(waiter)
+                    && l.granted.is_none()
+                    && matches!(l.mode, LockMode::Semaphore { .. })
+            })
+        };
         for (i, edge) in cycle.iter().enumerate() {
             let real = if i == 0 {
-                edge.session == session && edge.lock == parent && first.contains(&edge.holder)
+                edge.session == session
+                    && edge.lock == parent
+                    && (first.contains(&edge.holder)
+                        || (matches!(mode, LockMode::Semaphore { .. })
+                            && holds_permit(parent, edge.holder)))
             } else {
                 edge.session == cycle[i - 1].holder
-                    && waits.contains(&(edge.session, edge.lock.clone(), edge.holder))
+                    && (waits.contains(&(edge.session, edge.lock.clone(), edge.holder))
+                        || (semaphore_wait(edge.session, &edge.lock)
+                            && holds_permit(&edge.lock, edge.holder)))
             };
-            if !real {
-                return Err(format!("edge {i}, {edge:?}, is not a wait"));
+            if !real || !stuck.contains_key(&edge.holder) {
+                return Err(format!("edge {i}, {edge:?}, is not a stuck wait"));
             }
         }
         if cycle.last().map(|e| e.holder) != Some(session) {
