@@ -9,6 +9,15 @@
 //! Each workload warms up, then runs a fixed count sequentially on one
 //! connection; the whole set is repeated three times and the median run of
 //! each workload (by p50) is printed.
+//!
+//! A second table, once per run, gives the pauses the default limits allow:
+//! a lock create's deadlock check behind a session waiting in 0, 1,000 and
+//! 20,000 queues (and, as the check's known worst case, by a caller that a
+//! session with as many waits waits for); one page of a listing; a whole
+//! listing of 100,000 children; and another client's `get` while that
+//! listing runs over and over, whose max is the longest pause a listing
+//! causes. The server allows 20,001 waits per session here (default
+//! 10,000) so that the 20,000 row can be built.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,7 +26,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use latchkey::server::{Config, RunningServer};
-use latchkey_client::protocol::{self, limits};
+use futures_util::stream;
+use latchkey_client::protocol::{self, limits, Create, LockMode, LockSpec, NodeKind, Op, OpResult};
 use latchkey_client::{Client, ClientOptions, CreateOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
@@ -197,6 +207,10 @@ async fn main() {
             RunningServer::start(Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 check_invariants: false,
+                coordinator: latchkey::state::Config {
+                    waits_per_session_max: WAITS_MAX + 1,
+                    ..latchkey::state::Config::default()
+                },
                 ..Config::default()
             })
             .await
@@ -235,7 +249,20 @@ async fn main() {
         }
     }
     let medians: Vec<Run> = by_workload.into_iter().map(median_by_p50).collect();
-    let floor = &medians[0];
+    print_table(&medians[0], &medians);
+    println!();
+    println!("pauses (one run; ratios against the floor above):");
+    let mut pauses = deadlock_runs(&addr, ops / 10).await;
+    pauses.extend(listing_runs(&addr, &client, ops).await);
+    print_table(&medians[0], &pauses);
+    let _ = client.close().await;
+    if let Some(server) = own {
+        server.stop().await;
+    }
+}
+
+/// Prints `runs` with their ratios to `floor`.
+fn print_table(floor: &Run, runs: &[Run]) {
     println!(
         "{:<32} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9}   {:>6} {:>6} {:>7}",
         "workload",
@@ -249,7 +276,7 @@ async fn main() {
         "x p99",
         "x p99.9"
     );
-    for run in &medians {
+    for run in runs {
         let ratio = |q: f64| run.p(q) as f64 / floor.p(q).max(1) as f64;
         println!(
             "{:<32} {:>7} {:>7} {:>8} {:>8} {:>8.0} {:>9.0}   {:>6.2} {:>6.2} {:>7.2}",
@@ -265,8 +292,168 @@ async fn main() {
             ratio(0.999),
         );
     }
-    let _ = client.close().await;
-    if let Some(server) = own {
-        server.stop().await;
+}
+
+/// The most waits a session has in the deadlock rows.
+const WAITS_MAX: usize = 20_000;
+
+/// Requests kept in flight while building a scenario.
+const IN_FLIGHT: usize = 64;
+
+async fn connect(addr: &str) -> Client {
+    Client::connect(ClientOptions::new(addr))
+        .await
+        .expect("connect to latchkey")
+}
+
+/// Creates an exclusive lock node under `lock` for `client`; its path.
+async fn lock_node(client: &Client, lock: &str) -> String {
+    let op = Op::Create(Create {
+        path: format!("{lock}/n-"),
+        kind: NodeKind::Ephemeral,
+        sequential: true,
+        make_parents: true,
+        lock: Some(LockSpec {
+            mode: LockMode::Exclusive,
+            delay_ms: None,
+        }),
+        ..Create::default()
+    });
+    match client.request(op).await.expect("a lock node") {
+        OpResult::Created { path, .. } => path,
+        other => panic!("a lock create answered {other:?}"),
     }
+}
+
+/// A new session waiting in `n` queues under `base`, each held by `holder`.
+async fn waiting_in(addr: &str, holder: &Client, n: usize, base: &str) -> Client {
+    let waiter = connect(addr).await;
+    let waiter_ref = &waiter;
+    stream::iter(0..n)
+        .map(|i| async move {
+            let queue = format!("{base}/q{i}");
+            lock_node(holder, &queue).await;
+            lock_node(waiter_ref, &queue).await;
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|()| async {})
+        .await;
+    waiter
+}
+
+/// The deadlock check's cost: a create by a caller that holds a lock of its
+/// own, queued behind a session that waits in W queues, for W = 0, 1,000
+/// and 20,000; then the same with a session of W waits also queued behind
+/// the caller, so that both ends of the search are large (its known worst
+/// case). Only the create is timed; each is deleted after.
+async fn deadlock_runs(addr: &str, ops: u64) -> Vec<Run> {
+    let rows: [(usize, &'static str, &'static str); 3] = [
+        (0, "deadlock check, 0 waits ahead", "  and 0 waits behind caller"),
+        (1_000, "deadlock check, 1,000 waits ahead", "  and 1,000 waits behind"),
+        (WAITS_MAX, "deadlock check, 20,000 waits ahead", "  and 20,000 waits behind"),
+    ];
+    let holder = connect(addr).await;
+    let mut runs = Vec::new();
+    for (waits, name, both_name) in rows {
+        let base = format!("/deadlock-{waits}");
+        let busy = waiting_in(addr, &holder, waits, &format!("{base}/busy-waits")).await;
+        let ahead = format!("{base}/ahead");
+        lock_node(&busy, &ahead).await;
+        let caller = connect(addr).await;
+        let mine = format!("{base}/mine");
+        lock_node(&caller, &mine).await;
+        runs.push(timed_creates(name, &caller, &ahead, ops).await);
+        let behind = waiting_in(addr, &holder, waits, &format!("{base}/behind-waits")).await;
+        lock_node(&behind, &mine).await;
+        runs.push(timed_creates(both_name, &caller, &ahead, ops).await);
+        for client in [busy, caller, behind] {
+            let _ = client.close().await;
+        }
+    }
+    let _ = holder.close().await;
+    runs
+}
+
+/// Times `ops` lock creates (plus a tenth to warm up) by `caller` under
+/// `lock`, deleting each after it is timed.
+async fn timed_creates(name: &'static str, caller: &Client, lock: &str, ops: u64) -> Run {
+    let mut recorder = Recorder::new(name, ops);
+    for _ in 0..recorder.calls() {
+        let began = Instant::now();
+        let path = lock_node(caller, lock).await;
+        recorder.record(began);
+        caller.delete(&path, None).await.expect("delete");
+    }
+    recorder.finish()
+}
+
+/// Children of the listed node in the listing rows.
+const WIDE: usize = 100_000;
+
+/// Listings: one page (1,000 names), a whole listing of 100,000 children,
+/// and `client`'s `get` while another client lists them over and over.
+async fn listing_runs(addr: &str, client: &Client, ops: u64) -> Vec<Run> {
+    let setup = connect(addr).await;
+    let setup_ref = &setup;
+    setup
+        .create("/wide", "", CreateOptions::persistent())
+        .await
+        .expect("create /wide");
+    stream::iter(0..WIDE)
+        .map(|i| async move {
+            setup_ref
+                .create(&format!("/wide/c{i:06}"), "", CreateOptions::persistent())
+                .await
+                .expect("create a child");
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|()| async {})
+        .await;
+
+    let mut page = Recorder::new("one listing page (1,000 names)", ops / 10);
+    for _ in 0..page.calls() {
+        let began = Instant::now();
+        client
+            .children_page("/wide", None, None)
+            .await
+            .expect("a page");
+        page.record(began);
+    }
+    let mut whole = Recorder::new("whole listing, 100,000 children", 20);
+    for _ in 0..whole.calls() {
+        let began = Instant::now();
+        let (names, _) = client.children("/wide").await.expect("a listing");
+        assert_eq!(names.len(), WIDE);
+        whole.record(began);
+    }
+
+    client
+        .create("/wide-ping", "x", CreateOptions::persistent())
+        .await
+        .expect("create /wide-ping");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lister = {
+        let stop = stop.clone();
+        let lister = connect(addr).await;
+        tokio::spawn(async move {
+            let mut listings = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                lister.children("/wide").await.expect("a listing");
+                listings += 1;
+            }
+            let _ = lister.close().await;
+            listings
+        })
+    };
+    let mut get = Recorder::new("get while another client lists", ops);
+    for _ in 0..get.calls() {
+        let began = Instant::now();
+        client.get("/wide-ping").await.expect("get");
+        get.record(began);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let listings = lister.await.expect("the lister");
+    println!("(the lister finished {listings} listings of {WIDE} children meanwhile)");
+    let _ = setup.close().await;
+    vec![page.finish(), whole.finish(), get.finish()]
 }

@@ -115,8 +115,9 @@ pub struct Config {
     /// Most lock nodes one session may have waiting at once. Default
     /// 10,000: far more than a worker waits for (a few locks, or one
     /// multi-lock of a few dozen), and it bounds what one session adds to
-    /// a deadlock search that must expand it (one step per wait, about
-    /// 1-2 ms at 10,000 on this hardware, see `benches/deadlock.rs`).
+    /// a deadlock search that must expand it: about a microsecond per wait,
+    /// so ~10 ms for a session at the limit (`cargo bench --bench ops`, the
+    /// "waits behind" rows).
     pub waits_per_session_max: usize,
 }
 
