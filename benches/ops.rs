@@ -11,22 +11,22 @@
 //! each workload (by p50) is printed.
 //!
 //! A second table, once per run, gives the pauses the default limits allow:
-//! a lock create's deadlock check behind a session waiting in 0, 1,000 and
-//! 20,000 queues (and, as the check's known worst case, by a caller that a
+//! a lock create's deadlock check behind a session waiting in 0, 1,000,
+//! 10,000 (the default limit) and 20,000 queues (and, as the check's known worst case, by a caller that a
 //! session with as many waits waits for); one page of a listing; a whole
 //! listing of 100,000 children; and another client's `get` while that
 //! listing runs over and over, whose max is the longest pause a listing
-//! causes. The server allows 20,001 waits per session here (default
+//! causes; and the close of a session owning 100,000 ephemeral nodes. The server allows 20,001 waits per session here (default
 //! 10,000) so that the 20,000 row can be built.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use latchkey::server::{Config, RunningServer};
-use futures_util::stream;
 use latchkey_client::protocol::{self, limits, Create, LockMode, LockSpec, NodeKind, Op, OpResult};
 use latchkey_client::{Client, ClientOptions, CreateOptions};
 use tokio::net::{TcpListener, TcpStream};
@@ -347,10 +347,27 @@ async fn waiting_in(addr: &str, holder: &Client, n: usize, base: &str) -> Client
 /// the caller, so that both ends of the search are large (its known worst
 /// case). Only the create is timed; each is deleted after.
 async fn deadlock_runs(addr: &str, ops: u64) -> Vec<Run> {
-    let rows: [(usize, &'static str, &'static str); 3] = [
-        (0, "deadlock check, 0 waits ahead", "  and 0 waits behind caller"),
-        (1_000, "deadlock check, 1,000 waits ahead", "  and 1,000 waits behind"),
-        (WAITS_MAX, "deadlock check, 20,000 waits ahead", "  and 20,000 waits behind"),
+    let rows: [(usize, &'static str, &'static str); 4] = [
+        (
+            0,
+            "deadlock check, 0 waits ahead",
+            "  and 0 waits behind caller",
+        ),
+        (
+            1_000,
+            "deadlock check, 1,000 waits ahead",
+            "  and 1,000 waits behind",
+        ),
+        (
+            10_000,
+            "deadlock check, 10,000 waits ahead",
+            "  and 10,000 waits behind",
+        ),
+        (
+            WAITS_MAX,
+            "deadlock check, 20,000 waits ahead",
+            "  and 20,000 waits behind",
+        ),
     ];
     let holder = connect(addr).await;
     let mut runs = Vec::new();
@@ -365,7 +382,9 @@ async fn deadlock_runs(addr: &str, ops: u64) -> Vec<Run> {
         runs.push(timed_creates(name, &caller, &ahead, ops).await);
         let behind = waiting_in(addr, &holder, waits, &format!("{base}/behind-waits")).await;
         lock_node(&behind, &mine).await;
-        runs.push(timed_creates(both_name, &caller, &ahead, ops).await);
+        // Slow by design: fewer samples.
+        let both_ops = (ops / 10).max(20);
+        runs.push(timed_creates(both_name, &caller, &ahead, both_ops).await);
         for client in [busy, caller, behind] {
             let _ = client.close().await;
         }
@@ -455,5 +474,36 @@ async fn listing_runs(addr: &str, client: &Client, ops: u64) -> Vec<Run> {
     let listings = lister.await.expect("the lister");
     println!("(the lister finished {listings} listings of {WIDE} children meanwhile)");
     let _ = setup.close().await;
-    vec![page.finish(), whole.finish(), get.finish()]
+    let mut runs = vec![page.finish(), whole.finish(), get.finish()];
+    runs.push(closes(addr).await);
+    runs
+}
+
+/// Ephemeral nodes of each session the close row ends.
+const EPHEMERALS: usize = 100_000;
+
+/// Closing a session that owns `EPHEMERALS` ephemeral nodes: one request
+/// whose whole work (a deletion and its events per node) is under the
+/// coordinator's lock. Three closes, each timed alone.
+async fn closes(addr: &str) -> Run {
+    let mut recorder = Recorder::new("close of a session with 100,000 ephemerals", 3);
+    for round in 0..recorder.calls() {
+        let owner = connect(addr).await;
+        let owner_ref = &owner;
+        stream::iter(0..EPHEMERALS)
+            .map(|i| async move {
+                let path = format!("/ephemerals-{round}/p{}/e{i}", i % 10);
+                owner_ref
+                    .create(&path, "", CreateOptions::ephemeral().make_parents())
+                    .await
+                    .expect("an ephemeral node");
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .for_each(|()| async {})
+            .await;
+        let began = Instant::now();
+        owner.close().await.expect("close");
+        recorder.record(began);
+    }
+    recorder.finish()
 }
