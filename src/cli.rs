@@ -418,6 +418,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     };
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;
     let addr = server.local_addr();
+    // Caught before the line below goes out: a SIGTERM sent as soon as a
+    // script sees it must stop the server cleanly, not kill it.
+    let signal = shutdown_signal();
     println!("latchkey listening on {addr}");
     // Scripts wait for this line; make sure it is out even when piped.
     let _ = std::io::stdout().flush();
@@ -425,7 +428,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("signal received; shutting down");
         signals.cancel();
     });
@@ -434,15 +437,18 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+/// A future that resolves on SIGINT or SIGTERM. Both are caught from the
+/// moment this returns, before the future is first polled (if a handler
+/// cannot be installed, it waits for Ctrl-C alone).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let caught =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    async move {
+        match caught {
+            Ok((mut term, mut interrupt)) => {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = interrupt.recv() => {}
                     _ = term.recv() => {}
                 }
             }
@@ -450,10 +456,6 @@ async fn wait_for_signal() {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -653,7 +655,7 @@ async fn execute(
                 );
                 let mut status = client.session_status();
                 tokio::select! {
-                    _ = wait_for_signal() => {}
+                    _ = shutdown_signal() => {}
                     _ = async {
                         loop {
                             if status.changed().await.is_err() { break; }
@@ -888,7 +890,7 @@ async fn watch(
         }
         last = stat;
         let event: WatchEvent = tokio::select! {
-            _ = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+            _ = shutdown_signal() => return Ok(ExitCode::SUCCESS),
             event = node_watch => event?,
             event = async {
                 match child_watch {
