@@ -861,12 +861,17 @@ impl<'a> Search<'a> {
                 Some(Root::Semaphore { .. }) => None,
                 None => self.forward.next_distance(),
             };
+            // The forward half ran out having seen every wait it met.
             if forward_next.is_none() && self.root.is_none() && !self.partial {
                 break;
             }
             let f = forward_next.unwrap_or(0);
             let settled =
                 |(length, _): (u32, SessionId)| length <= f.saturating_add(b).saturating_add(1);
+            // No shorter cycle can be left: past a skipped semaphore wait
+            // only the backward half's end can say so, except for a
+            // semaphore root, whose cycle the backward half alone finds
+            // (at the distance of the holder found stuck last).
             if self.best.is_some_and(settled) && (!self.partial || self.root.is_some()) {
                 break;
             }
