@@ -1,8 +1,10 @@
-//! The deadlock check's cost and its agreement with the full search: one
-//! create behind a queue of tens of thousands of waiters reads each queue
-//! node at most twice (counted, not timed), and on random small scenarios
-//! the check refuses exactly what a search over every edge refuses, with a
-//! cycle as short.
+//! The deadlock check's cost and its agreement with the full search, cost
+//! counted in search steps, never timed: one create behind a queue of tens
+//! of thousands of waiters takes at most two steps per queue node, and one
+//! behind a session waiting in 20,000 queues as few as one behind a session
+//! waiting in none; on random small scenarios the check refuses exactly
+//! what a level-by-level search over every wait refuses (semaphores
+//! included), with a cycle as short.
 
 use latchkey_client::protocol::{
     limits, Create, ErrorCode, ErrorReply, LockMode, LockSpec, NodeKind, Op, OpResult, Secret,
