@@ -12,8 +12,9 @@
 //! The wait-for graph has an edge from a session to each session it waits
 //! for: a waiting exclusive node waits for the owners of every node ahead
 //! of it, a waiting shared node for those of every exclusive node ahead. A
-//! semaphore node waits for any one permit holder to leave (an OR-wait, no
-//! single edge): it is stuck for good only if every holder is. Listed edge
+//! semaphore node waits until fewer than its permits are ahead (no single
+//! edge): it is stuck for good if at least its permits of the nodes ahead
+//! are stuck sessions', which never leave. Listed edge
 //! by edge, one queue of N exclusive waiters has N^2/2 edges. Neither
 //! search here lists them: the deadlock check reads each queue node at most
 //! twice per half of its search and, searching from both ends, costs about
@@ -137,13 +138,17 @@ impl Coordinator {
     /// Refuses, with Deadlock, a lock node of `mode` that `session` would
     /// create at `path` if it would wait for a session that is `session`
     /// itself or reaches it through the other sessions' waits; a semaphore
-    /// node if every permit holder is `session` or reaches it (see
-    /// `find_semaphore_cycles`). Changes nothing. Nodes granted at once are
-    /// never refused.
+    /// node if at least its permits of the nodes in the queue are
+    /// `session`'s or those of sessions that reach it (see `Search`).
+    /// Changes nothing. Nodes granted at once are never refused.
     ///
-    /// Every wait is checked when it starts, and the waits a node has only
-    /// shrink as the nodes ahead of it leave or turn into zombies, so the
-    /// graph is acyclic before this wait and a cycle must pass through it.
+    /// Every exclusive and shared wait is checked when it starts, and the
+    /// waits a node has only shrink as the nodes ahead of it leave or turn
+    /// into zombies, so their graph is acyclic before this wait. A stuck
+    /// cycle through a semaphore can still form later without a new wait
+    /// (a permit passing to a waiter that others wait for); the search
+    /// looks only for cycles through the caller, so such a cycle elsewhere
+    /// does not mislead it.
     /// Cost: nothing at all for a session that owns no other lock node;
     /// else the bound written at `Search`, which does not grow with the
     /// waits of the sessions the new wait is for while nobody waits for
@@ -245,45 +250,12 @@ impl Coordinator {
         Search::new(self, session, lock, root).run()
     }
 
-    /// The distinct owners of the granted nodes of the semaphore queue
-    /// under `parent_key` (its first nodes), or `None` if a zombie holds a
-    /// permit; and how many nodes it read.
-    fn permit_holders(&self, parent_key: usize) -> (Option<BTreeSet<SessionId>>, u64) {
-        let mut holders = BTreeSet::new();
-        let mut read = 0u64;
-        for (_, key) in self.tree.lock_queue(parent_key, ..) {
-            read = read.saturating_add(1);
-            let node = self.tree.node(key);
-            if node.lock.as_deref().map_or(true, |l| l.granted.is_none()) {
-                break;
-            }
-            match node.owner {
-                Some(owner) => holders.insert(owner),
-                None => return (None, read),
-            };
-        }
-        (Some(holders), read)
-    }
-
-    /// Appends the owners of the waiting nodes of the semaphore queue
-    /// under `parent_key` to `waiters`; returns how many nodes it read.
-    fn read_semaphore_waiters(&self, parent_key: usize, waiters: &mut Vec<SessionId>) -> u64 {
-        let waiting = self.tree.lock_queue(parent_key, ..).filter(|&(_, key)| {
-            self.tree
-                .node(key)
-                .lock
-                .as_deref()
-                .is_some_and(|l| l.granted.is_none())
-        });
-        self.read_owners(waiting, waiters)
-    }
-
     /// Appends to `holders` the owners, not read before in this search (by
     /// `scanned`), of the nodes that a waiting node of `mode` at `czxid` in
     /// the queue under `parent_key` waits for, in queue order; repeats
     /// possible. Zombies have no owner and add no one; semaphore nodes wait
-    /// for any one of several holders to leave (an OR-wait), which no
-    /// single edge describes, so they add no one either. Returns how many
+    /// for enough of several nodes to leave, which no single edge
+    /// describes, so they add no one either. Returns how many
     /// nodes it read.
     fn read_ahead(
         &self,
@@ -758,13 +730,15 @@ impl Half<'_> {
     }
 }
 
-/// What the backward half knows of a semaphore queue it met: its permit
-/// holders (`None` if a zombie holds a permit: that one is freed when its
-/// lock-delay ends, so the queue never counts as stuck), and which of them
-/// wait for the caller.
+/// What the backward half knows of a semaphore queue it met: the nodes
+/// of it owned by stuck sessions (they never leave), and from where on its
+/// nodes have been read as stuck. A node is granted when fewer than
+/// `permits` nodes are ahead of it, so every node behind the `permits`-th
+/// stuck one is stuck too; nodes ahead of it may still be granted.
 struct Permits {
-    holders: Option<BTreeSet<SessionId>>,
-    stuck: BTreeSet<SessionId>,
+    permits: usize,
+    stuck: BTreeSet<Zxid>,
+    read_from: Option<Zxid>,
 }
 
 /// The search for a shortest cycle that a new wait of `session` in `lock`
@@ -772,8 +746,9 @@ struct Permits {
 /// sessions the wait is for, along their waits, and backward from
 /// `session`, through the waits that are stuck if it is. A session is stuck
 /// if one of its waits is: an exclusive or shared wait when one session it
-/// waits for is stuck; a semaphore wait (an OR-wait, for any one permit)
-/// when every permit holder is, and no zombie holds one. Both halves are
+/// waits for is stuck; a semaphore wait when at least its permits of the
+/// nodes ahead are stuck sessions' (a zombie is freed in time, so it never
+/// counts). Both halves are
 /// breadth-first, each session expanded at most once per half, in an order
 /// fixed by the state alone, so the answer is the same on every replica.
 /// A cycle of length L meets both halves' reach by the time their next
@@ -782,8 +757,9 @@ struct Permits {
 /// only the backward half's end settles the answer.
 ///
 /// A cycle through a semaphore is given as a path whose semaphore edge
-/// goes to the holder that was found stuck last; every other holder of that
-/// semaphore waits for the caller too.
+/// goes to the owner of the node that made the wait stuck (the permits-th
+/// stuck node ahead found); the owners of the others wait for the caller
+/// too.
 ///
 /// Expanding a session does not list its edges one by one: of the nodes a
 /// wait is for, those ahead of a node this half already expanded in the
@@ -871,7 +847,7 @@ impl<'a> Search<'a> {
             // No shorter cycle can be left: past a skipped semaphore wait
             // only the backward half's end can say so, except for a
             // semaphore root, whose cycle the backward half alone finds
-            // (at the distance of the holder found stuck last).
+            // (at the distance of the node that made it stuck).
             if self.best.is_some_and(settled) && (!self.partial || self.root.is_some()) {
                 break;
             }
@@ -999,14 +975,13 @@ impl<'a> Search<'a> {
                 }
                 _ => {}
             }
-            if matches!(mode, LockMode::Semaphore { .. }) {
-                let held = s.held.contains_key(&czxid);
-                if held && self.permit_stuck(via_key, holder) {
+            if let LockMode::Semaphore { permits } = mode {
+                if let Some(range) = self.permit_stuck(via_key, permits, czxid) {
                     if matches!(self.root, Some(Root::Semaphore { parent_key }) if parent_key == via_key)
                     {
                         self.reach_forward(holder, 1, self.session, self.lock);
                     }
-                    let read = c.read_semaphore_waiters(via_key, &mut found);
+                    let read = c.read_owners(c.tree.lock_queue(via_key, range), &mut found);
                     self.backward.spent = self.backward.spent.saturating_add(read);
                 }
             } else {
@@ -1020,23 +995,29 @@ impl<'a> Search<'a> {
         }
     }
 
-    /// Records that `holder`, stuck, holds a permit of the semaphore under
-    /// `parent_key`; true if this makes every holder of it stuck (once per
-    /// queue: its waiters are then read, once).
-    fn permit_stuck(&mut self, parent_key: usize, holder: SessionId) -> bool {
-        let c = self.c;
-        let permits = self.permits.entry(parent_key).or_insert_with(|| {
-            let (holders, read) = c.permit_holders(parent_key);
-            self.backward.spent = self.backward.spent.saturating_add(read);
-            Permits {
-                holders,
-                stuck: BTreeSet::new(),
-            }
+    /// Records that the node at `czxid` of the semaphore of `permits`
+    /// under `parent_key` is a stuck session's. If this makes more of its
+    /// nodes stuck (those behind the `permits`-th stuck node, the new wait
+    /// at the back among them), returns the range of them not read before.
+    fn permit_stuck(
+        &mut self,
+        parent_key: usize,
+        permits: u32,
+        czxid: Zxid,
+    ) -> Option<(Bound<Zxid>, Bound<Zxid>)> {
+        let queue = self.permits.entry(parent_key).or_insert_with(|| Permits {
+            permits: usize::try_from(permits).unwrap_or(usize::MAX),
+            stuck: BTreeSet::new(),
+            read_from: None,
         });
-        let Some(holders) = &permits.holders else {
-            return false;
-        };
-        permits.stuck.insert(holder) && permits.stuck.len() == holders.len()
+        queue.stuck.insert(czxid);
+        let threshold = *queue.stuck.iter().nth(queue.permits.checked_sub(1)?)?;
+        if queue.read_from.is_some_and(|from| from <= threshold) {
+            return None;
+        }
+        let range = unread_behind(threshold, queue.read_from);
+        queue.read_from = Some(threshold);
+        range
     }
 
     /// `holder`, waited for by `from` in `via`, reached forward at
@@ -1224,18 +1205,12 @@ impl Coordinator {
             return Ok(());
         };
         let stuck = self.stuck_reference(session);
-        let first = if let LockMode::Semaphore { .. } = mode {
+        let first = if let LockMode::Semaphore { permits } = mode {
             let queue = self.tree.lock_queue_len(parent_key);
             if qualifies(mode, queue, false) {
                 return Ok(());
             }
-            let Some(holders) = self.permit_holders_reference(parent_key) else {
-                return Ok(());
-            };
-            if holders.is_empty() || !holders.iter().all(|h| stuck.contains_key(h)) {
-                return Ok(());
-            }
-            holders.into_iter().max_by_key(|h| stuck[h].0)
+            self.permits_stuck_reference(parent_key, QUEUE_BACK, permits, &stuck)
         } else {
             let blockers = self.joining_blockers_reference(lock, mode);
             blockers
@@ -1256,25 +1231,34 @@ impl Coordinator {
         Err(deadlock(path, cycle))
     }
 
-    /// The owners of the granted nodes of the semaphore queue under
-    /// `parent_key`, in queue order, or `None` if a zombie holds a permit.
-    fn permit_holders_reference(&self, parent_key: usize) -> Option<Vec<SessionId>> {
-        let mut holders = Vec::new();
-        for (_, key) in self.tree.lock_queue(parent_key, ..) {
-            let node = self.tree.node(key);
-            if node.lock.as_deref().is_some_and(|l| l.granted.is_some()) {
-                holders.push(node.owner?);
-            }
-        }
-        Some(holders)
+    /// Whether a semaphore node of `permits` at `czxid` under `parent_key`
+    /// is stuck by `stuck`: at least `permits` nodes ahead of it are stuck
+    /// sessions' (zombies are freed in time). If so, the owner of the node
+    /// that made it so: the `permits`-th nearest to the caller.
+    fn permits_stuck_reference(
+        &self,
+        parent_key: usize,
+        czxid: Zxid,
+        permits: u32,
+        stuck: &BTreeMap<SessionId, (u32, SessionId, String)>,
+    ) -> Option<SessionId> {
+        let mut owners: Vec<(u32, SessionId)> = self
+            .tree
+            .lock_queue(parent_key, ..czxid)
+            .filter_map(|(_, key)| self.tree.node(key).owner)
+            .filter_map(|owner| stuck.get(&owner).map(|d| (d.0, owner)))
+            .collect();
+        owners.sort_by_key(|&(distance, _)| distance);
+        let nth = usize::try_from(permits).ok()?.checked_sub(1)?;
+        owners.get(nth).map(|&(_, owner)| owner)
     }
 
     /// Every session that is stuck if `session` is, found level by level
     /// over every wait of every session: -> its distance to `session`, and
     /// the next session and queue on the way. A wait is stuck if one
-    /// session it waits for is (exclusive and shared) or if every permit
-    /// holder is and no zombie holds one (semaphore), the next session
-    /// then being the holder found stuck last.
+    /// session it waits for is (exclusive and shared), or if at least its
+    /// permits of the nodes ahead are stuck sessions' (semaphore), the next
+    /// session then being the owner of the last of those found.
     pub(super) fn stuck_reference(
         &self,
         session: SessionId,
@@ -1291,10 +1275,8 @@ impl Coordinator {
                         continue;
                     };
                     let at_level = |h: &SessionId| stuck.get(h).is_some_and(|d| d.0 == level);
-                    let to = if let LockMode::Semaphore { .. } = mode {
-                        self.permit_holders_reference(via_key)
-                            .filter(|hs| hs.iter().all(|h| stuck.contains_key(h)))
-                            .and_then(|hs| hs.into_iter().find(at_level))
+                    let to = if let LockMode::Semaphore { permits } = mode {
+                        self.permits_stuck_reference(via_key, czxid, permits, &stuck)
                     } else {
                         let ahead = self
                             .tree
@@ -1365,8 +1347,9 @@ impl Coordinator {
             };
             if let LockMode::Semaphore { .. } = lock.mode {
                 return self
-                    .permit_holders_reference(parent_key)
-                    .is_some_and(|hs| hs.contains(&edge.holder));
+                    .tree
+                    .lock_queue(parent_key, ..czxid)
+                    .any(|(_, key)| self.tree.node(key).owner == Some(edge.holder));
             }
             let ahead = self
                 .tree

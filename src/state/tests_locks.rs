@@ -1134,6 +1134,28 @@ fn a_cycle_through_a_semaphore_of_one_permit_is_refused() {
 }
 
 #[test]
+fn a_semaphore_wait_behind_a_stuck_waiter_is_refused_before_the_permit_passes() {
+    let mut h = Harness::new();
+    let one = LockMode::Semaphore { permits: 1 };
+    let [a, s, c] = [h.open(), h.open(), h.open()];
+    let (permit, _) = h.lock(a, "/sw/n-", one);
+    h.lock(s, "/x/n-", EXCLUSIVE);
+    // c queues for the permit, then for /x behind s: a will free the
+    // permit, so neither is refused.
+    assert_eq!(h.lock(c, "/sw/n-", one).1, None);
+    assert_eq!(h.lock(c, "/x/n-", EXCLUSIVE).1, None);
+    // s behind c in /sw: the permit goes to c first, and c never lets it
+    // go while it waits for s. a holding it now changes nothing.
+    let e = h.err(s, Op::Create(lock("/sw/n-", one)));
+    assert_eq!(e.code, ErrorCode::Deadlock);
+    assert_eq!(e.cycle, vec![wait_edge(s, "/sw", c), wait_edge(c, "/x", s)]);
+    // Once a lets go and c holds the permit, the same holds.
+    h.send(a, delete(&permit, None));
+    let e = h.err(s, Op::Create(lock("/sw/n-", one)));
+    assert_eq!(e.cycle.len(), 2, "{:?}", e.cycle);
+}
+
+#[test]
 fn a_semaphore_of_two_permits_is_refused_only_when_both_holders_wait_on_the_caller() {
     let mut h = Harness::new();
     let two = LockMode::Semaphore { permits: 2 };

@@ -1506,30 +1506,41 @@ impl Model {
             .count()
     }
 
-    /// The owners of the granted nodes of `parent`'s queue, or `None` if a
-    /// zombie holds one (its permit is freed when its lock-delay ends).
-    fn permit_holders(&self, parent: &str) -> Option<Vec<SessionId>> {
-        let mut holders = Vec::new();
-        for path in self.queue(parent) {
-            let node = &self.nodes[path.as_str()];
-            if self.lock_of(&path).granted.is_some() {
-                holders.push(node.owner?);
-            }
-        }
-        Some(holders)
+    /// The distance to the caller at which a semaphore node of `permits`
+    /// behind `ahead` becomes stuck: that of the `permits`-th nearest node
+    /// ahead owned by a stuck session (zombies are freed in time), if there
+    /// are that many.
+    fn stuck_at(
+        &self,
+        ahead: &[String],
+        permits: u32,
+        distance: &BTreeMap<SessionId, usize>,
+    ) -> Option<usize> {
+        let mut levels: Vec<usize> = ahead
+            .iter()
+            .filter_map(|p| self.nodes[p.as_str()].owner)
+            .filter_map(|owner| distance.get(&owner).copied())
+            .collect();
+        levels.sort_unstable();
+        levels
+            .get(usize::try_from(permits).ok()?.checked_sub(1)?)
+            .copied()
     }
 
     /// Every session that would be stuck for good if `session` were, with
     /// its distance to `session`, level by level: a session is stuck if it
-    /// waits for a stuck one, or for a permit of a semaphore whose holders
-    /// are all stuck (no zombie among them).
+    /// waits for a stuck one, or waits in a semaphore with at least its
+    /// permits of the nodes ahead owned by stuck sessions (they never
+    /// leave, so it is never granted).
     fn stuck(&self, session: SessionId) -> BTreeMap<SessionId, usize> {
         let waits = self.waits();
-        let mut semaphore_waits = BTreeSet::new();
+        let mut semaphore_waits = Vec::new();
         for (path, node) in &self.nodes {
             if let (Some(lock), Some(owner)) = (&node.lock, node.owner) {
-                if lock.granted.is_none() && matches!(lock.mode, LockMode::Semaphore { .. }) {
-                    semaphore_waits.insert((owner, parent_of(path).to_owned()));
+                if let (None, LockMode::Semaphore { permits }) = (lock.granted, lock.mode) {
+                    let queue = self.queue(parent_of(path));
+                    let at = queue.iter().position(|p| p == path).expect("queued");
+                    semaphore_waits.push((owner, queue[..at].to_vec(), permits));
                 }
             }
         }
@@ -1541,12 +1552,10 @@ impl Model {
                     next.insert(*waiter);
                 }
             }
-            for (waiter, parent) in &semaphore_waits {
-                let holders = self.permit_holders(parent).unwrap_or_default();
-                let levels: Option<Vec<usize>> =
-                    holders.iter().map(|h| distance.get(h).copied()).collect();
-                let last = levels.and_then(|l| l.into_iter().max());
-                if !distance.contains_key(waiter) && last == Some(level) {
+            for (waiter, ahead, permits) in &semaphore_waits {
+                if !distance.contains_key(waiter)
+                    && self.stuck_at(ahead, *permits, &distance) == Some(level)
+                {
                     next.insert(*waiter);
                 }
             }
@@ -1560,17 +1569,14 @@ impl Model {
 
     /// The length of a shortest cycle of waits that `session` would be
     /// certain to close by waiting at the back of `parent`'s queue with a
-    /// node of `mode`, if any: for a semaphore, one through the holder
-    /// found stuck last, if every holder is.
+    /// node of `mode`, if any.
     fn shortest_cycle(&self, session: SessionId, parent: &str, mode: LockMode) -> Option<usize> {
         let stuck = self.stuck(session);
-        if let LockMode::Semaphore { .. } = mode {
-            let holders = self.permit_holders(parent)?;
-            let levels: Option<Vec<usize>> =
-                holders.iter().map(|h| stuck.get(h).copied()).collect();
-            return levels?.into_iter().max().map(|d| d + 1);
+        let queue = self.queue(parent);
+        if let LockMode::Semaphore { permits } = mode {
+            return self.stuck_at(&queue, permits, &stuck).map(|d| d + 1);
         }
-        self.waits_for(mode, &self.queue(parent))
+        self.waits_for(mode, &queue)
             .iter()
             .filter_map(|h| stuck.get(h))
             .min()
@@ -1598,9 +1604,10 @@ impl Model {
         let first = self.waits_for(mode, &self.queue(parent));
         let waits = self.waits();
         let stuck = self.stuck(session);
-        let holds_permit = |lock: &str, holder: SessionId| {
-            self.permit_holders(lock)
-                .is_some_and(|hs| hs.contains(&holder))
+        let owns_node_in = |lock: &str, holder: SessionId| {
+            self.queue(lock)
+                .iter()
+                .any(|p| self.nodes[p.as_str()].owner == Some(holder))
         };
         let semaphore_wait = |waiter: SessionId, lock: &str| {
             self.queue(lock).iter().any(|p| {
@@ -1616,12 +1623,12 @@ impl Model {
                     && edge.lock == parent
                     && (first.contains(&edge.holder)
                         || (matches!(mode, LockMode::Semaphore { .. })
-                            && holds_permit(parent, edge.holder)))
+                            && owns_node_in(parent, edge.holder)))
             } else {
                 edge.session == cycle[i - 1].holder
                     && (waits.contains(&(edge.session, edge.lock.clone(), edge.holder))
                         || (semaphore_wait(edge.session, &edge.lock)
-                            && holds_permit(&edge.lock, edge.holder)))
+                            && owns_node_in(&edge.lock, edge.holder)))
             };
             if !real || !stuck.contains_key(&edge.holder) {
                 return Err(format!("edge {i}, {edge:?}, is not a stuck wait"));
