@@ -1011,6 +1011,10 @@ impl<'a> Search<'a> {
             read_from: None,
         });
         queue.stuck.insert(czxid);
+        if queue.stuck.len() < queue.permits {
+            return None;
+        }
+        // Up to `permits` steps: cheap for the few permits a pool has.
         let threshold = *queue.stuck.iter().nth(queue.permits.checked_sub(1)?)?;
         if queue.read_from.is_some_and(|from| from <= threshold) {
             return None;
