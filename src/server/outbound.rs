@@ -115,12 +115,18 @@ impl Outbound {
     /// Queues `frame` behind everything queued (behind a held reply too),
     /// or overflows.
     fn queue(&self, mut state: parking_lot::MutexGuard<'_, State>, frame: Bytes) -> bool {
-        if state.bytes > 0 && state.bytes + frame.len() > self.bytes_max {
+        if self.overflows(&state, &frame) {
             return self.overflow(state);
         }
         state.bytes += frame.len();
         state.frames.push_back(frame);
         true
+    }
+
+    /// Whether queueing `frame` would take a queue that holds anything past
+    /// the bound (one frame alone always fits, however large).
+    fn overflows(&self, state: &State, frame: &Bytes) -> bool {
+        state.bytes > 0 && state.bytes + frame.len() > self.bytes_max
     }
 
     /// Closes the queue for a client that let too much pile up: what is
@@ -161,7 +167,7 @@ impl Outbound {
         let Some(at) = state.held_at.take() else {
             return false;
         };
-        if state.bytes > 0 && state.bytes + reply.len() > self.bytes_max {
+        if self.overflows(&state, &reply) {
             return self.overflow(state);
         }
         state.bytes += reply.len();

@@ -272,15 +272,9 @@ impl Coordinator {
             LockMode::Shared => unread(mark.all.max(mark.exclusive), czxid)
                 .inspect(|_| mark.exclusive = Some(czxid)),
         };
-        let Some(range) = range else {
-            return 0;
-        };
-        let nodes: Box<dyn Iterator<Item = (Zxid, usize)>> = if mode == LockMode::Exclusive {
-            Box::new(self.tree.lock_queue(parent_key, range))
-        } else {
-            Box::new(self.tree.lock_queue_exclusive(parent_key, range))
-        };
-        self.read_owners(nodes, holders)
+        range.map_or(0, |range| {
+            self.read_range(parent_key, mode == LockMode::Exclusive, range, holders)
+        })
     }
 
     /// Appends to `waiters` the owners, not read before in this search (by
@@ -307,15 +301,27 @@ impl Coordinator {
             LockMode::Shared => unread_behind(czxid, min_mark(mark.all, mark.exclusive))
                 .inspect(|_| mark.exclusive = Some(czxid)),
         };
-        let Some(range) = range else {
-            return 0;
-        };
-        let nodes: Box<dyn Iterator<Item = (Zxid, usize)>> = if mode == LockMode::Exclusive {
-            Box::new(self.tree.lock_queue(parent_key, range))
+        range.map_or(0, |range| {
+            self.read_range(parent_key, mode == LockMode::Exclusive, range, waiters)
+        })
+    }
+
+    /// Appends to `owners` the owner of each node in `range` of the queue
+    /// under `parent_key`: every node if `every`, else the exclusive ones
+    /// alone, through the queue's exclusive index. Returns how many nodes
+    /// it read.
+    fn read_range(
+        &self,
+        parent_key: usize,
+        every: bool,
+        range: (Bound<Zxid>, Bound<Zxid>),
+        owners: &mut Vec<SessionId>,
+    ) -> u64 {
+        if every {
+            self.read_owners(self.tree.lock_queue(parent_key, range), owners)
         } else {
-            Box::new(self.tree.lock_queue_exclusive(parent_key, range))
-        };
-        self.read_owners(nodes, waiters)
+            self.read_owners(self.tree.lock_queue_exclusive(parent_key, range), owners)
+        }
     }
 
     /// Appends the owner of each of `nodes` to `owners` (zombies have
@@ -981,7 +987,7 @@ impl<'a> Search<'a> {
                     {
                         self.reach_forward(holder, 1, self.session, self.lock);
                     }
-                    let read = c.read_owners(c.tree.lock_queue(via_key, range), &mut found);
+                    let read = c.read_range(via_key, true, range, &mut found);
                     self.backward.spent = self.backward.spent.saturating_add(read);
                 }
             } else {
