@@ -16,7 +16,9 @@
 //! session with as many waits waits for); one page of a listing; a whole
 //! listing of 100,000 children; and another client's `get` while that
 //! listing runs over and over, whose max is the longest pause a listing
-//! causes; and the close of a session owning 100,000 ephemeral nodes. The server allows 20,001 waits per session here (default
+//! causes; the close of a session owning 100,000 ephemeral nodes, and
+//! another client's `get` while it runs, whose max is the longest pause a
+//! close causes. The server allows 20,001 waits per session here (default
 //! 10,000) so that the 20,000 row can be built.
 
 use std::net::SocketAddr;
@@ -75,12 +77,16 @@ impl Recorder {
     }
 
     fn record(&mut self, began: Instant) {
+        self.record_until(began, Instant::now());
+    }
+
+    /// Records a call that began at `began` and ended at `now`.
+    fn record_until(&mut self, began: Instant, now: Instant) {
         self.done += 1;
         if self.done <= self.ops / 10 {
             return;
         }
         self.start.get_or_insert(began);
-        let now = Instant::now();
         self.end = Some(now);
         let micros = u64::try_from(now.duration_since(began).as_micros()).unwrap_or(u64::MAX);
         self.histogram.saturating_record(micros.max(1));
@@ -475,18 +481,22 @@ async fn listing_runs(addr: &str, client: &Client, ops: u64) -> Vec<Run> {
     println!("(the lister finished {listings} listings of {WIDE} children meanwhile)");
     let _ = setup.close().await;
     let mut runs = vec![page.finish(), whole.finish(), get.finish()];
-    runs.push(closes(addr).await);
+    runs.extend(closes(addr, client).await);
     runs
 }
 
-/// Ephemeral nodes of each session the close row ends.
+/// Ephemeral nodes of each session the close rows end.
 const EPHEMERALS: usize = 100_000;
 
-/// Closing a session that owns `EPHEMERALS` ephemeral nodes: one request
-/// whose whole work (a deletion and its events per node) is under the
-/// coordinator's lock. Three closes, each timed alone.
-async fn closes(addr: &str) -> Run {
+/// Closing a session that owns `EPHEMERALS` ephemeral nodes, three times,
+/// each timed alone; and another client's `get`, over and over while each
+/// close runs, whose max is the longest pause a close causes (the server
+/// deletes at most `step_deletes_max` nodes a step and lets go of the
+/// coordinator between steps).
+async fn closes(addr: &str, client: &Client) -> Vec<Run> {
     let mut recorder = Recorder::new("close of a session with 100,000 ephemerals", 3);
+    let mut during = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut during_elapsed = Duration::ZERO;
     for round in 0..recorder.calls() {
         let owner = connect(addr).await;
         let owner_ref = &owner;
@@ -502,8 +512,24 @@ async fn closes(addr: &str) -> Run {
             .for_each(|()| async {})
             .await;
         let began = Instant::now();
-        owner.close().await.expect("close");
-        recorder.record(began);
+        let closing = tokio::spawn(async move {
+            owner.close().await.expect("close");
+            Instant::now()
+        });
+        while !closing.is_finished() {
+            let sent = Instant::now();
+            client.get("/wide-ping").await.expect("get");
+            let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            during.saturating_record(micros.max(1));
+        }
+        let closed = closing.await.expect("the close");
+        during_elapsed += closed.duration_since(began);
+        recorder.record_until(began, closed);
     }
-    recorder.finish()
+    let during = Run {
+        name: "get while a session of 100,000 closes",
+        histogram: during,
+        elapsed: during_elapsed,
+    };
+    vec![recorder.finish(), during]
 }

@@ -631,6 +631,8 @@ fn small_config() -> Config {
         lock_delay_ms_max: 400,
         hold_ttl_ms_max: 5_000,
         waits_per_session_max: 3,
+        // Below what a session owns here, so that ends span ticks.
+        step_deletes_max: 2,
     }
 }
 

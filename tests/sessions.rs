@@ -5,9 +5,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, connect_via_proxy, start_server, within};
-use latchkey_client::protocol::{node_name, WatchEventKind};
+use common::{
+    connect, connect_via_proxy, start_server, start_server_with, test_config, wait_for_children,
+    within,
+};
+use latchkey_client::protocol::{node_name, OpResult, ServerMessage, SessionEvent, WatchEventKind};
 use latchkey_client::{ClientError, CreateOptions, SessionState};
+use serde_json::json;
 
 /// Waits until the client's session reaches `state`.
 async fn wait_for_state(client: &latchkey_client::Client, state: SessionState) {
@@ -126,6 +130,58 @@ async fn close_deletes_ephemerals_at_once() {
     assert_eq!(event.kind, WatchEventKind::NodeDeleted);
     assert!(matches!(client.get("/").await, Err(ClientError::Closed)));
     assert_eq!(client.session_status().borrow().state, SessionState::Closed);
+    server.stop().await;
+}
+
+/// A bare session (JSON frames) that owns `count` ephemerals under `/e`.
+async fn bare_owner_of(addr: std::net::SocketAddr, timeout_ms: u64, count: u64) -> common::Raw {
+    let (mut raw, _) = common::Raw::open(addr).await.hello(timeout_ms).await;
+    let parent = json!({ "create": { "path": "/e", "kind": "persistent" } });
+    assert!(raw.request(1, parent).await.result.is_ok());
+    for xid in 2..count + 2 {
+        let op = json!({ "create": { "path": "/e/n-", "kind": "ephemeral", "sequential": true } });
+        let reply = raw.request(xid, op).await;
+        assert!(reply.result.is_ok(), "{reply:?}");
+    }
+    raw
+}
+
+/// A server whose ticks and closes delete at most 7 nodes at a time.
+fn small_steps() -> latchkey::server::Config {
+    let mut config = test_config();
+    config.coordinator.step_deletes_max = 7;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_of_many_ephemerals_returns_once_the_last_is_gone() {
+    let server = start_server_with(small_steps()).await;
+    let other = connect(server.addr()).await;
+    let mut raw = bare_owner_of(server.addr(), 10_000, 100).await;
+    assert_eq!(other.children("/e").await.unwrap().0.len(), 100);
+    let reply = raw.request(200, json!("close_session")).await;
+    assert_eq!(reply.result, Ok(OpResult::Done));
+    assert!(
+        raw.recv().await.is_none(),
+        "the server closes after the reply"
+    );
+    // 100 nodes are 15 steps of 7: the reply waited for all of them.
+    assert_eq!(other.children("/e").await.unwrap().0, Vec::<String>::new());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_s_many_ephemerals_all_go_over_several_ticks() {
+    let server = start_server_with(small_steps()).await;
+    let other = connect(server.addr()).await;
+    // The bare session sends no heartbeat: it expires after 200 ms.
+    let mut raw = bare_owner_of(server.addr(), 200, 100).await;
+    let told = raw.recv().await;
+    assert!(
+        matches!(told, Some(ServerMessage::Session(SessionEvent::Expired))),
+        "{told:?}"
+    );
+    wait_for_children(&other, "/e", 0).await;
     server.stop().await;
 }
 

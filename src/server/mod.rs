@@ -129,6 +129,11 @@ struct Core {
     /// Queues that events were pushed to since the last `take_to_flush`:
     /// whoever applied writes them once the lock is dropped.
     to_flush: Vec<Arc<Outbound>>,
+    /// Closes whose sessions still own nodes: the connection's queue, with
+    /// a place held for the reply, and the reply, which goes out once the
+    /// session is gone (its client may rely on its ephemerals being
+    /// deleted when the close returns).
+    closing: HashMap<SessionId, (Arc<Outbound>, Bytes)>,
 }
 
 struct Attached {
@@ -168,6 +173,7 @@ impl Core {
             outcome,
             events,
             ended,
+            gone,
             forced,
         } = self.coordinator.apply(command, now_ms);
         forced.iter().for_each(log_forced);
@@ -218,7 +224,22 @@ impl Core {
                 }
             }
         }
+        for session in gone {
+            if let Some((outbound, reply)) = self.closing.remove(&session) {
+                outbound.fill(reply);
+                // Closed already by its task: this wakes it to write.
+                outbound.close(CloseReason::Done);
+            }
+        }
         outcome
+    }
+
+    /// Whether a tick now would find work the last one left over (see
+    /// `Coordinator::next_deadline_ms`).
+    fn backlog(&self, now_ms: u64) -> bool {
+        self.coordinator
+            .next_deadline_ms()
+            .is_some_and(|due| due <= now_ms)
     }
 }
 
@@ -306,6 +327,7 @@ impl Server {
                 last_now_ms: 0,
                 lease,
                 to_flush: Vec::new(),
+                closing: HashMap::new(),
             }),
             connection_slots: Arc::new(Semaphore::new(config.connections_max)),
             shutdown_at: std::sync::OnceLock::new(),
@@ -362,12 +384,17 @@ impl Server {
         // ended, writes what it has, and closes; a connection still in its
         // handshake sees the cancellation itself.
         let sessions = {
-            let core = shared.core.lock();
+            let mut core = shared.core.lock();
             for attached in core.connections.values() {
                 attached.outbound.push_last(
                     protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
                     CloseReason::ShuttingDown,
                 );
+            }
+            // Their nodes end with the server's memory.
+            for (_, (outbound, reply)) in core.closing.drain() {
+                outbound.fill(reply);
+                outbound.close(CloseReason::Done);
             }
             core.coordinator.session_count()
         };
@@ -512,7 +539,9 @@ impl RunningServer {
     }
 }
 
-/// Applies `Tick` every `tick_interval`.
+/// Applies `Tick` every `tick_interval`, and again at once, letting go of
+/// the coordinator between, while a tick leaves work over (each does a
+/// bounded amount: `step_deletes_max`).
 async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(shared.config.tick_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -520,12 +549,21 @@ async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
-                let now_ms = shared.clock.now_ms();
-                let mut core = shared.core.lock();
-                core.apply(Command::Tick, now_ms);
-                let queues = core.take_to_flush();
-                drop(core);
-                flush(queues);
+                // Bounded: every tick does work, and the work left shrinks
+                // unless clients add to it as fast.
+                loop {
+                    let now_ms = shared.clock.now_ms();
+                    let (more, queues) = {
+                        let mut core = shared.core.lock();
+                        core.apply(Command::Tick, now_ms);
+                        (core.backlog(now_ms), core.take_to_flush())
+                    };
+                    flush(queues);
+                    if !more || shutdown.is_cancelled() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
                 log_limit::report_folded();
             }
         }
@@ -760,7 +798,14 @@ impl Connection {
         if closed {
             let message = protocol::encode(&ServerMessage::Reply(reply));
             core.connections.remove(&self.session);
-            self.outbound.push_last(message, CloseReason::Done);
+            if core.coordinator.session_ending(self.session) {
+                // Its nodes go in later ticks; the reply waits for the last.
+                self.outbound.hold();
+                core.closing
+                    .insert(self.session, (self.outbound.clone(), message));
+            } else {
+                self.outbound.push_last(message, CloseReason::Done);
+            }
             let queues = core.take_to_flush();
             drop(core);
             flush(queues);

@@ -3,6 +3,7 @@
 //! output. Deterministic: no clock, no I/O, no randomness; time and secrets
 //! come in as arguments, so a replicated log can later drive it unchanged.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use latchkey_client::protocol::{
@@ -22,6 +23,8 @@ mod tests;
 mod tests_cache;
 #[cfg(test)]
 mod tests_deadlock;
+#[cfg(test)]
+mod tests_ending;
 #[cfg(test)]
 mod tests_grace;
 #[cfg(test)]
@@ -119,6 +122,17 @@ pub struct Config {
     /// so ~10 ms for a session at the limit (`cargo bench --bench ops`, the
     /// "waits behind" rows).
     pub waits_per_session_max: usize,
+    /// Most nodes one step deletes (or turns into zombies) on behalf of
+    /// ending sessions, expired sessions it ends, zombies, TTL nodes and
+    /// containers: a tick, or a close, does at most this much and leaves
+    /// the rest to the next tick, which the server runs at once, letting go
+    /// of the coordinator between. Default 1,000: about 1-2 ms of the
+    /// coordinator's time (a deletion with its watches and hand-over costs
+    /// about a microsecond), where closing a session with 100,000
+    /// ephemerals in one step held every other client for ~120 ms. One
+    /// session's waits go whole at the start of its end, so a step may go
+    /// over by up to `waits_per_session_max`.
+    pub step_deletes_max: usize,
 }
 
 impl Default for Config {
@@ -139,6 +153,7 @@ impl Default for Config {
             lock_delay_ms_max: 60_000,
             hold_ttl_ms_max: 7 * 24 * 60 * 60 * 1000,
             waits_per_session_max: 10_000,
+            step_deletes_max: 1_000,
         }
     }
 }
@@ -220,8 +235,13 @@ pub struct Output {
     /// Watch events, in the order they fired, each for one session.
     pub events: Vec<(SessionId, WatchEvent)>,
     /// Sessions that ended in this step, in the order they ended; their
-    /// connections should be told and closed.
+    /// connections should be told and closed. Their nodes may outlast the
+    /// step (see `gone`).
     pub ended: Vec<(SessionId, SessionEnd)>,
+    /// Sessions whose last node was deleted in this step, and which left
+    /// the session table with it: a close is complete once its session is
+    /// here.
+    pub gone: Vec<SessionId>,
     /// Forced deletes in this step that overrode an owner or a token, for
     /// the server to log with who asked.
     pub forced: Vec<Forced>,
@@ -261,6 +281,7 @@ pub enum ForcedNode {
 struct Effects {
     events: Vec<(SessionId, WatchEvent)>,
     ended: Vec<(SessionId, SessionEnd)>,
+    gone: Vec<SessionId>,
     forced: Vec<Forced>,
 }
 
@@ -271,6 +292,9 @@ pub struct Coordinator {
     tree: Tree,
     sessions: Sessions,
     watches: WatchTable,
+    /// Sessions that have ended and still own nodes, finished in id order
+    /// by later ticks.
+    ending: BTreeSet<SessionId>,
     zxid: Zxid,
     /// No lock node is granted before this time, if set: see
     /// [`Coordinator::pause_grants_until`].
@@ -297,6 +321,7 @@ impl Coordinator {
             tree: Tree::new(zxid_start),
             sessions: Sessions::default(),
             watches: WatchTable::default(),
+            ending: BTreeSet::new(),
             zxid: zxid_start,
             grants_paused_until_ms: None,
             lease_horizon_ms: 0,
@@ -337,6 +362,7 @@ impl Coordinator {
             outcome,
             events: fx.events,
             ended: fx.ended,
+            gone: fx.gone,
             forced: fx.forced,
         }
     }
@@ -350,9 +376,12 @@ impl Coordinator {
     /// The earliest time at which a `Tick` could change anything (a session
     /// deadline, a TTL deadline or the end of a lock-delay), if any; empty
     /// containers are reaped at every tick. May be in the past (then tick
-    /// now).
+    /// now): it is 0 while an ending session or an empty container is left
+    /// from a tick that ran out of its `Config::step_deletes_max`.
     pub fn next_deadline_ms(&self) -> Option<u64> {
+        let backlog = !self.ending.is_empty() || self.tree.has_empty_container();
         [
+            backlog.then_some(0),
             self.sessions.next_deadline_ms(),
             self.tree.next_ttl_deadline_ms(),
             self.tree.next_zombie_deadline_ms(),
@@ -412,7 +441,9 @@ impl Coordinator {
         self.tree.zombie_count()
     }
 
-    /// Number of live sessions.
+    /// Number of sessions in the table: live ones, and ended ones whose
+    /// nodes are still being deleted (both count against
+    /// `Config::sessions_max`).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -430,7 +461,13 @@ impl Coordinator {
 
     /// Whether `session` is alive (opened, and not closed or expired).
     pub fn session_alive(&self, session: SessionId) -> bool {
-        self.sessions.contains(session)
+        self.sessions.alive(session)
+    }
+
+    /// Whether `session` has ended but still owns nodes that later ticks
+    /// delete; it leaves through `Output::gone`.
+    pub fn session_ending(&self, session: SessionId) -> bool {
+        self.ending.contains(&session)
     }
 
     /// The number of watches `session` holds (0 for an unknown session).
@@ -515,8 +552,22 @@ impl Coordinator {
             }
         }
         self.check_locks()?;
+        for (id, session) in self.sessions.iter() {
+            if session.ending.is_some() != self.ending.contains(id) {
+                return Err(format!(
+                    "session {id} is ending: {:?}, but in the ending set: {}",
+                    session.ending,
+                    self.ending.contains(id)
+                ));
+            }
+        }
+        if let Some(missing) = self.ending.iter().find(|&&s| !self.sessions.contains(s)) {
+            return Err(format!(
+                "ending session {missing} is not in the session table"
+            ));
+        }
         for (path, kind, session) in self.watches.iter() {
-            if !self.sessions.contains(session) {
+            if !self.sessions.alive(session) {
                 return Err(format!(
                     "{kind:?} watch on {path} belongs to dead session {session}"
                 ));
@@ -585,7 +636,7 @@ impl Coordinator {
         now_ms: u64,
     ) -> Result<SessionGrant, ErrorReply> {
         let grant = match self.sessions.get(session) {
-            Some(s) if s.secret == *secret => SessionGrant {
+            Some(s) if s.secret == *secret && s.ending.is_none() => SessionGrant {
                 session,
                 secret: s.secret.clone(),
                 timeout_ms: s.timeout_ms,
@@ -603,18 +654,71 @@ impl Coordinator {
         Ok(grant)
     }
 
-    /// Ends a session: deletes its ephemerals (oldest first, a zxid and
-    /// events each), drops its watches, then removes it with one more zxid.
-    /// On expiry, its granted lock nodes with a lock-delay are not deleted
-    /// but left ownerless and holding until the delay has passed: the holder
-    /// may be cut off from the server, not dead, and still finishing its
-    /// work. A close is the holder's own word that it is done: no delay.
-    fn end_session(&mut self, session: SessionId, why: SessionEnd, now_ms: u64, fx: &mut Effects) {
-        let keys: Vec<usize> = match self.sessions.get(session) {
-            Some(s) => s.ephemerals.values().copied().collect(),
-            None => return,
+    /// Ends a session, and returns what that cost against
+    /// `Config::step_deletes_max` (1, plus its waits). From here on the
+    /// session answers no request, cannot be resumed, expires no more, gets
+    /// no event and is in no wait: its watches and cached replies are
+    /// dropped and its waiting lock nodes deleted (oldest first, a zxid
+    /// and events each), all in this step, so that no queue grants it
+    /// anything again and no deadlock search passes through it. Its other
+    /// ephemerals go later, a bounded number per step (see
+    /// [`Coordinator::finish_ending`]). A session already ending costs
+    /// nothing.
+    fn end_session(
+        &mut self,
+        session: SessionId,
+        why: SessionEnd,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> usize {
+        let waits: Vec<usize> = match self.sessions.get(session) {
+            Some(s) if s.ending.is_none() => s.waiting.values().copied().collect(),
+            _ => return 0,
         };
-        for key in keys {
+        self.watches.drop_session(session);
+        self.sessions.end(session, why);
+        // Deleted after the end is marked: the session's own delete, so
+        // that it is told of none of them.
+        for &key in &waits {
+            let zxid = self.next_zxid();
+            self.delete_node(key, zxid, Some(session), now_ms, fx);
+        }
+        self.ending.insert(session);
+        fx.ended.push((session, why));
+        waits.len().saturating_add(1)
+    }
+
+    /// Spends up to `*left` on an ending session: deleting its remaining
+    /// ephemerals, oldest first, one each, and once none is left removing
+    /// the session, one more (with a zxid), which reports it in
+    /// `Output::gone`. After an expiry, a granted lock node with a
+    /// lock-delay is not deleted but left ownerless and holding until the
+    /// delay has passed: the holder may be cut off from the server, not
+    /// dead, and still finishing its work. A close is the holder's own word
+    /// that it is done: no delay.
+    fn finish_ending(
+        &mut self,
+        session: SessionId,
+        left: &mut usize,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) {
+        let Some(why) = self.sessions.get(session).and_then(|s| s.ending) else {
+            return;
+        };
+        while *left > 0 {
+            *left -= 1;
+            let Some(key) = self
+                .sessions
+                .get(session)
+                .and_then(|s| s.ephemerals.values().next().copied())
+            else {
+                self.next_zxid();
+                self.sessions.remove(session);
+                self.ending.remove(&session);
+                fx.gone.push(session);
+                return;
+            };
             let delay_ms = self
                 .tree
                 .node(key)
@@ -632,10 +736,14 @@ impl Coordinator {
                 }
             }
         }
-        self.watches.drop_session(session);
-        self.next_zxid();
-        self.sessions.remove(session);
-        fx.ended.push((session, why));
+    }
+
+    /// A close: ends the session and deletes as much of what it owns as
+    /// one step allows; later ticks finish it.
+    fn close_session(&mut self, session: SessionId, now_ms: u64, fx: &mut Effects) {
+        let cost = self.end_session(session, SessionEnd::Closed, now_ms, fx);
+        let mut left = self.config.step_deletes_max.saturating_sub(cost);
+        self.finish_ending(session, &mut left, now_ms, fx);
     }
 
     /// Takes the granted lock node `key` from its owner `session` and keeps
@@ -651,11 +759,26 @@ impl Coordinator {
         self.tree.zombify(key, freed_at_ms);
     }
 
-    /// Expires overdue sessions, then deletes zombies whose lock-delay is
-    /// over, due TTL nodes, and empty containers.
+    /// Within one step's `Config::step_deletes_max`: ends overdue sessions
+    /// (earliest deadline first, then by id), then finishes ending sessions (in id order), then
+    /// deletes zombies whose lock-delay is over, due TTL nodes, and empty
+    /// containers. What does not fit is left for the next tick, and
+    /// `next_deadline_ms` says so.
     fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
-        for session in self.sessions.expired(now_ms) {
-            self.end_session(session, SessionEnd::Expired, now_ms, fx);
+        let mut left = self.config.step_deletes_max;
+        // Each costs at least 1: no more than `left` can be ended.
+        for session in self.sessions.expired(now_ms, left) {
+            if left == 0 {
+                break;
+            }
+            left = left.saturating_sub(self.end_session(session, SessionEnd::Expired, now_ms, fx));
+        }
+        // Bounded: each pass spends from `left`.
+        while left > 0 {
+            let Some(&session) = self.ending.first() else {
+                break;
+            };
+            self.finish_ending(session, &mut left, now_ms, fx);
         }
         if self
             .grants_paused_until_ms
@@ -664,21 +787,35 @@ impl Coordinator {
             self.grants_paused_until_ms = None;
             self.grant_all_queues(now_ms, fx);
         }
-        // Bounded by the zombie index: every pop removes an entry, and a
-        // deletion adds none.
-        while let Some(key) = self.tree.pop_due_zombie(now_ms) {
+        // Bounded by `left`, and by the zombie index: every pop removes an
+        // entry, and a deletion adds none.
+        while left > 0 {
+            let Some(key) = self.tree.pop_due_zombie(now_ms) else {
+                break;
+            };
+            left -= 1;
             let zxid = self.next_zxid();
             self.delete_node(key, zxid, None, now_ms, fx);
         }
-        // Bounded by the TTL index: every pop removes an entry, and a
-        // deletion re-adds at most its parent, which is then one node fewer.
-        while let Some(key) = self.tree.pop_expired_ttl(now_ms) {
+        // Bounded by `left`, and by the TTL index: every pop removes an
+        // entry, and a deletion re-adds at most its parent, which is then
+        // one node fewer.
+        while left > 0 {
+            let Some(key) = self.tree.pop_expired_ttl(now_ms) else {
+                break;
+            };
+            left -= 1;
             let zxid = self.next_zxid();
             self.delete_node(key, zxid, None, now_ms, fx);
         }
         // Deleting a container may empty its parent container, which is
-        // queued and reaped in this same loop: a chain goes in one tick.
-        while let Some(key) = self.tree.pop_empty_container() {
+        // queued and reaped in this same loop: a chain goes in one tick if
+        // `left` allows.
+        while left > 0 {
+            let Some(key) = self.tree.pop_empty_container() else {
+                break;
+            };
+            left -= 1;
             let zxid = self.next_zxid();
             self.delete_node(key, zxid, None, now_ms, fx);
         }
@@ -721,7 +858,7 @@ impl Coordinator {
         // session's end) tells it nothing.
         let tell_owner = node.owner.filter(|&owner| {
             by != Some(owner)
-                && self.sessions.contains(owner)
+                && self.sessions.alive(owner)
                 && !fired.iter().any(|(s, e)| {
                     *s == owner && e.kind == WatchEventKind::NodeDeleted && e.path == node.path
                 })

@@ -16,9 +16,7 @@ use latchkey_client::protocol::{
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
-use super::{
-    session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode, SessionEnd,
-};
+use super::{session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -30,7 +28,7 @@ impl Coordinator {
         now_ms: u64,
         fx: &mut Effects,
     ) -> Reply {
-        let Some(s) = self.sessions.get(session) else {
+        let Some(s) = self.sessions.get(session).filter(|s| s.ending.is_none()) else {
             return Reply {
                 xid,
                 zxid: self.zxid,
@@ -198,7 +196,7 @@ impl Coordinator {
                 lock,
             } => self.set_watches(session, last_zxid, [&data, &exist, &child, &lock], fx),
             Op::CloseSession => {
-                self.end_session(session, SessionEnd::Closed, now_ms, fx);
+                self.close_session(session, now_ms, fx);
                 Ok(OpResult::Done)
             }
         }

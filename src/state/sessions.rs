@@ -8,6 +8,8 @@ use latchkey_client::protocol::{
     limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, WaitEdge, Xid, Zxid,
 };
 
+use super::SessionEnd;
+
 /// Most bytes (by `reply_bytes`) one session's reply cache holds, beyond its
 /// newest reply. The count bound alone let a window of 128 big multi replies
 /// (each up to ~1.2 MB: `MULTI_OPS_MAX` creates with `PATH_BYTES_MAX`
@@ -102,6 +104,12 @@ pub(crate) struct Session {
     /// the deadlock search reads to find the sessions that wait for it, so
     /// that this costs in proportion to its locks, not to its ephemerals.
     pub(crate) held: BTreeMap<Zxid, usize>,
+    /// Set once the session has ended (closed or expired) while its nodes
+    /// are still being deleted, a bounded number per step (see
+    /// `Coordinator::end_session`). An ending session has no deadline, no
+    /// waits, no watches and no cached replies; it answers no request and
+    /// cannot be resumed.
+    pub(crate) ending: Option<SessionEnd>,
 }
 
 impl Session {
@@ -256,7 +264,7 @@ impl Session {
 #[derive(Default)]
 pub(crate) struct Sessions {
     table: BTreeMap<SessionId, Session>,
-    /// `(deadline_ms, session)` for every live session.
+    /// `(deadline_ms, session)` for every live session that is not ending.
     deadlines: BTreeSet<(u64, SessionId)>,
     /// The sum of every session's `replies_bytes`, which
     /// `Config::reply_cache_bytes_max` bounds.
@@ -318,6 +326,7 @@ impl Sessions {
             waiting: BTreeMap::new(),
             held_delay_ms_max: None,
             held: BTreeMap::new(),
+            ending: None,
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);
@@ -330,6 +339,25 @@ impl Sessions {
         Some(session)
     }
 
+    /// Whether `id` is a session that has not ended: one that requests,
+    /// resumes, events and expiry apply to.
+    pub(crate) fn alive(&self, id: SessionId) -> bool {
+        self.table.get(&id).is_some_and(|s| s.ending.is_none())
+    }
+
+    /// Marks `id` as ending for `why`: out of the deadline index, its reply
+    /// cache dropped (no request of it is answered again), and no later
+    /// change to either.
+    pub(crate) fn end(&mut self, id: SessionId, why: SessionEnd) {
+        self.change_cache(id, |s| s.drop_range(0..s.replies.len()));
+        if let Some(session) = self.table.get_mut(&id) {
+            if session.ending.is_none() {
+                self.deadlines.remove(&(session.deadline_ms(), id));
+                session.ending = Some(why);
+            }
+        }
+    }
+
     /// The bytes all sessions' reply caches hold, by `reply_bytes`.
     pub(crate) fn replies_bytes(&self) -> usize {
         self.replies_bytes
@@ -338,7 +366,7 @@ impl Sessions {
     /// Applies `change` to the reply cache of `id` (if live) and keeps the
     /// total and the two indexes in step: the one way the caches change.
     fn change_cache(&mut self, id: SessionId, change: impl FnOnce(&mut Session)) {
-        let Some(s) = self.table.get_mut(&id) else {
+        let Some(s) = self.table.get_mut(&id).filter(|s| s.ending.is_none()) else {
             return;
         };
         let (unpinned, pinned) = (s.unpinned_bytes(), s.pinned_bytes);
@@ -410,23 +438,23 @@ impl Sessions {
 
     /// Records that the session was heard from at `now_ms`.
     pub(crate) fn touch(&mut self, id: SessionId, now_ms: u64) {
-        if let Some(session) = self.table.get_mut(&id) {
+        if let Some(session) = self.table.get_mut(&id).filter(|s| s.ending.is_none()) {
             self.deadlines.remove(&(session.deadline_ms(), id));
             session.last_heard_ms = now_ms;
             self.deadlines.insert((session.deadline_ms(), id));
         }
     }
 
-    /// Sessions whose deadline has passed at `now_ms`, in SessionId order.
-    pub(crate) fn expired(&self, now_ms: u64) -> Vec<SessionId> {
-        let mut due: Vec<SessionId> = self
-            .deadlines
+    /// Up to `max` sessions whose deadline has passed at `now_ms`, earliest
+    /// deadline first (then by SessionId): found in `max` steps however
+    /// many are due.
+    pub(crate) fn expired(&self, now_ms: u64, max: usize) -> Vec<SessionId> {
+        self.deadlines
             .iter()
             .take_while(|(deadline_ms, _)| *deadline_ms <= now_ms)
+            .take(max)
             .map(|&(_, id)| id)
-            .collect();
-        due.sort_unstable();
-        due
+            .collect()
     }
 
     pub(crate) fn next_deadline_ms(&self) -> Option<u64> {
@@ -485,16 +513,23 @@ impl Sessions {
                 "the reply caches hold {total} bytes; the budget is {total_bytes_max}"
             ));
         }
-        if self.deadlines.len() != self.table.len() {
+        let live = self.table.values().filter(|s| s.ending.is_none()).count();
+        if self.deadlines.len() != live {
             return Err(format!(
-                "{} session deadlines for {} sessions",
+                "{} session deadlines for {live} sessions that have not ended",
                 self.deadlines.len(),
-                self.table.len()
             ));
         }
         for (id, session) in &self.table {
-            if !self.deadlines.contains(&(session.deadline_ms(), *id)) {
+            if session.ending.is_none() && !self.deadlines.contains(&(session.deadline_ms(), *id)) {
                 return Err(format!("session {id} is missing from the deadline index"));
+            }
+            if session.ending.is_some()
+                && !(session.replies.is_empty() && session.waiting.is_empty())
+            {
+                return Err(format!(
+                    "session {id} has ended but still has cached replies or waits"
+                ));
             }
             if id.0 > zxid.0 {
                 return Err(format!("session {id} is above the latest zxid {zxid}"));

@@ -85,6 +85,7 @@ pub(super) fn config() -> Config {
         lock_delay_ms_max: 60_000,
         hold_ttl_ms_max: 3_600_000,
         waits_per_session_max: 64,
+        step_deletes_max: 1_000,
     }
 }
 
@@ -1514,14 +1515,19 @@ fn any_request_keeps_a_session_alive() {
 }
 
 #[test]
-fn sessions_expire_in_id_order() {
+fn sessions_expire_earliest_deadline_first_then_in_id_order() {
     let mut h = Harness::new();
     let a = h.open_with(2_000, "a").expect("open").session;
     let b = h.open_with(1_000, "b").expect("open").session;
+    let c = h.open_with(1_000, "c").expect("open").session;
     let out = h.tick(5_000);
     assert_eq!(
         out.ended,
-        vec![(a, SessionEnd::Expired), (b, SessionEnd::Expired)]
+        vec![
+            (b, SessionEnd::Expired),
+            (c, SessionEnd::Expired),
+            (a, SessionEnd::Expired)
+        ]
     );
 }
 

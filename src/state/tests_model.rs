@@ -63,6 +63,9 @@ const HOLD_TTL_MS_MAX: u64 = 500;
 const CHILDREN_PAGE_MAX: usize = 2;
 /// Small, so that a session's waits reach the limit now and then.
 const WAITS_PER_SESSION_MAX: usize = 2;
+/// Small, so that a session's end often takes several steps, with other
+/// sessions' requests between them.
+const STEP_DELETES_MAX: usize = 3;
 /// All sessions' cached replies hold at most this many fixed costs of a
 /// reply (a few of them longer error messages): small, so that the budget
 /// drops replies now and then.
@@ -86,6 +89,7 @@ fn config(reply_fixed_bytes: usize) -> Config {
         hold_ttl_ms_max: HOLD_TTL_MS_MAX,
         children_page_max: CHILDREN_PAGE_MAX,
         waits_per_session_max: WAITS_PER_SESSION_MAX,
+        step_deletes_max: STEP_DELETES_MAX,
         ..super::tests::config()
     }
 }
@@ -181,6 +185,9 @@ struct ModelSession {
     /// Once the session was granted a lock node: the longest lock-delay of
     /// those it was granted.
     held_delay_ms_max: Option<u64>,
+    /// Set when the session ended while it still owned nodes: it answers
+    /// nothing, has no deadline, and goes once its nodes are gone.
+    ending: Option<SessionEnd>,
 }
 
 impl ModelSession {
@@ -252,9 +259,11 @@ struct Model {
     /// The fixed cost of a cached reply, and the budget of all of them.
     reply_fixed_bytes: usize,
     reply_budget_bytes: usize,
-    /// This step's watch events and ended sessions.
+    /// This step's watch events, ended sessions, and sessions that left
+    /// the table.
     events: Vec<(SessionId, WatchEvent)>,
     ended: Vec<(SessionId, SessionEnd)>,
+    gone: Vec<SessionId>,
     /// A fresh write of this step whose reply is cached once the driver has
     /// it whole (its message is the coordinator's): session and xid.
     to_cache: Option<(SessionId, u64)>,
@@ -342,6 +351,7 @@ impl Model {
             reply_budget_bytes,
             events: Vec::new(),
             ended: Vec::new(),
+            gone: Vec::new(),
             to_cache: None,
             replayed: None,
             notes: Vec::new(),
@@ -581,10 +591,7 @@ impl Model {
             })
         };
         let tell = node.owner.filter(|&owner| {
-            node.lock.is_some()
-                && by != Some(owner)
-                && self.sessions.contains_key(&owner)
-                && !told(owner)
+            node.lock.is_some() && by != Some(owner) && self.alive(owner) && !told(owner)
         });
         self.events.extend(fired);
         if let Some(owner) = tell {
@@ -634,6 +641,7 @@ impl Model {
                 replies: Vec::new(),
                 pinned_through: 0,
                 held_delay_ms_max: None,
+                ending: None,
             },
         );
         Answer::Session(Ok(SessionGrant {
@@ -659,7 +667,7 @@ impl Model {
         let Some(s) = self
             .sessions
             .get_mut(&session)
-            .filter(|s| s.secret == secret.0)
+            .filter(|s| s.secret == secret.0 && s.ending.is_none())
         else {
             return Answer::Session(Err(ErrorCode::SessionExpired));
         };
@@ -678,12 +686,15 @@ impl Model {
         Answer::Session(Ok(grant))
     }
 
-    /// Deletes the session's ephemerals, oldest first (its own watches on
-    /// them fire too), then forgets its watches; the end itself takes one
-    /// more zxid. On expiry, a lock node it holds (by then) with a
-    /// lock-delay stays, ownerless and holding, until the delay has passed:
-    /// its holder may be cut off rather than dead.
-    fn end_session(&mut self, session: SessionId, why: SessionEnd, now_ms: u64) {
+    /// Whether the session is in the table and has not ended.
+    fn alive(&self, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.ending.is_none())
+    }
+
+    /// The nodes the session owns, oldest first.
+    fn owned(&self, session: SessionId) -> Vec<String> {
         let mut owned: Vec<(Zxid, String)> = self
             .nodes
             .iter()
@@ -691,7 +702,55 @@ impl Model {
             .map(|(p, n)| (n.czxid, p.clone()))
             .collect();
         owned.sort();
-        for (_, path) in owned {
+        owned.into_iter().map(|(_, path)| path).collect()
+    }
+
+    /// Ends a live session: its watches and cached replies go, then its
+    /// waiting lock nodes are deleted, oldest first, and it answers nothing
+    /// more. Returns the cost against the step's budget: 1 and its waits.
+    fn end_session(&mut self, session: SessionId, why: SessionEnd, now_ms: u64) -> usize {
+        if !self.alive(session) {
+            return 0;
+        }
+        self.watches.retain(|(w, _, _)| *w != session);
+        let s = self.sessions.get_mut(&session).expect("alive");
+        s.ending = Some(why);
+        s.replies.clear();
+        s.pinned_through = 0;
+        let waits: Vec<String> = self
+            .owned(session)
+            .into_iter()
+            .filter(|p| {
+                self.nodes[p]
+                    .lock
+                    .as_ref()
+                    .is_some_and(|l| l.granted.is_none())
+            })
+            .collect();
+        if !waits.is_empty() {
+            self.notes.push("a session's waits went at its end");
+        }
+        for path in &waits {
+            self.remove(path, Some(session), now_ms);
+        }
+        self.ended.push((session, why));
+        waits.len() + 1
+    }
+
+    /// Spends up to `left` on an ending session: one for each of its nodes,
+    /// oldest first, then one to remove it, with a zxid. On expiry a lock
+    /// node it holds with a lock-delay stays, ownerless and holding, until
+    /// the delay has passed: its holder may be cut off rather than dead.
+    fn finish_ending(&mut self, session: SessionId, left: &mut usize, now_ms: u64) {
+        let Some(why) = self.sessions.get(&session).and_then(|s| s.ending) else {
+            return;
+        };
+        for path in self.owned(session) {
+            if *left == 0 {
+                self.notes.push("a session's end took more than one step");
+                return;
+            }
+            *left -= 1;
             let delay_ms = self.nodes[&path]
                 .lock
                 .as_ref()
@@ -705,10 +764,14 @@ impl Model {
                 _ => self.remove(&path, Some(session), now_ms),
             }
         }
-        self.watches.retain(|(w, _, _)| *w != session);
+        if *left == 0 {
+            self.notes.push("a session's end took more than one step");
+            return;
+        }
+        *left -= 1;
         self.next_zxid();
         self.sessions.remove(&session);
-        self.ended.push((session, why));
+        self.gone.push(session);
     }
 
     /// Takes a granted lock node from its owner: ownerless and holding
@@ -720,23 +783,40 @@ impl Model {
         node.owner = None;
     }
 
-    /// Expires sessions not heard from for longer than their timeout (in id
-    /// order), then frees zombies whose lock-delay is over (in that order,
-    /// then by czxid), then removes childless TTL nodes whose TTL has run
-    /// out since their last write (earliest deadline first), then
-    /// containers that had children and have none (oldest first; a reaped
-    /// container may empty its parent, which goes in the same tick).
+    /// Within `STEP_DELETES_MAX`: ends sessions not heard from for longer
+    /// than their timeout (earliest deadline first, then by id; 1 each and
+    /// their waits), then finishes ending sessions (in id order), then
+    /// frees zombies whose lock-delay is over (in that order, then by
+    /// czxid), then removes childless TTL nodes whose TTL has run out since
+    /// their last write (earliest deadline first), then containers that had
+    /// children and have none (oldest first; a reaped container may empty
+    /// its parent, which goes in the same tick if the budget allows); 1 a
+    /// node.
     fn tick(&mut self, now_ms: u64) -> Answer {
-        let due: Vec<SessionId> = self
+        let mut left = STEP_DELETES_MAX;
+        let mut due: Vec<(u64, SessionId)> = self
             .sessions
             .iter()
-            .filter(|(_, s)| now_ms >= s.deadline_ms())
-            .map(|(id, _)| *id)
+            .filter(|(_, s)| s.ending.is_none() && now_ms >= s.deadline_ms())
+            .map(|(id, s)| (s.deadline_ms(), *id))
             .collect();
-        for session in due {
-            self.end_session(session, SessionEnd::Expired, now_ms);
+        due.sort();
+        for (_, session) in due {
+            if left == 0 {
+                self.notes.push("a tick left expiries for the next");
+                break;
+            }
+            left = left.saturating_sub(self.end_session(session, SessionEnd::Expired, now_ms));
+        }
+        while left > 0 {
+            let ending = self.sessions.iter().find(|(_, s)| s.ending.is_some());
+            let Some((&session, _)) = ending else { break };
+            self.finish_ending(session, &mut left, now_ms);
         }
         loop {
+            if left == 0 {
+                break;
+            }
             let next = self
                 .nodes
                 .iter()
@@ -746,10 +826,14 @@ impl Model {
                 })
                 .min();
             let Some((_, _, path)) = next else { break };
+            left -= 1;
             self.remove(&path, None, now_ms);
             self.notes.push("zombie freed");
         }
         loop {
+            if left == 0 {
+                break;
+            }
             let next = self
                 .nodes
                 .iter()
@@ -760,10 +844,14 @@ impl Model {
                 })
                 .min();
             let Some((_, _, path)) = next else { break };
+            left -= 1;
             self.remove(&path, None, now_ms);
             self.notes.push("ttl node removed");
         }
         loop {
+            if left == 0 {
+                break;
+            }
             let next = self
                 .nodes
                 .iter()
@@ -773,6 +861,7 @@ impl Model {
                 .map(|(p, n)| (n.czxid, p.clone()))
                 .min();
             let Some((_, path)) = next else { break };
+            left -= 1;
             self.remove(&path, None, now_ms);
             self.notes.push("container reaped");
         }
@@ -784,7 +873,11 @@ impl Model {
     /// reply is kept there, is run again if it is a read, and otherwise
     /// fails with RetryUnknown, not applied.
     fn request(&mut self, session: SessionId, xid: Xid, op: &Op, now_ms: u64) -> Answer {
-        let Some(s) = self.sessions.get_mut(&session) else {
+        let Some(s) = self
+            .sessions
+            .get_mut(&session)
+            .filter(|s| s.ending.is_none())
+        else {
             return Answer::Reply {
                 xid,
                 zxid: self.zxid,
@@ -874,7 +967,11 @@ impl Model {
             return;
         };
         let bytes = self.reply_bytes(full);
-        if let Some(s) = self.sessions.get_mut(&session) {
+        if let Some(s) = self
+            .sessions
+            .get_mut(&session)
+            .filter(|s| s.ending.is_none())
+        {
             s.replies.push(Cached {
                 xid,
                 full: full.clone(),
@@ -1014,7 +1111,13 @@ impl Model {
                 .set_watches(session, last_zxid, [&data, &exist, &child, &lock])
                 .map_err(no_index),
             Op::CloseSession => {
-                self.end_session(session, SessionEnd::Closed, now_ms);
+                let cost = self.end_session(session, SessionEnd::Closed, now_ms);
+                let mut left = STEP_DELETES_MAX.saturating_sub(cost);
+                self.finish_ending(session, &mut left, now_ms);
+                if !self.gone.contains(&session) {
+                    self.notes
+                        .push("a close answered before its nodes were gone");
+                }
                 Ok(OpResult::Done)
             }
         }
@@ -1715,6 +1818,7 @@ impl Model {
     fn apply(&mut self, command: &Command, now_ms: u64) -> Answer {
         self.events.clear();
         self.ended.clear();
+        self.gone.clear();
         self.notes.clear();
         self.to_cache = None;
         self.replayed = None;
@@ -1738,11 +1842,17 @@ impl Model {
             .collect()
     }
 
-    /// Session -> (timeout, first instant a tick expires it).
-    fn session_table(&self) -> BTreeMap<SessionId, (u64, u64)> {
+    /// Session -> (timeout, first instant a tick expires it, or why it
+    /// ended if it is ending).
+    fn session_table(&self) -> BTreeMap<SessionId, (u64, Result<u64, SessionEnd>)> {
         self.sessions
             .iter()
-            .map(|(id, s)| (*id, (s.timeout_ms, s.deadline_ms())))
+            .map(|(id, s)| {
+                (
+                    *id,
+                    (s.timeout_ms, s.ending.map_or(Ok(s.deadline_ms()), Err)),
+                )
+            })
             .collect()
     }
 
@@ -1760,9 +1870,13 @@ impl Model {
     }
 
     /// The first instant at which a tick would expire a session, free a
-    /// zombie or remove a TTL node (empty containers go at any tick).
+    /// zombie or remove a TTL node (empty containers go at any tick); 0
+    /// while a session is ending.
     fn next_deadline_ms(&self) -> Option<u64> {
-        let sessions = self.sessions.values().map(ModelSession::deadline_ms);
+        let sessions = self.sessions.values().map(|s| match s.ending {
+            Some(_) => 0,
+            None => s.deadline_ms(),
+        });
         let nodes = self.nodes.iter().filter_map(|(p, n)| {
             if let Some(freed_at_ms) = n.lock.as_ref().and_then(|l| l.freed_at_ms) {
                 return Some(freed_at_ms);
@@ -1807,10 +1921,15 @@ fn real_watches(c: &Coordinator) -> BTreeSet<(SessionId, String, WatchKind)> {
         .collect()
 }
 
-fn real_sessions(c: &Coordinator) -> BTreeMap<SessionId, (u64, u64)> {
+fn real_sessions(c: &Coordinator) -> BTreeMap<SessionId, (u64, Result<u64, SessionEnd>)> {
     c.sessions
         .iter()
-        .map(|(id, s)| (*id, (s.timeout_ms, s.deadline_ms())))
+        .map(|(id, s)| {
+            (
+                *id,
+                (s.timeout_ms, s.ending.map_or(Ok(s.deadline_ms()), Err)),
+            )
+        })
         .collect()
 }
 
@@ -2812,7 +2931,7 @@ fn resolve(step: &Step, model: &Model, clients: &mut Clients, now_ms: &mut u64) 
         }
         Step::Deadline { early } => {
             if let Some(deadline_ms) = model.next_deadline_ms() {
-                *now_ms = (*now_ms).max(deadline_ms - u64::from(*early));
+                *now_ms = (*now_ms).max(deadline_ms.saturating_sub(u64::from(*early)));
             }
             Some(Command::Tick)
         }
@@ -2966,6 +3085,12 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
                 model.ended, output.ended
             ));
         }
+        if model.gone != output.gone {
+            return fail(format!(
+                "sessions gone: model {:?}, coordinator {:?}",
+                model.gone, output.gone
+            ));
+        }
         if let Err(broken) = c.check_invariants() {
             return fail(format!("invariant broken: {broken}"));
         }
@@ -3082,8 +3207,10 @@ fn count(tally: &mut Tally, command: &Command, answer: &Answer, model: &Model) {
 }
 
 /// A few seconds in a debug build (`cargo test -p latchkey --lib
-/// state::tests_model`: 6.4 s on two cores shared with other work).
-const CASES_DEFAULT: u32 = 300;
+/// state::tests_model`). 500 rather than 300 since ends take several
+/// steps: ending sessions hold their slots under `SESSIONS_MAX` longer, and
+/// several grants by one write became half as common.
+const CASES_DEFAULT: u32 = 500;
 
 /// How often each outcome the coverage check names must be reached at the
 /// default count.
@@ -3146,6 +3273,11 @@ fn sessions_watches_and_writes_match_a_reference_model() {
             "forced delete of a hold without its token",
             "zombie made",
             "zombie freed",
+            // Ends in bounded steps.
+            "a session's waits went at its end",
+            "a session's end took more than one step",
+            "a close answered before its nodes were gone",
+            "a tick left expiries for the next",
             "Deadlock",
             "deadlock on itself",
             "deadlock across sessions",

@@ -87,6 +87,9 @@ fn small_config() -> Config {
         lock_delay_ms_max: 400,
         hold_ttl_ms_max: 5_000,
         waits_per_session_max: 3,
+        // Below what a session often owns here, so that ends take several
+        // ticks and other sessions' requests come between them.
+        step_deletes_max: 3,
     }
 }
 
