@@ -11,15 +11,17 @@
 //! each workload (by p50) is printed.
 //!
 //! A second table, once per run, gives the pauses the default limits allow:
-//! a lock create's deadlock check behind a session waiting in 0, 1,000,
-//! 10,000 (the default limit) and 20,000 queues (and, as the check's known worst case, by a caller that a
-//! session with as many waits waits for); one page of a listing; a whole
-//! listing of 100,000 children; and another client's `get` while that
-//! listing runs over and over, whose max is the longest pause a listing
-//! causes; the close of a session owning 100,000 ephemeral nodes, and
-//! another client's `get` while it runs, whose max is the longest pause a
-//! close causes. The server allows 20,001 waits per session here (default
-//! 10,000) so that the 20,000 row can be built.
+//! a lock create's deadlock check behind a session waiting in 0, 1,000
+//! (the default limit), 10,000 and 20,000 queues (and, as the check's known
+//! worst case, by a caller that a session with as many waits waits for),
+//! and the close of that session, whose waits go in one step; one page of
+//! a listing; a whole listing of 100,000 children; another client's `get`
+//! while that listing runs over and over, whose max is the longest pause a
+//! listing causes; the close of a session owning 100,000 ephemeral nodes,
+//! and another client's `get` while it runs, whose max is the longest pause
+//! a close causes; and the close of a session holding 65,536 watches (the
+//! most a session may), dropped in one step. The server allows 20,001 waits per session here (default
+//! 1,000) so that the larger rows can be built.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -349,35 +351,49 @@ async fn waiting_in(addr: &str, holder: &Client, n: usize, base: &str) -> Client
 
 /// The deadlock check's cost: a create by a caller that holds a lock of its
 /// own, queued behind a session that waits in W queues, for W = 0, 1,000
-/// and 20,000; then the same with a session of W waits also queued behind
-/// the caller, so that both ends of the search are large (its known worst
-/// case). Only the create is timed; each is deleted after.
+/// (the default limit), 10,000 and 20,000; then the same with a session of
+/// W waits also queued behind the caller, so that both ends of the search
+/// are large (its known worst case). Only the create is timed; each is
+/// deleted after. Then the close of the session waiting in W queues: its
+/// waits go in the close's first step, the pause that ending it causes.
 async fn deadlock_runs(addr: &str, ops: u64) -> Vec<Run> {
-    let rows: [(usize, &'static str, &'static str); 4] = [
+    let rows: [(usize, [&'static str; 3]); 4] = [
         (
             0,
-            "deadlock check, 0 waits ahead",
-            "  and 0 waits behind caller",
+            [
+                "deadlock check, 0 waits ahead",
+                "  and 0 waits behind caller",
+                "  close of the 0-wait session",
+            ],
         ),
         (
             1_000,
-            "deadlock check, 1,000 waits ahead",
-            "  and 1,000 waits behind",
+            [
+                "deadlock check, 1,000 waits ahead",
+                "  and 1,000 waits behind",
+                "  close of a 1,000-wait session",
+            ],
         ),
         (
             10_000,
-            "deadlock check, 10,000 waits ahead",
-            "  and 10,000 waits behind",
+            [
+                "deadlock check, 10,000 waits ahead",
+                "  and 10,000 waits behind",
+                "  close of a 10,000-wait session",
+            ],
         ),
         (
             WAITS_MAX,
-            "deadlock check, 20,000 waits ahead",
-            "  and 20,000 waits behind",
+            [
+                "deadlock check, 20,000 waits ahead",
+                "  and 20,000 waits behind",
+                "  close of a 20,000-wait session",
+            ],
         ),
     ];
     let holder = connect(addr).await;
     let mut runs = Vec::new();
-    for (waits, name, both_name) in rows {
+    for (waits, [name, both_name, close_name]) in rows {
         let base = format!("/deadlock-{waits}");
         let busy = waiting_in(addr, &holder, waits, &format!("{base}/busy-waits")).await;
         let ahead = format!("{base}/ahead");
@@ -391,7 +407,12 @@ async fn deadlock_runs(addr: &str, ops: u64) -> Vec<Run> {
         // Slow by design: fewer samples.
         let both_ops = (ops / 10).max(20);
         runs.push(timed_creates(both_name, &caller, &ahead, both_ops).await);
-        for client in [busy, caller, behind] {
+        let mut close = Recorder::new(close_name, 1);
+        let began = Instant::now();
+        busy.close().await.expect("close");
+        close.record(began);
+        runs.push(close.finish());
+        for client in [caller, behind] {
             let _ = client.close().await;
         }
     }
@@ -482,7 +503,32 @@ async fn listing_runs(addr: &str, client: &Client, ops: u64) -> Vec<Run> {
     let _ = setup.close().await;
     let mut runs = vec![page.finish(), whole.finish(), get.finish()];
     runs.extend(closes(addr, client).await);
+    runs.push(watcher_close(addr).await);
     runs
+}
+
+/// Closing a session that holds the most watches a session may
+/// (`limits::WATCHES_PER_SESSION_MAX`): they are dropped in the close's
+/// first step, as at a resume, so its time is that step's pause.
+async fn watcher_close(addr: &str) -> Run {
+    let watcher = connect(addr).await;
+    let watcher_ref = &watcher;
+    stream::iter(0..limits::WATCHES_PER_SESSION_MAX)
+        .map(|i| async move {
+            let op = Op::Exists {
+                path: format!("/watched/w{i}"),
+                watch: true,
+            };
+            watcher_ref.request(op).await.expect("a watch");
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|()| async {})
+        .await;
+    let mut recorder = Recorder::new("close of a session with 65,536 watches", 1);
+    let began = Instant::now();
+    watcher.close().await.expect("close");
+    recorder.record(began);
+    recorder.finish()
 }
 
 /// Ephemeral nodes of each session the close rows end.

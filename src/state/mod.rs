@@ -116,11 +116,13 @@ pub struct Config {
     /// would keep a seat until someone forced it).
     pub hold_ttl_ms_max: u64,
     /// Most lock nodes one session may have waiting at once. Default
-    /// 10,000: far more than a worker waits for (a few locks, or one
-    /// multi-lock of a few dozen), and it bounds what one session adds to
-    /// a deadlock search that must expand it: about a microsecond per wait,
-    /// so ~10 ms for a session at the limit (`cargo bench --bench ops`, the
-    /// "waits behind" rows).
+    /// 1,000: far more than a worker waits for (a few locks, or one
+    /// multi-lock of a few dozen), and it bounds two pauses a session's
+    /// waits can cause every other client: a deadlock search that must
+    /// expand it (about a microsecond per wait: ~0.7 ms with 1,000 on each
+    /// side, ~15 ms with 10,000) and the end of the session, whose waits
+    /// go in one step (about 2 us each). `cargo bench --bench ops`, the
+    /// "waits behind" rows.
     pub waits_per_session_max: usize,
     /// Most nodes one step deletes (or turns into zombies) on behalf of
     /// ending sessions, expired sessions it ends, zombies, TTL nodes and
@@ -152,7 +154,7 @@ impl Default for Config {
             lock_delay_ms_default: 500,
             lock_delay_ms_max: 60_000,
             hold_ttl_ms_max: 7 * 24 * 60 * 60 * 1000,
-            waits_per_session_max: 10_000,
+            waits_per_session_max: 1_000,
             step_deletes_max: 1_000,
         }
     }
