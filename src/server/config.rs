@@ -142,6 +142,9 @@ impl Config {
         if self.tick_interval.is_zero() {
             return Err("the tick interval must be above 0".into());
         }
+        if self.coordinator.step_deletes_max == 0 {
+            return Err("the nodes deleted per step must be at least 1".into());
+        }
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ mod lease;
 pub(crate) mod log_limit;
 mod outbound;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -134,6 +134,10 @@ struct Core {
     /// session is gone (its client may rely on its ephemerals being
     /// deleted when the close returns).
     closing: HashMap<SessionId, (Arc<Outbound>, Bytes)>,
+    /// Sessions that expired and still own nodes: their clients are told
+    /// once the nodes are gone, so that a client told of its expiry finds
+    /// its ephemerals deleted, as after a close.
+    expiring: HashSet<SessionId>,
 }
 
 struct Attached {
@@ -212,16 +216,11 @@ impl Core {
             }
         }
         for (session, end) in ended {
-            // A closed session's connection queues the reply to
-            // close_session first and then detaches itself.
+            // A closed session's connection holds the reply to
+            // close_session until the session is gone (see `closing`).
             if end == SessionEnd::Expired {
                 info!(%session, "session expired");
-                if let Some(attached) = self.connections.remove(&session) {
-                    attached.outbound.push_last(
-                        protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                        CloseReason::SessionExpired,
-                    );
-                }
+                self.expiring.insert(session);
             }
         }
         for session in gone {
@@ -229,6 +228,14 @@ impl Core {
                 outbound.fill(reply);
                 // Closed already by its task: this wakes it to write.
                 outbound.close(CloseReason::Done);
+            }
+            if self.expiring.remove(&session) {
+                if let Some(attached) = self.connections.remove(&session) {
+                    attached.outbound.push_last(
+                        protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
+                        CloseReason::SessionExpired,
+                    );
+                }
             }
         }
         outcome
@@ -332,6 +339,7 @@ impl Server {
                 lease,
                 to_flush: Vec::new(),
                 closing: HashMap::new(),
+                expiring: HashSet::new(),
             }),
             connection_slots: Arc::new(Semaphore::new(config.connections_max)),
             shutdown_at: std::sync::OnceLock::new(),

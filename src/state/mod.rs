@@ -240,9 +240,9 @@ pub struct Output {
     /// connections should be told and closed. Their nodes may outlast the
     /// step (see `gone`).
     pub ended: Vec<(SessionId, SessionEnd)>,
-    /// Sessions whose last node was deleted in this step, and which left
-    /// the session table with it: a close is complete once its session is
-    /// here.
+    /// Ended sessions that left the session table in this step, their
+    /// nodes all deleted (or made zombies): a close is complete, and an
+    /// expiry may be reported, once its session is here.
     pub gone: Vec<SessionId>,
     /// Forced deletes in this step that overrode an owner or a token, for
     /// the server to log with who asked.
@@ -706,6 +706,14 @@ impl Coordinator {
         fx: &mut Effects,
     ) {
         let Some(why) = self.sessions.get(session).and_then(|s| s.ending) else {
+            // Not reachable while the invariants hold; left in the set, it
+            // would keep a tick's loop from ever ending.
+            debug_assert!(
+                false,
+                "session {session} is in the ending set but not ending"
+            );
+            self.ending.remove(&session);
+            *left = left.saturating_sub(1);
             return;
         };
         while *left > 0 {
@@ -744,7 +752,7 @@ impl Coordinator {
     /// one step allows; later ticks finish it.
     fn close_session(&mut self, session: SessionId, now_ms: u64, fx: &mut Effects) {
         let cost = self.end_session(session, SessionEnd::Closed, now_ms, fx);
-        let mut left = self.config.step_deletes_max.saturating_sub(cost);
+        let mut left = self.config.step_deletes_max.max(1).saturating_sub(cost);
         self.finish_ending(session, &mut left, now_ms, fx);
     }
 
@@ -762,12 +770,13 @@ impl Coordinator {
     }
 
     /// Within one step's `Config::step_deletes_max`: ends overdue sessions
-    /// (earliest deadline first, then by id), then finishes ending sessions (in id order), then
-    /// deletes zombies whose lock-delay is over, due TTL nodes, and empty
-    /// containers. What does not fit is left for the next tick, and
-    /// `next_deadline_ms` says so.
+    /// (earliest deadline first, then by id), then finishes ending
+    /// sessions (in id order), then deletes zombies whose lock-delay is
+    /// over, due TTL nodes, and empty containers. What does not fit is left
+    /// for the next tick, and `next_deadline_ms` says so.
     fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
-        let mut left = self.config.step_deletes_max;
+        // At least 1, so that every tick moves a backlog on.
+        let mut left = self.config.step_deletes_max.max(1);
         // Each costs at least 1: no more than `left` can be ended.
         for session in self.sessions.expired(now_ms, left) {
             if left == 0 {

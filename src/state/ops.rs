@@ -16,7 +16,9 @@ use latchkey_client::protocol::{
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
-use super::{session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode};
+use super::{
+    session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode, SessionEnd,
+};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -49,8 +51,8 @@ impl Coordinator {
             }
             let is_write = op.is_write();
             let result = self.execute(session, op, now_ms, fx);
-            // A closed session is gone, and so is its cache: both are then
-            // no-ops.
+            // A closed session is ending and keeps no cache: both are
+            // then no-ops.
             if is_write {
                 let budget = self.config.reply_cache_bytes_max;
                 self.sessions.remember(session, xid, result.clone(), budget);
@@ -335,7 +337,10 @@ impl Coordinator {
     /// granted lock node with a lock-delay is taken from its owner, who is
     /// told at once, and stays as a zombie through the delay, so the next
     /// waiter is granted only when the holder has had that long to stop;
-    /// anything else goes at once. Returns what it was.
+    /// anything else goes at once. An owner whose session is ending is told
+    /// nothing, and after a close (its own word that it is done) its node
+    /// goes at once, as the rest of its end would take it. Returns what it
+    /// was.
     fn force_delete(
         &mut self,
         key: usize,
@@ -349,19 +354,26 @@ impl Coordinator {
             .lock
             .as_deref()
             .map(|l| (l.granted.is_some(), l.delay_ms));
+        let closed = |owner: SessionId| {
+            self.sessions
+                .get(owner)
+                .is_some_and(|s| s.ending == Some(SessionEnd::Closed))
+        };
         let forced = match (node.owner, lock) {
-            (Some(owner), Some((true, delay_ms))) if delay_ms > 0 => {
+            (Some(owner), Some((true, delay_ms))) if delay_ms > 0 && !closed(owner) => {
                 let freed_at_ms = now_ms.saturating_add(delay_ms);
                 let path = node.path.clone();
                 self.zombify(key, owner, freed_at_ms);
-                fx.events.push((
-                    owner,
-                    WatchEvent {
-                        kind: WatchEventKind::NodeDeleted,
-                        path,
-                        zxid,
-                    },
-                ));
+                if self.sessions.alive(owner) {
+                    fx.events.push((
+                        owner,
+                        WatchEvent {
+                            kind: WatchEventKind::NodeDeleted,
+                            path,
+                            zxid,
+                        },
+                    ));
+                }
                 return ForcedNode::Holder {
                     owner,
                     freed_at_ms: Some(freed_at_ms),

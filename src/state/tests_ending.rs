@@ -209,3 +209,44 @@ fn one_tick_ends_and_removes_at_most_a_step_of_expired_sessions() {
     assert_eq!(h.c.session_count(), 1);
     assert!(h.present(keep, "/p"));
 }
+
+#[test]
+fn a_forced_delete_of_an_ending_session_s_lock_tells_it_nothing_and_frees_a_closed_one_at_once() {
+    for why in [SessionEnd::Closed, SessionEnd::Expired] {
+        let mut h = harness(2);
+        let a = h.open_with(1_000, "s3cret").expect("open").session;
+        let b = h.open_with(60_000, "s3cret").expect("open").session;
+        // The lock is a's newest node, so it outlasts the end's first step.
+        h.ephemerals(a, "/e", 3);
+        let (a_held, _) = h.take_lock(a, lock("/l", 500));
+        let (b_waits, _) = h.take_lock(b, lock("/l", 0));
+        match why {
+            SessionEnd::Closed => {
+                h.send(a, Op::CloseSession);
+            }
+            SessionEnd::Expired => {
+                h.now_ms = 2_000;
+                h.tick(2_000);
+            }
+        }
+        assert!(h.c.session_ending(a) && h.present(b, &a_held));
+        let out = h.send(b, super::tests::force_delete(&a_held));
+        assert!(out.events.iter().all(|(s, _)| *s != a), "{:?}", out.events);
+        let granted = out
+            .events
+            .iter()
+            .any(|(s, e)| *s == b && e.kind == WatchEventKind::LockGranted && e.path == b_waits);
+        match why {
+            // Its own word that it was done: no lock-delay to wait out.
+            SessionEnd::Closed => {
+                assert_eq!(result(&out), &Ok(OpResult::Deleted));
+                assert!(granted);
+            }
+            SessionEnd::Expired => {
+                assert!(matches!(result(&out), Ok(OpResult::Zombified { .. })));
+                assert!(!granted);
+                assert_eq!(h.c.zombie_count(), 1);
+            }
+        }
+    }
+}

@@ -1385,18 +1385,26 @@ impl Model {
                     .as_ref()
                     .is_some_and(|l| l.granted.is_some() && l.delay_ms > 0)
                 && owner != session
+                // A closed session's nodes go at once, as its end takes
+                // them.
+                && self.sessions.get(&owner).map(|s| s.ending) != Some(Some(SessionEnd::Closed))
         });
         if let Some(owner) = taken {
             let zxid = self.next_zxid();
             self.zombify(path, now_ms);
-            self.events.push((
-                owner,
-                WatchEvent {
-                    kind: WatchEventKind::NodeDeleted,
-                    path: path.to_owned(),
-                    zxid,
-                },
-            ));
+            if self.alive(owner) {
+                self.events.push((
+                    owner,
+                    WatchEvent {
+                        kind: WatchEventKind::NodeDeleted,
+                        path: path.to_owned(),
+                        zxid,
+                    },
+                ));
+            } else {
+                self.notes
+                    .push("forced delete of an ending session's lock node");
+            }
             self.notes.push("forced delete made a zombie");
             return Ok(OpResult::Zombified {
                 stat: self.stat(path),

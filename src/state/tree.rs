@@ -454,13 +454,13 @@ impl Tree {
         None
     }
 
-    /// The next container that had children and has none, in czxid order.
-    /// The caller must remove it.
     /// Whether a container that lost its last child waits to be reaped.
     pub(crate) fn has_empty_container(&self) -> bool {
         !self.empty_containers.is_empty()
     }
 
+    /// The next container that had children and has none, in czxid order.
+    /// The caller must remove it.
     pub(crate) fn pop_empty_container(&mut self) -> Option<usize> {
         while let Some((_, key)) = self.empty_containers.pop_first() {
             let due = self.nodes.get(key).is_some_and(|n| {
