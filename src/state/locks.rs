@@ -405,7 +405,11 @@ impl Coordinator {
     }
 
     /// The nodes of the queue under `parent_key` that qualify and are not
-    /// yet granted, in queue order. One pass over that queue.
+    /// yet granted, in queue order. One pass over the front of that queue,
+    /// up to the first node that cannot qualify: behind an exclusive node
+    /// none can, nor behind as many nodes as a semaphore has permits (a
+    /// queue is all of one semaphore, or none), so a release behind a
+    /// holder reads the holders, not the waiters.
     fn ready_in_queue(&self, parent_key: usize) -> Vec<usize> {
         let mut ready = Vec::new();
         if self.grants_paused_until_ms.is_some() {
@@ -417,7 +421,10 @@ impl Coordinator {
             let Some(lock) = self.tree.node(key).lock.as_deref() else {
                 continue;
             };
-            if lock.granted.is_none() && qualifies(lock.mode, ahead, exclusive_ahead) {
+            if !qualifies(lock.mode, ahead, exclusive_ahead) {
+                break;
+            }
+            if lock.granted.is_none() {
                 ready.push(key);
             }
             ahead = ahead.saturating_add(1);
