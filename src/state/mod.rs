@@ -90,7 +90,9 @@ pub struct Config {
     /// bound times `sessions_max` allowed billions.
     pub watches_max: usize,
     /// Most bytes all sessions' reply caches hold together, as the caches
-    /// estimate them (each reply's fixed size plus the strings it owns).
+    /// estimate them: fixed costs per reply, multi step and cycle edge
+    /// (`sessions::cost`, the same on every build), plus the strings it
+    /// owns.
     /// Default 256 MiB. Each session's cache is bounded (1 MiB, or its one
     /// newest reply of up to ~1.2 MB), but times `sessions_max` that is
     /// ~120 GB at the defaults. Clients acknowledge replies with every

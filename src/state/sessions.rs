@@ -2,10 +2,9 @@
 //! each session's reply cache for retried writes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::mem::size_of;
 
 use latchkey_client::protocol::{
-    limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, WaitEdge, Xid, Zxid,
+    limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, Xid, Zxid,
 };
 
 use super::SessionEnd;
@@ -30,9 +29,25 @@ pub(crate) struct CachedReply {
     bytes: usize,
 }
 
-/// A cheap estimate of the memory a cached reply takes: a fixed cost per
-/// reply and per multi step (each holding its `Stat` inline), plus the bytes
-/// of the strings they own. Not a serialization: it walks the results once.
+/// What a cached reply costs against the cache bounds, in bytes: a fixed
+/// function of the reply, written down here rather than read off the
+/// types' sizes, so that every build (and so every replica of a replicated
+/// log) drops the same replies. The constants are the sizes on x86_64 when
+/// they were fixed, so that the bounds still mean about what they say.
+pub(crate) mod cost {
+    /// One cached reply, whatever it holds.
+    pub(crate) const REPLY: usize = 216;
+    /// One step of a multi's results.
+    pub(crate) const MULTI_STEP: usize = 192;
+    /// One name of a listing.
+    pub(crate) const NAME: usize = 24;
+    /// One edge of a refused wait's cycle.
+    pub(crate) const WAIT_EDGE: usize = 40;
+}
+
+/// A cheap estimate of the memory a cached reply takes (see [`cost`]): a
+/// fixed cost per reply and per multi step, plus the bytes of the strings
+/// they own. Not a serialization: it walks the results once.
 pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
     let owned = match result {
         Ok(OpResult::Created { path, .. }) => path.len(),
@@ -41,25 +56,23 @@ pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
                 MultiResult::Created { path, .. } => path.len(),
                 MultiResult::Checked | MultiResult::Stat { .. } | MultiResult::Deleted => 0,
             };
-            sum.saturating_add(size_of::<MultiResult>())
-                .saturating_add(path)
+            sum.saturating_add(cost::MULTI_STEP).saturating_add(path)
         }),
         // Reads are not cached; counted anyway so the estimate stays honest
         // if that changes.
         Ok(OpResult::Data { data, .. }) => data.0.len(),
         Ok(OpResult::Children { children, .. }) => children.iter().fold(0usize, |sum, name| {
-            sum.saturating_add(size_of::<String>())
-                .saturating_add(name.len())
+            sum.saturating_add(cost::NAME).saturating_add(name.len())
         }),
         Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Zombified { .. })
         | Ok(OpResult::Exists { .. })
         | Ok(OpResult::Pong | OpResult::Done) => 0,
         Err(error) => error.cycle.iter().fold(error.message.len(), |sum, edge| {
-            sum.saturating_add(size_of::<WaitEdge>())
+            sum.saturating_add(cost::WAIT_EDGE)
                 .saturating_add(edge.lock.len())
         }),
     };
-    size_of::<CachedReply>().saturating_add(owned)
+    cost::REPLY.saturating_add(owned)
 }
 
 #[derive(Debug)]

@@ -21,10 +21,8 @@
 //! copy only if every step passed (so a multi is all or nothing by
 //! construction), scans for what a tick removes, and searches the wait-for
 //! graph by listing every edge. The comparison reads the coordinator's
-//! tables, but only to observe them. One number comes from the coordinator:
-//! the fixed cost of a cached reply in its byte estimate, measured once on a
-//! scratch coordinator (see `reply_fixed_bytes`), since no document fixes
-//! it; the rest of the estimate (the strings a reply owns) is the model's.
+//! tables, but only to observe them. The costs in the reply cache's byte
+//! estimate are the documented constants (see `REPLY_COST`).
 //!
 //! Left out: the grant pause after a restart (`tests_grace.rs`), the bounds
 //! on nodes, tree bytes, children, watches, set_watches paths and one
@@ -35,7 +33,6 @@
 //! in a debug build on two cores.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::mem::size_of;
 
 use latchkey_client::protocol::{
     limits, Create, Data, ErrorCode, ErrorReply, Grant, LockInfo, LockMode, LockSpec, MultiOp,
@@ -77,13 +74,13 @@ fn window() -> u64 {
     u64::try_from(limits::INFLIGHT_MAX).expect("small")
 }
 
-fn config(reply_fixed_bytes: usize) -> Config {
+fn config() -> Config {
     Config {
         session_timeout_ms_min: TIMEOUT_MS_MIN,
         session_timeout_ms_max: TIMEOUT_MS_MAX,
         data_bytes_max: DATA_BYTES_MAX,
         sessions_max: SESSIONS_MAX,
-        reply_cache_bytes_max: REPLY_CACHE_BUDGET_REPLIES * reply_fixed_bytes,
+        reply_cache_bytes_max: REPLY_CACHE_BUDGET_REPLIES * REPLY_COST,
         lock_delay_ms_default: LOCK_DELAY_MS_DEFAULT,
         lock_delay_ms_max: LOCK_DELAY_MS_MAX,
         hold_ttl_ms_max: HOLD_TTL_MS_MAX,
@@ -94,37 +91,13 @@ fn config(reply_fixed_bytes: usize) -> Config {
     }
 }
 
-/// The fixed part of the coordinator's estimate of a cached reply's
-/// memory, measured as the whole estimate of a reply that owns no string
-/// (a set's stat).
-fn reply_fixed_bytes() -> usize {
-    let mut c = Coordinator::new(super::tests::config(), ZXID_START);
-    let open = c.apply(
-        Command::OpenSession {
-            timeout_ms: TIMEOUT_MS_MAX,
-            secret: Secret("scratch".into()),
-        },
-        0,
-    );
-    let Outcome::Session(Ok(grant)) = open.outcome else {
-        panic!("a scratch session opens: {open:?}");
-    };
-    let set = Op::Set {
-        path: "/".into(),
-        data: Data(Vec::new()),
-        version: None,
-        czxid: None,
-    };
-    c.apply(
-        Command::Request {
-            session: grant.session,
-            xid: Xid(1),
-            op: set,
-        },
-        0,
-    );
-    c.reply_cache_bytes()
-}
+/// A cached reply's cost in the coordinator's reply cache estimate, as its
+/// documentation (`sessions::cost`) fixes them: per reply, per multi step,
+/// per edge of a refused wait's cycle; the strings a reply owns count by
+/// their bytes.
+const REPLY_COST: usize = 216;
+const MULTI_STEP_COST: usize = 192;
+const WAIT_EDGE_COST: usize = 40;
 
 // ---- the reference model ----
 
@@ -256,8 +229,7 @@ struct Model {
     /// The latest moment a holder may still act on a lock: over every
     /// session ever granted one, its deadline plus its longest lock-delay.
     lease_horizon_ms: u64,
-    /// The fixed cost of a cached reply, and the budget of all of them.
-    reply_fixed_bytes: usize,
+    /// The budget of all cached replies together.
     reply_budget_bytes: usize,
     /// This step's watch events, ended sessions, and sessions that left
     /// the table.
@@ -325,7 +297,7 @@ fn codes(full: &Result<OpResult, ErrorReply>) -> Result<OpResult, (ErrorCode, Op
 }
 
 impl Model {
-    fn new(reply_fixed_bytes: usize, reply_budget_bytes: usize) -> Self {
+    fn new(reply_budget_bytes: usize) -> Self {
         let root = ModelNode {
             data: Vec::new(),
             kind: NodeKind::Persistent,
@@ -347,7 +319,6 @@ impl Model {
             watches: BTreeSet::new(),
             zxid: ZXID_START,
             lease_horizon_ms: 0,
-            reply_fixed_bytes,
             reply_budget_bytes,
             events: Vec::new(),
             ended: Vec::new(),
@@ -933,7 +904,7 @@ impl Model {
             Ok(OpResult::Multi { results }) => results
                 .iter()
                 .map(|step| {
-                    size_of::<MultiResult>()
+                    MULTI_STEP_COST
                         + match step {
                             MultiResult::Created { path, .. } => path.len(),
                             _ => 0,
@@ -945,11 +916,11 @@ impl Model {
                 e.message.len()
                     + e.cycle
                         .iter()
-                        .map(|edge| size_of::<WaitEdge>() + edge.lock.len())
+                        .map(|edge| WAIT_EDGE_COST + edge.lock.len())
                         .sum::<usize>()
             }
         };
-        self.reply_fixed_bytes + owned
+        REPLY_COST + owned
     }
 
     fn cached_bytes(&self) -> usize {
@@ -3018,9 +2989,8 @@ fn check_tokens(
 /// Applies the steps to a coordinator and to the model; the first
 /// disagreement, or what the run reached.
 fn run(steps: &[Step]) -> Result<Tally, String> {
-    let fixed = reply_fixed_bytes();
-    let config = config(fixed);
-    let mut model = Model::new(fixed, config.reply_cache_bytes_max);
+    let config = config();
+    let mut model = Model::new(config.reply_cache_bytes_max);
     let mut c = Coordinator::new(config, ZXID_START);
     let mut clients = Clients::default();
     let mut now_ms = 10_000u64;
