@@ -172,6 +172,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
+    /// Written without waiting for its own fsync: it goes to disk with the
+    /// next flush. A committed id lost in a crash only means that a restart
+    /// re-applies less at once, and catches up when the leader commits.
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
+        if let Some(committed) = committed {
+            self.log.lock().commit(disk_log_id(&committed))?;
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
+        Ok(self
+            .log
+            .lock()
+            .log_state()
+            .committed()
+            .cloned()
+            .map(raft_log_id))
+    }
+
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
         self.log.lock().save_vote(disk_vote(vote))?;
         self.sync().await

@@ -164,7 +164,12 @@ async fn what_was_acknowledged_is_there_after_a_reopen() {
             .append(entries, IOFlushed::noop())
             .await
             .expect("append");
-        // Flushes go in order: once this one is done, the append is on disk.
+        store
+            .save_committed(Some(LogIdOf::<TypeConfig>::new_term_index(3, 3)))
+            .await
+            .expect("committed");
+        // Flushes go in order: once this one is done, the append and the
+        // committed id are on disk.
         store.sync().await.expect("on disk");
         store
             .truncate_after(Some(LogIdOf::<TypeConfig>::new_term_index(3, 4)))
@@ -173,6 +178,10 @@ async fn what_was_acknowledged_is_there_after_a_reopen() {
     }
     let mut store = LogStore::open(&dir.0).expect("reopen");
     assert_eq!(store.read_vote().await.expect("vote"), Some(vote));
+    assert_eq!(
+        store.read_committed().await.expect("committed"),
+        Some(LogIdOf::<TypeConfig>::new_term_index(3, 3))
+    );
     let entries = store.try_get_log_entries(0..10).await.expect("read");
     let indexes: Vec<u64> = entries.iter().map(|e| e.log_id().index).collect();
     assert_eq!(indexes, vec![1, 2, 3, 4]);
