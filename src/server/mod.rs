@@ -124,10 +124,6 @@ struct Core {
     /// Run `check_invariants` after every apply (a bug then stops the server
     /// at once instead of corrupting state quietly).
     check_invariants: bool,
-    /// The latest `now_ms` applied. Callers read the clock before taking the
-    /// lock, so under contention their readings arrive out of order; the
-    /// state machine is promised time that never goes back.
-    last_now_ms: u64,
     /// Keeps the lease file ahead of the coordinator's lease horizon.
     lease: Option<lease::LeaseRecorder>,
     /// Queues that events were pushed to since the last `take_to_flush`:
@@ -175,8 +171,6 @@ impl Core {
     /// events it produced and the end of any session it ended.
     fn apply(&mut self, command: Command, now_ms: u64) -> Outcome {
         let paused = self.coordinator.grants_paused_until_ms().is_some();
-        let now_ms = now_ms.max(self.last_now_ms);
-        self.last_now_ms = now_ms;
         let Output {
             outcome,
             events,
@@ -339,7 +333,6 @@ impl Server {
                 connections: HashMap::new(),
                 next_connection: 0,
                 check_invariants: config.check_invariants,
-                last_now_ms: 0,
                 lease,
                 to_flush: Vec::new(),
                 closing: HashMap::new(),

@@ -307,6 +307,11 @@ pub struct Coordinator {
     /// coordinator may still act as its holder: see
     /// [`Coordinator::lease_horizon_ms`].
     lease_horizon_ms: u64,
+    /// The time of the latest `apply`: no later one is applied at an
+    /// earlier time. Part of the state, so that a replayed log clamps the
+    /// same way (the time is the proposer's clock, stamped into each
+    /// command, and clocks can step back).
+    now_ms: u64,
     /// The zxid seen by the last `check_invariants`, to catch a decrease.
     /// Atomic rather than `Cell` so that the coordinator stays `Sync`.
     zxid_checked: AtomicU64,
@@ -329,6 +334,7 @@ impl Coordinator {
             zxid: zxid_start,
             grants_paused_until_ms: None,
             lease_horizon_ms: 0,
+            now_ms: 0,
             zxid_checked: AtomicU64::new(zxid_start.0),
             #[cfg(test)]
             deadlock_steps: AtomicU64::new(0),
@@ -336,7 +342,9 @@ impl Coordinator {
     }
 
     /// Applies one command at time `now_ms` (milliseconds since the Unix
-    /// epoch, never decreasing between calls).
+    /// epoch), or at the time of the previous apply if that is later: time
+    /// never goes back for the state machine, whatever the caller's clock
+    /// did.
     ///
     /// Never panics on any command. A rejected request or session command
     /// changes nothing but the session's liveness and retry bookkeeping
@@ -344,6 +352,8 @@ impl Coordinator {
     /// consumed and no event fires. `Output::events` must be delivered to
     /// their sessions before the reply, in order.
     pub fn apply(&mut self, command: Command, now_ms: u64) -> Output {
+        let now_ms = now_ms.max(self.now_ms);
+        self.now_ms = now_ms;
         let mut fx = Effects::default();
         let outcome = match command {
             Command::OpenSession { timeout_ms, secret } => {

@@ -2233,3 +2233,21 @@ fn resuming_twice_without_an_ack_keeps_every_reply_and_the_invariants() {
     assert_eq!(result(&out), &first[&1], "the oldest is still answered");
     assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
 }
+
+#[test]
+fn time_never_goes_back_for_the_state_machine() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.now_ms = 10_000;
+    h.create(s, "/a");
+    // A caller whose clock stepped back: the write happens at 10,000.
+    h.now_ms = 4_000;
+    h.ok(s, set("/a", "x", None));
+    let stat = h.stat(s, "/a").expect("present");
+    assert_eq!(stat.mtime_ms, 10_000);
+    // And the session's deadline did not move back either: a tick at its
+    // old deadline from 4,000 does not expire it.
+    let out = h.tick(4_000 + 10_001);
+    assert!(out.ended.is_empty(), "{:?}", out.ended);
+    assert!(h.c.session_alive(s));
+}
