@@ -60,6 +60,7 @@ impl Bench {
         self.xid += 1;
         let out = self.c.apply(
             Command::Request {
+                attach: 0,
                 session,
                 xid: Xid(self.xid),
                 op,

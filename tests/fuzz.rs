@@ -678,8 +678,10 @@ impl Pair {
     fn request(&mut self, session_index: usize, request: Request) {
         let session = self.sessions[session_index % self.sessions.len()];
         let xid = request.xid;
+        // These sessions are never resumed: their first attachment.
         let outcome = self.apply(Command::Request {
             session,
+            attach: 0,
             xid,
             op: request.op,
         });

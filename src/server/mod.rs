@@ -638,6 +638,9 @@ struct Connection {
     peer: SocketAddr,
     id: u64,
     session: SessionId,
+    /// The session's attachment number from this connection's grant,
+    /// carried by each of its requests.
+    attach: u64,
     outbound: Arc<Outbound>,
 }
 
@@ -780,6 +783,7 @@ impl Connection {
             peer,
             id,
             session: grant.session,
+            attach: grant.attach,
             outbound,
         })
     }
@@ -803,13 +807,17 @@ impl Connection {
         let outcome = core.apply(
             Command::Request {
                 session: self.session,
+                attach: self.attach,
                 xid: request.xid,
                 op: request.op,
             },
             now_ms,
         );
-        let Outcome::Reply(reply) = outcome else {
-            unreachable!("a request is answered with a reply");
+        let reply = match outcome {
+            Outcome::Reply(reply) => reply,
+            // Moved on since: as above, the newer attachment answers.
+            Outcome::Stale => return false,
+            other => unreachable!("a request is answered with a reply, not {other:?}"),
         };
         let closed = close_after && reply.result.is_ok();
         if closed {
@@ -869,15 +877,19 @@ impl Connection {
         // The client was heard from, as with any request: its lease
         // estimate moves on this reply, so the server's deadline must too.
         // A heartbeat with no ack applies exactly that.
-        let Outcome::Reply(Reply { zxid, .. }) = core.apply(
+        let outcome = core.apply(
             Command::Request {
                 session: self.session,
+                attach: self.attach,
                 xid,
                 op: Op::Ping { ack: Xid(0) },
             },
             now_ms,
-        ) else {
-            unreachable!("a request is answered with a reply");
+        );
+        let zxid = match outcome {
+            Outcome::Reply(Reply { zxid, .. }) => zxid,
+            Outcome::Stale => return false,
+            other => unreachable!("a request is answered with a reply, not {other:?}"),
         };
         let reply = Reply {
             xid,

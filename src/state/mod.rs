@@ -186,6 +186,12 @@ pub enum Command {
     Request {
         /// The requesting session.
         session: SessionId,
+        /// The attachment it came through: the `attach` of the grant that
+        /// attached its connection. A request from an attachment the
+        /// session has since left (it resumed elsewhere) is not applied:
+        /// its client already learned from the newer attachment's grant
+        /// which requests were applied.
+        attach: u64,
         /// The request id, strictly increasing within the session.
         xid: Xid,
         /// What to do.
@@ -209,6 +215,9 @@ pub struct SessionGrant {
     pub zxid: Zxid,
     /// The highest xid applied for this session (0 for a new one).
     pub last_xid_applied: Xid,
+    /// This attachment's number: 0 at open, one more at each resume.
+    /// Requests carry it (`Command::Request::attach`).
+    pub attach: u64,
 }
 
 /// The direct answer to a command.
@@ -218,6 +227,9 @@ pub enum Outcome {
     Session(Result<SessionGrant, ErrorReply>),
     /// For `Request`.
     Reply(Reply),
+    /// For a `Request` from an attachment its session has left: nothing
+    /// was applied or touched, and nobody is waiting for an answer.
+    Stale,
     /// For `Tick`.
     Ticked,
 }
@@ -364,8 +376,21 @@ impl Coordinator {
                 secret,
                 last_xid_received,
             } => Outcome::Session(self.resume_session(session, &secret, last_xid_received, now_ms)),
-            Command::Request { session, xid, op } => {
-                Outcome::Reply(self.request(session, xid, op, now_ms, &mut fx))
+            Command::Request {
+                session,
+                attach,
+                xid,
+                op,
+            } => {
+                let stale = self
+                    .sessions
+                    .get(session)
+                    .is_some_and(|s| s.ending.is_none() && s.attach != attach);
+                if stale {
+                    Outcome::Stale
+                } else {
+                    Outcome::Reply(self.request(session, xid, op, now_ms, &mut fx))
+                }
             }
             Command::Tick => {
                 self.tick(now_ms, &mut fx);
@@ -639,6 +664,7 @@ impl Coordinator {
             timeout_ms,
             zxid: self.zxid,
             last_xid_applied: Xid(0),
+            attach: 0,
         })
     }
 
@@ -656,10 +682,14 @@ impl Coordinator {
                 timeout_ms: s.timeout_ms,
                 zxid: self.zxid,
                 last_xid_applied: s.last_xid_applied,
+                attach: s.attach.saturating_add(1),
             },
             // One message for both cases, so a guesser learns nothing.
             _ => return Err(session_expired(session)),
         };
+        if let Some(s) = self.sessions.get_mut(session) {
+            s.attach = grant.attach;
+        }
         self.sessions.forget_through(session, last_xid_received);
         self.sessions.pin_cached(session);
         self.sessions.touch(session, now_ms);

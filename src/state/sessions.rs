@@ -123,6 +123,8 @@ pub(crate) struct Session {
     /// waits, no watches and no cached replies; it answers no request and
     /// cannot be resumed.
     pub(crate) ending: Option<SessionEnd>,
+    /// The current attachment's number (see `SessionGrant::attach`).
+    pub(crate) attach: u64,
 }
 
 impl Session {
@@ -340,6 +342,7 @@ impl Sessions {
             held_delay_ms_max: None,
             held: BTreeMap::new(),
             ending: None,
+            attach: 0,
         };
         self.deadlines.insert((session.deadline_ms(), id));
         self.table.insert(id, session);

@@ -95,6 +95,8 @@ pub(super) struct Harness {
     pub(super) c: Coordinator,
     pub(super) now_ms: u64,
     xids: BTreeMap<SessionId, u64>,
+    /// Each session's attachment number from its latest grant.
+    attach: BTreeMap<SessionId, u64>,
 }
 
 impl Harness {
@@ -107,6 +109,7 @@ impl Harness {
             c: Coordinator::new(config, START),
             now_ms: 0,
             xids: BTreeMap::new(),
+            attach: BTreeMap::new(),
         }
     }
 
@@ -130,7 +133,12 @@ impl Harness {
         });
         assert!(out.events.is_empty() && out.ended.is_empty());
         match out.outcome {
-            Outcome::Session(result) => result,
+            Outcome::Session(result) => {
+                if let Ok(grant) = &result {
+                    self.attach.insert(grant.session, grant.attach);
+                }
+                result
+            }
             other => panic!("open answered {other:?}"),
         }
     }
@@ -153,7 +161,12 @@ impl Harness {
             })
             .outcome
         {
-            Outcome::Session(result) => result,
+            Outcome::Session(result) => {
+                if let Ok(grant) = &result {
+                    self.attach.insert(grant.session, grant.attach);
+                }
+                result
+            }
             other => panic!("resume answered {other:?}"),
         }
     }
@@ -170,7 +183,13 @@ impl Harness {
     pub(super) fn send_xid(&mut self, session: SessionId, xid: Xid, op: Op) -> Output {
         let counter = self.xids.entry(session).or_insert(0);
         *counter = (*counter).max(xid.0);
-        let out = self.apply_checked(Command::Request { session, xid, op });
+        let attach = self.attach.get(&session).copied().unwrap_or(0);
+        let out = self.apply_checked(Command::Request {
+            session,
+            attach,
+            xid,
+            op,
+        });
         match &out.outcome {
             Outcome::Reply(reply) => {
                 assert_eq!(reply.xid, xid);
@@ -1087,6 +1106,7 @@ fn unknown_sessions_get_session_expired_and_nothing_else() {
     let ghost = SessionId(42);
     let out = h.apply_checked(Command::Request {
         session: ghost,
+        attach: 0,
         xid: Xid(1),
         op: create(mk("/a")),
     });
@@ -2250,4 +2270,38 @@ fn time_never_goes_back_for_the_state_machine() {
     let out = h.tick(4_000 + 10_001);
     assert!(out.ended.is_empty(), "{:?}", out.ended);
     assert!(h.c.session_alive(s));
+}
+
+#[test]
+fn a_request_from_an_attachment_the_session_left_is_not_applied() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.now_ms = 1_000;
+    let grant = h.resume(s, "s3cret", 0).expect("resume");
+    assert_eq!(grant.attach, 1);
+    let (zxid, nodes) = (h.c.zxid(), h.c.node_count());
+    // A create still buffered on the first connection arrives late.
+    h.now_ms = 5_000;
+    let out = h.apply_checked(Command::Request {
+        session: s,
+        attach: 0,
+        xid: Xid(1),
+        op: create(mk("/late")),
+    });
+    assert_eq!(out.outcome, Outcome::Stale);
+    assert_eq!((h.c.zxid(), h.c.node_count()), (zxid, nodes));
+    // Nor did it count as hearing from the session: its deadline is still
+    // a timeout after the resume.
+    let out = h.tick(1_000 + 10_001);
+    assert_eq!(out.ended, vec![(s, SessionEnd::Expired)]);
+}
+
+#[test]
+fn the_current_attachment_s_requests_apply_after_a_resume() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.resume(s, "s3cret", 0).expect("resume");
+    h.resume(s, "s3cret", 0).expect("resume again");
+    h.create(s, "/now");
+    assert!(h.present(s, "/now"));
 }

@@ -161,6 +161,8 @@ fn stat_reply_bytes() -> usize {
 /// One session as its client and the mirror of the cache rules know it.
 struct Client {
     session: SessionId,
+    /// The attachment number of its latest grant.
+    attach: u64,
     secret: Secret,
     alive: bool,
     /// The highest xid sent (and applied: every step is answered at once).
@@ -367,6 +369,7 @@ impl Run {
         };
         self.clients.push(Client {
             session: grant.session,
+            attach: grant.attach,
             secret,
             alive: true,
             last_xid: 0,
@@ -396,10 +399,11 @@ impl Run {
     fn fresh_skipping(&mut self, i: usize, skip: u64, op: Op) -> Result<Output, String> {
         let client = &self.clients[i];
         let xid = client.last_xid + 1 + skip;
-        let (session, is_write) = (client.session, op.is_write());
+        let (session, attach, is_write) = (client.session, client.attach, op.is_write());
         let closes = op == Op::CloseSession;
         let output = self.apply(Command::Request {
             session,
+            attach,
             xid: Xid(xid),
             op: op.clone(),
         })?;
@@ -438,10 +442,11 @@ impl Run {
         let Some((op, first)) = client.writes.get(&xid).cloned() else {
             return Ok(());
         };
-        let (session, alive) = (client.session, client.alive);
+        let (session, attach, alive) = (client.session, client.attach, client.alive);
         let zxid = self.c.zxid();
         let output = self.apply(Command::Request {
             session,
+            attach,
             xid: Xid(xid),
             op,
         })?;
@@ -518,6 +523,7 @@ impl Run {
         let client = &mut self.clients[i];
         match output.outcome {
             Outcome::Session(Ok(grant)) if client.alive => {
+                client.attach = grant.attach;
                 if grant.last_xid_applied != Xid(client.last_xid) {
                     return Err(format!(
                         "resume of {} says xid {} was applied last, not {}",

@@ -61,6 +61,7 @@ impl Bulk {
         self.xid += 1;
         let command = Command::Request {
             session,
+            attach: 0,
             xid: Xid(self.xid),
             op,
         };

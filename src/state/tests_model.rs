@@ -161,6 +161,8 @@ struct ModelSession {
     /// Set when the session ended while it still owned nodes: it answers
     /// nothing, has no deadline, and goes once its nodes are gone.
     ending: Option<SessionEnd>,
+    /// Its attachment number: 0 at open, one more at each resume.
+    attach: u64,
 }
 
 impl ModelSession {
@@ -216,6 +218,8 @@ enum Answer {
         zxid: Zxid,
         result: Result<OpResult, (ErrorCode, Option<u32>)>,
     },
+    /// A request from an attachment its session has left.
+    Stale,
     Ticked,
 }
 
@@ -613,6 +617,7 @@ impl Model {
                 pinned_through: 0,
                 held_delay_ms_max: None,
                 ending: None,
+                attach: 0,
             },
         );
         Answer::Session(Ok(SessionGrant {
@@ -621,6 +626,7 @@ impl Model {
             timeout_ms,
             zxid: self.zxid,
             last_xid_applied: Xid(0),
+            attach: 0,
         }))
     }
 
@@ -648,7 +654,9 @@ impl Model {
             timeout_ms: s.timeout_ms,
             zxid,
             last_xid_applied: Xid(s.last_xid),
+            attach: s.attach + 1,
         };
+        s.attach += 1;
         s.acknowledge(last_xid_received.0);
         s.pinned_through = s.last_xid;
         s.last_heard_ms = now_ms;
@@ -1808,7 +1816,23 @@ impl Model {
                 secret,
                 last_xid_received,
             } => self.resume(*session, secret, *last_xid_received, now_ms),
-            Command::Request { session, xid, op } => self.request(*session, *xid, op, now_ms),
+            Command::Request {
+                session,
+                attach,
+                xid,
+                op,
+            } => {
+                let stale = self
+                    .sessions
+                    .get(session)
+                    .is_some_and(|s| s.ending.is_none() && s.attach != *attach);
+                if stale {
+                    self.notes.push("a request from a left attachment ignored");
+                    Answer::Stale
+                } else {
+                    self.request(*session, *xid, op, now_ms)
+                }
+            }
             Command::Tick => self.tick(now_ms),
         }
     }
@@ -1931,6 +1955,7 @@ fn real_answer(outcome: Outcome) -> Answer {
             zxid: reply.zxid,
             result: reply.result.map_err(|e| (e.code, e.index)),
         },
+        Outcome::Stale => Answer::Stale,
         Outcome::Ticked => Answer::Ticked,
     }
 }
@@ -2453,6 +2478,8 @@ struct Clients {
     locks: BTreeMap<SessionId, Vec<String>>,
     waiting: BTreeMap<SessionId, BTreeSet<String>>,
     rewatch: BTreeMap<SessionId, Vec<(String, WatchKind)>>,
+    /// Each session's attachment number from its latest grant.
+    attach: BTreeMap<SessionId, u64>,
 }
 
 impl Clients {
@@ -2517,6 +2544,7 @@ impl Clients {
                     self.known.push((grant.session, grant.secret.clone()));
                 }
                 self.seen_zxid.insert(grant.session, grant.zxid);
+                self.attach.insert(grant.session, grant.attach);
             }
             (Outcome::Reply(reply), Command::Request { session, op, .. }) => {
                 self.seen_zxid.insert(*session, reply.zxid);
@@ -2890,9 +2918,22 @@ fn resolve(step: &Step, model: &Model, clients: &mut Clients, now_ms: &mut u64) 
             };
             let (session, _) = clients.pick_joining(*who, joining, model)?;
             let sent = clients.sent.get(&session).map_or(&[][..], Vec::as_slice);
+            let attach = clients.attach.get(&session).copied().unwrap_or(0);
             if let (XidPick::Retry(i), false) = (xid, sent.is_empty()) {
                 let (xid, op) = sent[i % sent.len()].clone();
-                return Some(Command::Request { session, xid, op });
+                // Now and then the retry is a frame still buffered on the
+                // connection the session resumed away from.
+                let attach = if attach > 0 && i % 4 == 0 {
+                    attach - 1
+                } else {
+                    attach
+                };
+                return Some(Command::Request {
+                    session,
+                    attach,
+                    xid,
+                    op,
+                });
             }
             let op = resolve_request(request, session, model, clients);
             let next = clients.next_xid.entry(session).or_insert(1);
@@ -2906,7 +2947,12 @@ fn resolve(step: &Step, model: &Model, clients: &mut Clients, now_ms: &mut u64) 
                 .entry(session)
                 .or_default()
                 .push((xid, op.clone()));
-            Some(Command::Request { session, xid, op })
+            Some(Command::Request {
+                session,
+                attach,
+                xid,
+                op,
+            })
         }
         Step::Deadline { early } => {
             if let Some(deadline_ms) = model.next_deadline_ms() {
@@ -3256,6 +3302,7 @@ fn sessions_watches_and_writes_match_a_reference_model() {
             "a session's end took more than one step",
             "a close answered before its nodes were gone",
             "a tick left expiries for the next",
+            "a request from a left attachment ignored",
             "Deadlock",
             "deadlock on itself",
             "deadlock across sessions",

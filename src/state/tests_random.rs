@@ -290,6 +290,8 @@ fn random_op(rng: &mut XorShift, zxid: Zxid) -> Op {
 struct Clients {
     /// Session, its secret, and its next xid.
     known: Vec<(SessionId, String, u64)>,
+    /// Each session's attachment number from its latest grant.
+    attach: BTreeMap<SessionId, u64>,
 }
 
 fn random_command(rng: &mut XorShift, clients: &mut Clients, zxid: Zxid) -> Command {
@@ -327,7 +329,19 @@ fn random_command(rng: &mut XorShift, clients: &mut Clients, zxid: Zxid) -> Comm
         clients.known[i].2 = next_xid + 1;
         Xid(next_xid)
     };
-    Command::Request { session, xid, op }
+    // Now and then from an attachment the session has left.
+    let attach = clients.attach.get(&session).copied().unwrap_or(0);
+    let attach = if attach > 0 && rng.chance(3) {
+        attach - 1
+    } else {
+        attach
+    };
+    Command::Request {
+        session,
+        attach,
+        xid,
+        op,
+    }
 }
 
 /// Which bound a `LimitExceeded` message names, to count how often the
@@ -391,6 +405,7 @@ fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
                         .known
                         .push((grant.session, grant.secret.0.clone(), 1));
                 }
+                clients.attach.insert(grant.session, grant.attach);
                 *kinds.entry("session ok").or_default() += 1;
             }
             Outcome::Reply(reply) => {
@@ -591,7 +606,7 @@ proptest! {
         let mut model = Model::new();
         for (i, op) in ops.iter().enumerate() {
             let xid = Xid(u64::try_from(i).expect("small") + 1);
-            let out = c.apply(Command::Request { session, xid, op: real_op(op) }, 1);
+            let out = c.apply(Command::Request { session, attach: 0, xid, op: real_op(op) }, 1);
             prop_assert_eq!(c.check_invariants(), Ok(()));
             let Outcome::Reply(reply) = out.outcome else { panic!("not a reply") };
             let expected = model_apply(&mut model, op);
