@@ -43,11 +43,16 @@ pub(crate) mod cost {
     pub(crate) const NAME: usize = 24;
     /// One edge of a refused wait's cycle.
     pub(crate) const WAIT_EDGE: usize = 40;
+    /// An error's message, whatever its length: messages are prose this
+    /// build writes, and their length must not decide which replies a
+    /// replica keeps. 256 is more than most take.
+    pub(crate) const ERROR_MESSAGE: usize = 256;
 }
 
 /// A cheap estimate of the memory a cached reply takes (see [`cost`]): a
-/// fixed cost per reply and per multi step, plus the bytes of the strings
-/// they own. Not a serialization: it walks the results once.
+/// fixed cost per reply, per multi step and per error message, plus the
+/// bytes of the paths and names they own. Not a serialization: it walks
+/// the results once.
 pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
     let owned = match result {
         Ok(OpResult::Created { path, .. }) => path.len(),
@@ -67,7 +72,7 @@ pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
         Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Zombified { .. })
         | Ok(OpResult::Exists { .. })
         | Ok(OpResult::Pong | OpResult::Done) => 0,
-        Err(error) => error.cycle.iter().fold(error.message.len(), |sum, edge| {
+        Err(error) => error.cycle.iter().fold(cost::ERROR_MESSAGE, |sum, edge| {
             sum.saturating_add(cost::WAIT_EDGE)
                 .saturating_add(edge.lock.len())
         }),

@@ -64,7 +64,7 @@ const WAITS_PER_SESSION_MAX: usize = 2;
 /// sessions' requests between them.
 const STEP_DELETES_MAX: usize = 3;
 /// All sessions' cached replies hold at most this many fixed costs of a
-/// reply (a few of them longer error messages): small, so that the budget
+/// reply (fewer with errors among them): small, so that the budget
 /// drops replies now and then.
 const REPLY_CACHE_BUDGET_REPLIES: usize = 14;
 
@@ -98,6 +98,7 @@ fn config() -> Config {
 const REPLY_COST: usize = 216;
 const MULTI_STEP_COST: usize = 192;
 const WAIT_EDGE_COST: usize = 40;
+const ERROR_MESSAGE_COST: usize = 256;
 
 // ---- the reference model ----
 
@@ -903,9 +904,9 @@ impl Model {
     }
 
     /// The model's estimate of a cached reply's memory, from the
-    /// coordinator's description of it: a fixed cost per reply and per
-    /// multi step, plus the strings it owns (paths created, an error's
-    /// message and the queues its cycle names, with a fixed cost per edge).
+    /// coordinator's description of it: a fixed cost per reply, per multi
+    /// step and per error message, plus the strings it owns (paths
+    /// created, the queues a cycle names, with a fixed cost per edge).
     fn reply_bytes(&self, full: &Result<OpResult, ErrorReply>) -> usize {
         let owned = match full {
             Ok(OpResult::Created { path, .. }) => path.len(),
@@ -921,7 +922,7 @@ impl Model {
                 .sum(),
             Ok(_) => 0,
             Err(e) => {
-                e.message.len()
+                ERROR_MESSAGE_COST
                     + e.cycle
                         .iter()
                         .map(|edge| WAIT_EDGE_COST + edge.lock.len())
