@@ -17,7 +17,11 @@ use raft_log::api::raft_log_writer::RaftLogWriter;
 use super::TypeConfig;
 
 /// raft-log's view of the types: a log id as (term, index), a vote as
-/// (term, (voted for, committed)), and an entry as its JSON encoding.
+/// (term, (committed, voted for)), and an entry as its JSON encoding.
+/// raft-log refuses a vote that compares lower than the one it holds, so
+/// the tuple orders votes as openraft does wherever openraft saves one: by
+/// term, then a committed vote above an uncommitted one of the same term
+/// (whoever it is for).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct DiskTypes;
 
@@ -68,11 +72,11 @@ fn raft_log_id((term, index): (u64, u64)) -> LogIdOf<TypeConfig> {
 fn disk_vote(vote: &VoteOf<TypeConfig>) -> (u64, (u64, u64)) {
     (
         vote.leader_id.term,
-        (vote.leader_id.voted_for, u64::from(vote.committed)),
+        (u64::from(vote.committed), vote.leader_id.voted_for),
     )
 }
 
-fn raft_vote((term, (voted_for, committed)): (u64, (u64, u64))) -> VoteOf<TypeConfig> {
+fn raft_vote((term, (committed, voted_for)): (u64, (u64, u64))) -> VoteOf<TypeConfig> {
     let mut vote = VoteOf::<TypeConfig>::new(term, voted_for);
     vote.committed = committed == 1;
     vote
@@ -173,8 +177,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// Written without waiting for its own fsync: it goes to disk with the
-    /// next flush. A committed id lost in a crash only means that a restart
-    /// re-applies less at once, and catches up when the leader commits.
+    /// next flush. A committed id lost in a crash means a restart re-applies
+    /// less at once, so until it catches up its state may be older than
+    /// what it served before: the server must wait for openraft's recovery
+    /// (`Raft::wait_for_recovery`) before it serves reads.
     async fn save_committed(
         &mut self,
         committed: Option<LogIdOf<TypeConfig>>,

@@ -191,3 +191,20 @@ async fn what_was_acknowledged_is_there_after_a_reopen() {
         Some(LogIdOf::<TypeConfig>::new_term_index(3, 4))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_vote_replaces_an_uncommitted_one_of_its_term_for_another_node() {
+    // After a split vote: this member voted for node 3, then hears that
+    // node 2 won the term.
+    let dir = TempDir::new();
+    let mut store = LogStore::open(&dir.0).expect("open");
+    store
+        .save_vote(&VoteOf::<TypeConfig>::new(5, 3))
+        .await
+        .expect("the first vote");
+    let won = VoteOf::<TypeConfig>::new_committed(5, 2);
+    store.save_vote(&won).await.expect("the winner's vote");
+    drop(store);
+    let mut store = LogStore::open(&dir.0).expect("reopen");
+    assert_eq!(store.read_vote().await.expect("vote"), Some(won));
+}
