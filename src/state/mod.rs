@@ -190,7 +190,8 @@ pub enum Command {
         /// attached its connection. A request from an attachment the
         /// session has since left (it resumed elsewhere) is not applied:
         /// its client already learned from the newer attachment's grant
-        /// which requests were applied.
+        /// which requests were applied. (An ended session answers every
+        /// request `session_expired`, whichever attachment it came from.)
         attach: u64,
         /// The request id, strictly increasing within the session.
         xid: Xid,
@@ -228,7 +229,9 @@ pub enum Outcome {
     /// For `Request`.
     Reply(Reply),
     /// For a `Request` from an attachment its session has left: nothing
-    /// was applied or touched, and nobody is waiting for an answer.
+    /// was applied and the session was not touched (only the coordinator's
+    /// time moved on, as with any command), and nobody is waiting for an
+    /// answer.
     Stale,
     /// For `Tick`.
     Ticked,
@@ -321,8 +324,8 @@ pub struct Coordinator {
     lease_horizon_ms: u64,
     /// The time of the latest `apply`: no later one is applied at an
     /// earlier time. Part of the state, so that a replayed log clamps the
-    /// same way (the time is the proposer's clock, stamped into each
-    /// command, and clocks can step back).
+    /// same way (with a log, the time will be the proposer's clock stamped
+    /// into each entry, and clocks can step back).
     now_ms: u64,
     /// The zxid seen by the last `check_invariants`, to catch a decrease.
     /// Atomic rather than `Cell` so that the coordinator stays `Sync`.

@@ -2270,6 +2270,13 @@ fn time_never_goes_back_for_the_state_machine() {
     let out = h.tick(4_000 + 10_001);
     assert!(out.ended.is_empty(), "{:?}", out.ended);
     assert!(h.c.session_alive(s));
+    // A tick from a clock behind the state's time still runs at that time:
+    // a session due between the two expires.
+    let short = h.open_with(100, "short").expect("open").session;
+    h.now_ms = 14_500;
+    h.ok(s, set("/a", "y", None));
+    let out = h.tick(9_000);
+    assert_eq!(out.ended, vec![(short, SessionEnd::Expired)]);
 }
 
 #[test]

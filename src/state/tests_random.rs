@@ -424,6 +424,7 @@ fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
                     }
                 }
             }
+            Outcome::Stale => *kinds.entry("stale").or_default() += 1,
             _ => {}
         }
         *kinds.entry("events").or_default() += u64::try_from(a.events.len()).expect("small");
@@ -483,6 +484,8 @@ fn uncovered(kinds: &BTreeMap<&str, u64>, codes: &BTreeMap<String, u64>) -> Opti
         // holder's session must expire (not close) to leave a zombie.
         ("lock granted events", 2),
         ("steps with zombies", 2),
+        // A request from an attachment left by a resume.
+        ("stale", 2),
     ];
     for (label, floor) in floors {
         let seen = kinds.get(label).copied().unwrap_or(0);
