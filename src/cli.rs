@@ -275,6 +275,12 @@ struct ServeArgs {
     /// Most watches all sessions hold together.
     #[arg(long, default_value_t = Config::default().coordinator.watches_max)]
     watches_max: usize,
+    /// Most watches one session holds (at most 65536, what a client may
+    /// re-register after a reconnect). A session's watches are dropped in
+    /// one step when it ends or resumes: 17 ms for 65536, so a lower limit
+    /// means a shorter pause for everyone else.
+    #[arg(long, default_value_t = Config::default().coordinator.watches_per_session_max)]
+    watches_per_session_max: usize,
     /// Most bytes all sessions' cached replies (kept so that a write retried
     /// after a reconnect is answered, not applied twice) hold together; past
     /// it the largest caches' oldest replies go, and their retries get
@@ -395,6 +401,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             nodes_max: args.nodes_max,
             tree_bytes_max: args.tree_bytes_max,
             watches_max: args.watches_max,
+            watches_per_session_max: args.watches_per_session_max,
             reply_cache_bytes_max: args.reply_cache_bytes_max,
             lock_delay_ms_default: millis(args.lock_delay),
             hold_ttl_ms_max: millis(args.hold_ttl_max),

@@ -679,3 +679,51 @@ async fn a_four_gib_length_header_is_refused_without_reserving_it() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_per_session_max_bounds_one_session_s_watches() {
+    use latchkey_client::protocol::ErrorCode;
+    use serde_json::json;
+
+    let server = ServerProcess::start(&["--watches-per-session-max", "2"]).await;
+    let mut raw = Raw::session(server.addr).await;
+    for (xid, path) in [(1, "/w1"), (2, "/w2")] {
+        let reply = raw
+            .request(xid, json!({"exists": {"path": path, "watch": true}}))
+            .await;
+        assert!(reply.result.is_ok(), "{:?}", reply.result);
+    }
+    let refused = raw
+        .request(3, json!({"exists": {"path": "/w3", "watch": true}}))
+        .await
+        .result
+        .expect_err("a third watch");
+    assert_eq!(refused.code, ErrorCode::LimitExceeded);
+    assert!(
+        refused.message.contains("the limit is 2"),
+        "{}",
+        refused.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_per_session_max_above_what_clients_register_is_refused_at_start() {
+    let out = tokio::process::Command::new(server_binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--watches-per-session-max",
+            "70000",
+        ])
+        .output();
+    let out = within("serve to refuse its settings", out)
+        .await
+        .expect("run latchkey serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("watches per session (70000) must be from 1 to 65536"),
+        "{stderr}"
+    );
+}

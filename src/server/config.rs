@@ -142,6 +142,14 @@ impl Config {
         if self.tick_interval.is_zero() {
             return Err("the tick interval must be above 0".into());
         }
+        let watches = self.coordinator.watches_per_session_max;
+        if watches == 0 || watches > limits::WATCHES_PER_SESSION_MAX {
+            return Err(format!(
+                "the watches per session ({watches}) must be from 1 to {}, what a client may \
+                 register again after a reconnect",
+                limits::WATCHES_PER_SESSION_MAX
+            ));
+        }
         if self.coordinator.step_deletes_max == 0 {
             return Err("the nodes deleted per step must be at least 1".into());
         }
