@@ -8,11 +8,13 @@
 //! line (0.9.25, the stable one) does not have. An alpha can change its
 //! API between releases, hence the exact pin.
 //!
-//! So far: the type configuration and the log store ([`log_store`]), which
-//! passes openraft's own storage test suite. The state machine over the
+//! So far: the type configuration, the log store ([`log_store`]), which
+//! passes openraft's own storage test suite, and the commands' encoding
+//! in the log ([`encoding`]). The state machine over the
 //! coordinator and the server's use of the log come next (the durable
 //! issue).
 
+pub(crate) mod encoding;
 pub(crate) mod log_store;
 
 /// A command as the log holds it: its versioned encoding, so that the log
