@@ -1,6 +1,10 @@
 //! Commands as the log holds them: one byte of format version, then the
-//! command as JSON. A member reads only the versions it knows, so a log
-//! written by a newer latchkey is refused rather than misread.
+//! command with the time its proposer stamped on it, as JSON. Every member
+//! applies the command at that time, never its own clock's, so that all
+//! apply the same thing. A member reads only the versions it knows, so a
+//! log written by a newer latchkey is refused rather than misread.
+
+use serde::{Deserialize, Serialize};
 
 use crate::state::Command;
 
@@ -23,20 +27,29 @@ pub(crate) enum DecodeError {
     Malformed(serde_json::Error),
 }
 
-/// Encodes a command for the log.
-pub(crate) fn encode_command(command: &Command) -> Encoded {
+/// One log entry's command: what to apply, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Stamped {
+    /// The proposer's clock when it proposed the command, in milliseconds
+    /// since the Unix epoch: the time `Coordinator::apply` is given.
+    pub(crate) at_ms: u64,
+    pub(crate) command: Command,
+}
+
+/// Encodes a stamped command for the log.
+pub(crate) fn encode_command(stamped: &Stamped) -> Encoded {
     let mut bytes = vec![COMMAND_FORMAT];
-    // Serializing a `Command` to a Vec cannot fail: no map has non-string
+    // Serializing these types to a Vec cannot fail: no map has non-string
     // keys and no value is a non-finite float.
-    serde_json::to_writer(&mut bytes, command).expect("a command serializes");
+    serde_json::to_writer(&mut bytes, stamped).expect("a command serializes");
     Encoded(bytes)
 }
 
-/// Decodes a command from the log.
+/// Decodes a stamped command from the log.
 ///
 /// # Errors
 /// [`DecodeError`]: empty, another format version, or not a command.
-pub(crate) fn decode_command(encoded: &Encoded) -> Result<Command, DecodeError> {
+pub(crate) fn decode_command(encoded: &Encoded) -> Result<Stamped, DecodeError> {
     let (&format, rest) = encoded.0.split_first().ok_or(DecodeError::Empty)?;
     if format != COMMAND_FORMAT {
         return Err(DecodeError::Version { found: format });
@@ -112,11 +125,15 @@ mod tests {
 
     #[test]
     fn every_kind_of_command_decodes_to_itself() {
-        for command in samples() {
-            let encoded = encode_command(&command);
+        for (i, command) in samples().into_iter().enumerate() {
+            let stamped = Stamped {
+                at_ms: 1_796_644_985_454 + u64::try_from(i).expect("few"),
+                command,
+            };
+            let encoded = encode_command(&stamped);
             assert_eq!(encoded.0[0], COMMAND_FORMAT);
             let decoded = decode_command(&encoded).expect("decodes");
-            assert_eq!(decoded, command);
+            assert_eq!(decoded, stamped);
         }
     }
 
@@ -124,7 +141,10 @@ mod tests {
     fn an_empty_entry_another_format_or_garbage_is_refused_with_what_to_do() {
         let empty = decode_command(&Encoded(Vec::new())).expect_err("empty");
         assert!(matches!(empty, DecodeError::Empty), "{empty}");
-        let mut newer = encode_command(&Command::Tick);
+        let mut newer = encode_command(&Stamped {
+            at_ms: 0,
+            command: Command::Tick,
+        });
         newer.0[0] = COMMAND_FORMAT + 1;
         let newer = decode_command(&newer).expect_err("a newer format");
         assert!(
