@@ -775,15 +775,8 @@ impl Coordinator {
                 fx.gone.push(session);
                 return;
             };
-            let delay_ms = self
-                .tree
-                .node(key)
-                .lock
-                .as_deref()
-                .filter(|lock| lock.granted.is_some() && lock.delay_ms > 0)
-                .map(|lock| lock.delay_ms);
-            match delay_ms {
-                Some(delay_ms) if why == SessionEnd::Expired => {
+            match self.zombie_delay_ms(key, Some(why)) {
+                Some(delay_ms) => {
                     self.zombify(key, session, now_ms.saturating_add(delay_ms));
                 }
                 _ => {
@@ -800,6 +793,22 @@ impl Coordinator {
         let cost = self.end_session(session, SessionEnd::Closed, now_ms, fx);
         let mut left = self.config.step_deletes_max.max(1).saturating_sub(cost);
         self.finish_ending(session, &mut left, now_ms, fx);
+    }
+
+    /// How long the lock node `key`, taken from an owner whose session is
+    /// alive (`None`) or ended as `end`, stays as a zombie: its lock-delay,
+    /// if it is granted and has one, unless its owner closed (the holder's
+    /// own word that it is done). `None`: it goes at once.
+    fn zombie_delay_ms(&self, key: usize, end: Option<SessionEnd>) -> Option<u64> {
+        if end == Some(SessionEnd::Closed) {
+            return None;
+        }
+        self.tree
+            .node(key)
+            .lock
+            .as_deref()
+            .filter(|lock| lock.granted.is_some() && lock.delay_ms > 0)
+            .map(|lock| lock.delay_ms)
     }
 
     /// Takes the granted lock node `key` from its owner `session` and keeps

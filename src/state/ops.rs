@@ -16,9 +16,7 @@ use latchkey_client::protocol::{
 };
 
 use super::tree::{node_bytes, NewNode, Node, Tree};
-use super::{
-    session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode, SessionEnd,
-};
+use super::{session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -350,21 +348,17 @@ impl Coordinator {
         fx: &mut Effects,
     ) -> ForcedNode {
         let node = self.tree.node(key);
-        let lock = node
-            .lock
-            .as_deref()
-            .map(|l| (l.granted.is_some(), l.delay_ms));
-        let closed = |owner: SessionId| {
-            self.sessions
-                .get(owner)
-                .is_some_and(|s| s.ending == Some(SessionEnd::Closed))
-        };
-        let forced = match (node.owner, lock) {
-            (Some(owner), Some((true, delay_ms))) if delay_ms > 0 && !closed(owner) => {
+        let (owner, granted) = (
+            node.owner,
+            node.lock.as_deref().map(|l| l.granted.is_some()),
+        );
+        if let Some(owner) = owner {
+            let end = self.sessions.get(owner).and_then(|s| s.ending);
+            if let Some(delay_ms) = self.zombie_delay_ms(key, end) {
                 let freed_at_ms = now_ms.saturating_add(delay_ms);
-                let path = node.path.clone();
+                let path = self.tree.node(key).path.clone();
                 self.zombify(key, owner, freed_at_ms);
-                if self.sessions.alive(owner) {
+                if end.is_none() {
                     fx.events.push((
                         owner,
                         WatchEvent {
@@ -379,11 +373,13 @@ impl Coordinator {
                     freed_at_ms: Some(freed_at_ms),
                 };
             }
-            (Some(owner), Some((true, _))) => ForcedNode::Holder {
+        }
+        let forced = match (owner, granted) {
+            (Some(owner), Some(true)) => ForcedNode::Holder {
                 owner,
                 freed_at_ms: None,
             },
-            (Some(owner), Some((false, _))) => ForcedNode::Waiter { owner },
+            (Some(owner), Some(false)) => ForcedNode::Waiter { owner },
             (None, Some(_)) => ForcedNode::Zombie,
             (_, None) => ForcedNode::Hold,
         };

@@ -8,7 +8,14 @@ use latchkey_client::protocol::{
 };
 
 use super::tests::{config, kind, result, seq, Harness};
-use super::{Command, Config, SessionEnd};
+use super::{Command, Config, Output, SessionEnd};
+
+/// Whether `out` told `session` that its lock node `path` was granted.
+fn told_granted(out: &Output, session: SessionId, path: &str) -> bool {
+    out.events
+        .iter()
+        .any(|(s, e)| *s == session && e.kind == WatchEventKind::LockGranted && e.path == path)
+}
 
 /// A harness whose steps delete at most `step` nodes.
 fn harness(step: usize) -> Harness {
@@ -146,10 +153,7 @@ fn an_ending_session_waits_for_nothing_so_waiting_on_it_is_no_deadlock() {
     let (b_waits, granted) = h.take_lock(b, lock("/x", 0));
     assert!(!granted);
     let out = h.tick(h.now_ms);
-    assert!(out
-        .events
-        .iter()
-        .any(|(s, e)| *s == b && e.kind == WatchEventKind::LockGranted && e.path == b_waits));
+    assert!(told_granted(&out, b, &b_waits), "{:?}", out.events);
 }
 
 #[test]
@@ -177,10 +181,7 @@ fn an_expiry_past_the_step_keeps_its_held_lock_through_the_delay() {
     h.tick(2_499);
     assert!(h.present(b, &a_held));
     let out = h.tick(2_500);
-    assert!(out
-        .events
-        .iter()
-        .any(|(s, e)| *s == b && e.kind == WatchEventKind::LockGranted && e.path == b_waits));
+    assert!(told_granted(&out, b, &b_waits), "{:?}", out.events);
 }
 
 #[test]
@@ -232,10 +233,7 @@ fn a_forced_delete_of_an_ending_session_s_lock_tells_it_nothing_and_frees_a_clos
         assert!(h.c.session_ending(a) && h.present(b, &a_held));
         let out = h.send(b, super::tests::force_delete(&a_held));
         assert!(out.events.iter().all(|(s, _)| *s != a), "{:?}", out.events);
-        let granted = out
-            .events
-            .iter()
-            .any(|(s, e)| *s == b && e.kind == WatchEventKind::LockGranted && e.path == b_waits);
+        let granted = told_granted(&out, b, &b_waits);
         match why {
             // Its own word that it was done: no lock-delay to wait out.
             SessionEnd::Closed => {
