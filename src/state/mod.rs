@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use latchkey_client::protocol::{
-    limits, ErrorCode, ErrorReply, NodeKind, Op, Reply, Secret, SessionId, WatchEvent,
+    limits, ErrorCode, ErrorReply, NodeKind, Op, OpResult, Reply, Secret, SessionId, WatchEvent,
     WatchEventKind, WatchKind, Xid, Zxid,
 };
 
@@ -33,6 +33,8 @@ mod tests_locks;
 mod tests_model;
 #[cfg(test)]
 mod tests_random;
+#[cfg(test)]
+mod tests_reads;
 
 use sessions::Sessions;
 use tree::Tree;
@@ -199,8 +201,25 @@ pub enum Command {
         /// What to do.
         op: Op,
     },
+    /// Sessions heard from since the last `Heard`, by heartbeats and reads
+    /// that the server answered without a command of their own: each live
+    /// one is heard from at this command's time, and forgets its cached
+    /// replies up to its `ack` (as a ping's ack does). Its deadline moves
+    /// only here, so that a log replayed without those heartbeats expires
+    /// exactly the sessions the live server did.
+    Heard(Vec<Heard>),
     /// Expire sessions, TTL nodes and empty containers whose time has come.
     Tick,
+}
+
+/// One session heard from, for [`Command::Heard`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Heard {
+    /// The session.
+    pub session: SessionId,
+    /// The highest xid whose reply its client said it has received (0:
+    /// none said).
+    pub ack: Xid,
 }
 
 /// What the coordinator granted on open or resume.
@@ -234,7 +253,7 @@ pub enum Outcome {
     /// time moved on, as with any command), and nobody is waiting for an
     /// answer.
     Stale,
-    /// For `Tick`.
+    /// For `Tick` and `Heard`.
     Ticked,
 }
 
@@ -396,10 +415,64 @@ impl Coordinator {
                     Outcome::Reply(self.request(session, xid, op, now_ms, &mut fx))
                 }
             }
+            Command::Heard(heard) => {
+                for Heard { session, ack } in heard {
+                    if self.sessions.alive(session) {
+                        self.sessions.touch(session, now_ms);
+                        self.cover_holder(session);
+                        self.sessions.forget_through(session, ack);
+                    }
+                }
+                Outcome::Ticked
+            }
             Command::Tick => {
                 self.tick(now_ms, &mut fx);
                 Outcome::Ticked
             }
+        };
+        Output {
+            outcome,
+            events: fx.events,
+            ended: fx.ended,
+            gone: fx.gone,
+            forced: fx.forced,
+        }
+    }
+
+    /// Answers a read (`get`, `exists`, `children`, `set_watches`) or a
+    /// heartbeat (`ping`) from the current state, without a command: no
+    /// zxid, no time, no deadline and no reply cache move. Only the
+    /// server's own bookkeeping may: watches are set (and `set_watches`
+    /// fires what changed since), because watches belong to the server a
+    /// client is connected to, not to the replicated state. The caller
+    /// reports the session as heard (and a ping's ack) in a later
+    /// [`Command::Heard`]. A write is refused with `malformed` and changes
+    /// nothing: it must be a command. A request from an attachment the
+    /// session has left is `Outcome::Stale`, as in `apply`.
+    pub fn read(&mut self, session: SessionId, attach: u64, xid: Xid, op: Op) -> Output {
+        let mut fx = Effects::default();
+        let outcome = match self.sessions.get(session) {
+            Some(s) if s.ending.is_none() && s.attach != attach => Outcome::Stale,
+            Some(s) if s.ending.is_none() => {
+                let result = match op {
+                    _ if op.is_write() => Err(ErrorReply::new(
+                        ErrorCode::Malformed,
+                        "a write cannot be answered as a read",
+                    )),
+                    Op::Ping { .. } => Ok(OpResult::Pong),
+                    op => self.execute(session, op, self.now_ms, &mut fx),
+                };
+                Outcome::Reply(Reply {
+                    xid,
+                    zxid: self.zxid,
+                    result,
+                })
+            }
+            _ => Outcome::Reply(Reply {
+                xid,
+                zxid: self.zxid,
+                result: Err(session_expired(session)),
+            }),
         };
         Output {
             outcome,

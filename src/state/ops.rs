@@ -86,7 +86,7 @@ impl Coordinator {
         }
     }
 
-    fn execute(
+    pub(super) fn execute(
         &mut self,
         session: SessionId,
         op: Op,

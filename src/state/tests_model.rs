@@ -1834,6 +1834,20 @@ impl Model {
                     self.request(*session, *xid, op, now_ms)
                 }
             }
+            Command::Heard(heard) => {
+                for h in heard {
+                    if self.alive(h.session) {
+                        if let Some(s) = self.sessions.get_mut(&h.session) {
+                            s.last_heard_ms = now_ms;
+                            s.acknowledge(h.ack.0);
+                        }
+                        self.cover(h.session);
+                        self.notes
+                            .push("a session heard without a command of its own");
+                    }
+                }
+                Answer::Ticked
+            }
             Command::Tick => self.tick(now_ms),
         }
     }
@@ -2180,6 +2194,9 @@ enum Step {
     Deadline {
         early: bool,
     },
+    /// Sessions the server heard from by heartbeats and reads it answered
+    /// without a command.
+    Heard(Vec<(Who, Ack)>),
 }
 
 fn path_pick() -> BoxedStrategy<PathPick> {
@@ -2457,6 +2474,7 @@ fn step() -> BoxedStrategy<Step> {
             .prop_map(|(advance_ms, tick)| Step::Time { advance_ms, tick }),
         1 => (100u64..1_200).prop_map(|advance_ms| Step::Time { advance_ms, tick: true }),
         1 => any::<bool>().prop_map(|early| Step::Deadline { early }),
+        2 => prop::collection::vec((who(), ack()), 0..4).prop_map(Step::Heard),
     ]
     .boxed()
 }
@@ -2965,6 +2983,18 @@ fn resolve(step: &Step, model: &Model, clients: &mut Clients, now_ms: &mut u64) 
             *now_ms += advance_ms;
             tick.then_some(Command::Tick)
         }
+        Step::Heard(heard) => Some(Command::Heard(
+            heard
+                .iter()
+                .filter_map(|(who, ack)| {
+                    let (session, _) = clients.pick(*who, model)?;
+                    Some(super::Heard {
+                        session,
+                        ack: clients.ack(session, *ack),
+                    })
+                })
+                .collect(),
+        )),
     }
 }
 
