@@ -40,7 +40,13 @@ struct Server {
 impl Server {
     fn start() -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--no-lease-file"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--in-memory",
+                "--no-lease-file",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -225,7 +231,7 @@ fn main() {
     let addr = server.addr;
     let warm = ops / 10;
     let workloads = async move {
-        let run = |name: &str| only.as_deref().map_or(true, |o| o == name);
+        let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
         if run("bare") {
             if only.is_none() {
                 bare(addr, warm).await;

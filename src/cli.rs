@@ -30,7 +30,7 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the coordinator (in memory) until SIGINT or SIGTERM.
+    /// Run the coordinator until SIGINT or SIGTERM (durable in --data, or --in-memory).
     Serve(ServeArgs),
     /// Create a node and print its path (with the sequence suffix, if any).
     Create {
@@ -302,22 +302,32 @@ struct ServeArgs {
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     write_timeout: Duration,
-    /// Grant no lock for at least this long after start, and as long as the
-    /// lease file says a lock holder of the previous run may still act as
-    /// one. For restarts where the file may be lost (a reboot, another
-    /// machine): the longest session timeout in use plus the lock-delay.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    startup_grace: Option<Duration>,
-    /// Where to record how long this run's lock holders may act as holders,
-    /// for a restarted server to wait out. Default: lease-PORT in
-    /// $STATE_DIRECTORY, $XDG_STATE_HOME/latchkey or ~/.local/state/latchkey
-    /// (none when listening on port 0).
-    #[arg(long, conflicts_with = "no_lease_file")]
-    lease_file: Option<PathBuf>,
-    /// Keep no lease file: a restart then grants locks at once (after
-    /// --startup-grace, if given), even to a lock whose previous holder may
-    /// still believe it holds it.
+    /// The data folder: every change goes to the log in it and is
+    /// acknowledged once it is on disk, so that a restart keeps sessions,
+    /// locks, holds and nodes. Made if absent; one server at a time.
+    #[arg(long, default_value = "latchkey-data", conflicts_with = "in_memory")]
+    data: PathBuf,
+    /// Keep the state in memory only, as for tests and demos: a restart
+    /// ends every session and loses every node.
     #[arg(long)]
+    in_memory: bool,
+    /// With --in-memory: grant no lock for at least this long after start,
+    /// and as long as the lease file says a lock holder of the previous run
+    /// may still act as one. For restarts where the file may be lost (a
+    /// reboot, another machine): the longest session timeout in use plus
+    /// the lock-delay.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "in_memory")]
+    startup_grace: Option<Duration>,
+    /// With --in-memory: where to record how long this run's lock holders
+    /// may act as holders, for a restarted server to wait out. Default:
+    /// lease-PORT in $STATE_DIRECTORY, $XDG_STATE_HOME/latchkey or
+    /// ~/.local/state/latchkey (none when listening on port 0).
+    #[arg(long, conflicts_with = "no_lease_file", requires = "in_memory")]
+    lease_file: Option<PathBuf>,
+    /// With --in-memory: keep no lease file; a restart then grants locks at
+    /// once (after --startup-grace, if given), even to a lock whose
+    /// previous holder may still believe it holds it.
+    #[arg(long, requires = "in_memory")]
     no_lease_file: bool,
     /// How long a new connection has to send its handshake before it is
     /// closed.
@@ -385,9 +395,9 @@ fn millis(duration: Duration) -> u64 {
 async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new("info,openraft=warn,chunked_wal=warn,raft_log=warn")
+        }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -413,16 +423,21 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         outbound_bytes_max: args.outbound_bytes_max,
         write_timeout: args.write_timeout,
         startup_grace: args.startup_grace,
-        lease_file: if args.no_lease_file {
+        lease_file: if args.no_lease_file || !args.in_memory {
             None
         } else {
             args.lease_file.or_else(|| default_lease_file(args.listen))
         },
+        data: (!args.in_memory).then_some(args.data),
         handshake_timeout: args.handshake_timeout,
         frame_timeout: args.frame_timeout,
         check_invariants: args.check_invariants,
         ..Config::default()
     };
+    let data_folder = config
+        .data
+        .as_ref()
+        .map(|folder| std::path::absolute(folder).unwrap_or_else(|_| folder.clone()));
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;
     let addr = server.local_addr();
     // Caught before the line below goes out: a SIGTERM sent as soon as a
@@ -431,7 +446,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     println!("latchkey listening on {addr}");
     // Scripts wait for this line; make sure it is out even when piped.
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, "serving (in-memory state)");
+    match &data_folder {
+        Some(folder) => {
+            tracing::info!(%addr, data = %folder.display(), "serving (durable: every change is on disk before it is acknowledged)")
+        }
+        None => tracing::info!(%addr, "serving (in-memory state: a restart loses it)"),
+    }
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {

@@ -16,7 +16,7 @@ struct Serve {
 impl Serve {
     fn start() -> Serve {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--in-memory"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

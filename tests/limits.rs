@@ -57,7 +57,7 @@ impl ServerProcess {
     /// line that says it listens.
     async fn start(args: &[&str]) -> ServerProcess {
         let mut child = tokio::process::Command::new(server_binary())
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--in-memory"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -713,6 +713,7 @@ async fn watches_per_session_max_above_what_clients_register_is_refused_at_start
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--in-memory",
             "--watches-per-session-max",
             "70000",
         ])

@@ -1007,7 +1007,7 @@ impl Only {
 /// Whether `workload` runs, given `--only`.
 fn runs(only: &Option<Only>, workload: &str) -> bool {
     only.as_ref()
-        .map_or(true, |o| o.0.iter().any(|n| n == workload))
+        .is_none_or(|o| o.0.iter().any(|n| n == workload))
 }
 
 async fn bench(
@@ -1030,7 +1030,13 @@ async fn bench(
         None => {
             let mut command = Command::new(env!("CARGO_BIN_EXE_latchkey"));
             command
-                .args(["serve", "--listen", "127.0.0.1:0", "--no-lease-file"])
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--in-memory",
+                    "--no-lease-file",
+                ])
                 .env("RUST_LOG", "warn");
             // For experiments: the server's worker threads (tokio reads it).
             if let Ok(threads) = std::env::var("LATCHKEY_BENCH_SERVER_THREADS") {

@@ -319,6 +319,7 @@ mod tests {
             BadToken,
             NotOwner,
             TokenRequired,
+            Unavailable,
         ] {
             let err = ClientError::from_reply(ErrorReply::new(code, "m"));
             assert_eq!(err.code(), Some(code), "{err}");

@@ -162,7 +162,7 @@ impl LockRegistry {
         let matches = self
             .by_path
             .get(path)
-            .is_some_and(|sub| czxid.map_or(true, |z| z == sub.czxid));
+            .is_some_and(|sub| czxid.is_none_or(|z| z == sub.czxid));
         if matches {
             if let Some(sub) = self.by_path.remove(path) {
                 sub.tx.send_modify(|s| s.state = gone);

@@ -691,6 +691,10 @@ pub enum ErrorCode {
     NotOwner,
     #[error("the node is a timed hold and the request gives no token")]
     TokenRequired,
+    /// The server cannot make writes durable now (its log stopped on a
+    /// failed write or fsync): the write was not applied; reads still work.
+    #[error("the server cannot make writes durable now")]
+    Unavailable,
 }
 
 /// A watch event: what happened, to which node, at which zxid.

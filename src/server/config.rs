@@ -65,6 +65,14 @@ pub struct Config {
     /// `None`: no file, for tests and embedding; `latchkey serve` keeps one
     /// per port in [`default_lease_folder`](super::default_lease_folder).
     pub lease_file: Option<PathBuf>,
+    /// The data folder: every change is written to the log in it, and
+    /// acknowledged once it is on disk, so that a restart keeps sessions,
+    /// nodes, locks and holds. Default `None`: state in memory only (for
+    /// tests and embedding); `latchkey serve` uses `latchkey-data` in the
+    /// working folder unless given `--in-memory`. With a folder, no lease
+    /// file or startup grace is needed: holders keep their locks across a
+    /// restart.
+    pub data: Option<PathBuf>,
     /// Check the coordinator's invariants after every step and stop on the
     /// first broken one. Default: on in debug builds. It costs a walk of the
     /// whole state per request, so load tests turn it off.
@@ -86,6 +94,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             startup_grace: None,
             lease_file: None,
+            data: None,
             check_invariants: cfg!(debug_assertions),
         }
     }
@@ -94,6 +103,13 @@ impl Default for Config {
 impl Config {
     /// Checks that the values make sense together; says which do not.
     pub fn validate(&self) -> Result<(), String> {
+        if self.data.is_some() && (self.lease_file.is_some() || self.startup_grace.is_some()) {
+            return Err(
+                "a durable server (--data) keeps its sessions across a restart and needs no \
+                 lease file or startup grace; those are for --in-memory"
+                    .into(),
+            );
+        }
         if self.coordinator.session_timeout_ms_min == 0 {
             return Err("the minimum session timeout must be above 0".into());
         }

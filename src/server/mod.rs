@@ -8,16 +8,14 @@
 //! watch event before any later reply reflecting the change.
 
 mod config;
+mod core;
 mod frames;
 mod lease;
 pub(crate) mod log_limit;
 mod outbound;
-// Exercised by its tests only until the server runs on the log (the durable
-// issue's next step).
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod raft;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -29,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use latchkey_client::protocol::{
     self, ErrorCode, ErrorReply, Hello, Op, Reply, Request, Secret, ServerMessage, SessionEvent,
-    SessionId, Welcome, Xid, Zxid,
+    SessionId, Xid, Zxid,
 };
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -48,7 +46,8 @@ pub use lease::default_folder as default_lease_folder;
 use log_limit::limited;
 use outbound::{CloseReason, Outbound, Work};
 
-use crate::state::{Command, Coordinator, Forced, ForcedNode, Outcome, Output, SessionEnd};
+use crate::state::{Command, Coordinator, Outcome};
+use core::{flush, Core, PendingAttach};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +61,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The data folder or its log cannot be used.
+    #[error("{0}")]
+    Data(String),
     /// The lease file could not be read or written.
     #[error("cannot use the lease file {}: {message}; pass --lease-file with a writable path, or --no-lease-file with --startup-grace", path.display())]
     LeaseFile {
@@ -114,172 +116,10 @@ fn new_secret() -> Secret {
     Secret(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Everything behind the one lock.
-struct Core {
-    coordinator: Coordinator,
-    /// The connection currently attached to each session, if any.
-    connections: HashMap<SessionId, Attached>,
-    /// Source of connection ids, to tell an old connection from its successor.
-    next_connection: u64,
-    /// Run `check_invariants` after every apply (a bug then stops the server
-    /// at once instead of corrupting state quietly).
-    check_invariants: bool,
-    /// Keeps the lease file ahead of the coordinator's lease horizon.
-    lease: Option<lease::LeaseRecorder>,
-    /// Queues that events were pushed to since the last `take_to_flush`:
-    /// whoever applied writes them once the lock is dropped.
-    to_flush: Vec<Arc<Outbound>>,
-    /// Closes whose sessions still own nodes: the connection's queue, with
-    /// a place held for the reply, and the reply, which goes out once the
-    /// session is gone (its client may rely on its ephemerals being
-    /// deleted when the close returns).
-    closing: HashMap<SessionId, (Arc<Outbound>, Bytes)>,
-    /// Sessions that expired and still own nodes: their clients are told
-    /// once the nodes are gone, so that a client told of its expiry finds
-    /// its ephemerals deleted, as after a close.
-    expiring: HashSet<SessionId>,
-}
-
-struct Attached {
-    connection: u64,
-    outbound: Arc<Outbound>,
-}
-
-/// Writes the queues an apply pushed events to, from the calling task,
-/// after the coordinator lock is dropped: a lock passed on reaches the next
-/// holder's socket without waking its connection's tasks.
-fn flush(queues: Vec<Arc<Outbound>>) {
-    for queue in queues {
-        queue.write_inline();
-    }
-}
-
-impl Core {
-    /// The queues to write once the lock is dropped (see [`flush`]).
-    fn take_to_flush(&mut self) -> Vec<Arc<Outbound>> {
-        std::mem::take(&mut self.to_flush)
-    }
-
-    /// Whether `connection` is the one attached to `session` now.
-    fn is_current(&self, session: SessionId, connection: u64) -> bool {
-        self.connections
-            .get(&session)
-            .is_some_and(|attached| attached.connection == connection)
-    }
-
-    /// Applies a command, checks invariants in debug builds, and queues the
-    /// events it produced and the end of any session it ended.
-    fn apply(&mut self, command: Command, now_ms: u64) -> Outcome {
-        let paused = self.coordinator.grants_paused_until_ms().is_some();
-        let Output {
-            outcome,
-            events,
-            ended,
-            gone,
-            forced,
-        } = self.coordinator.apply(command, now_ms);
-        forced.iter().for_each(log_forced);
-        // Before anything is queued: no client may learn of a grant, or of
-        // a heartbeat that extends a holder's lease, that the file does not
-        // yet cover.
-        if let Some(lease) = &mut self.lease {
-            lease.cover(self.coordinator.lease_horizon_ms(), now_ms);
-        }
-        if paused && self.coordinator.grants_paused_until_ms().is_none() {
-            info!("startup grace over: granting locks");
-        }
-        if self.check_invariants {
-            if let Err(broken) = self.coordinator.check_invariants() {
-                // A panic would unwind this task only and leave the others
-                // serving a broken state; a coordinator must stop instead.
-                tracing::error!("coordinator invariant broken: {broken}; aborting");
-                eprintln!("latchkey: coordinator invariant broken: {broken}; aborting");
-                std::process::abort();
-            }
-        }
-        for (session, event) in events {
-            if let Some(attached) = self.connections.get(&session) {
-                // A full queue closes that connection; the event is then
-                // recovered by the client's set_watches when it resumes.
-                if attached
-                    .outbound
-                    .push(protocol::encode(&ServerMessage::Watch(event)))
-                    && !self
-                        .to_flush
-                        .last()
-                        .is_some_and(|last| Arc::ptr_eq(last, &attached.outbound))
-                {
-                    self.to_flush.push(attached.outbound.clone());
-                }
-            }
-        }
-        for (session, end) in ended {
-            // A closed session's connection holds the reply to
-            // close_session until the session is gone (see `closing`).
-            if end == SessionEnd::Expired {
-                info!(%session, "session expired");
-                self.expiring.insert(session);
-            }
-        }
-        for session in gone {
-            if let Some((outbound, reply)) = self.closing.remove(&session) {
-                outbound.fill(reply);
-                // Closed already by its task: this wakes it to write.
-                outbound.close(CloseReason::Done);
-            }
-            if self.expiring.remove(&session) {
-                if let Some(attached) = self.connections.remove(&session) {
-                    attached.outbound.push_last(
-                        protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                        CloseReason::SessionExpired,
-                    );
-                }
-            }
-        }
-        outcome
-    }
-
-    /// Whether a tick now would find work the last one left over (see
-    /// `Coordinator::next_deadline_ms`).
-    fn backlog(&self, now_ms: u64) -> bool {
-        self.coordinator
-            .next_deadline_ms()
-            .is_some_and(|due| due <= now_ms)
-    }
-}
-
-/// One line per forced delete, naming who asked: taking a lock or a hold
-/// from its owner is an operator's act that must leave a trace.
-fn log_forced(forced: &Forced) {
-    let Forced { by, path, node } = forced;
-    match node {
-        ForcedNode::Holder {
-            owner,
-            freed_at_ms: Some(freed_at_ms),
-        } => warn!(
-            %by, %path, %owner, freed_at_ms,
-            "forced delete: lock taken from its holder, who was told; the next waiter is granted when its lock-delay ends"
-        ),
-        ForcedNode::Holder {
-            owner,
-            freed_at_ms: None,
-        } => {
-            warn!(%by, %path, %owner, "forced delete: lock taken from its holder, who was told; it had no lock-delay")
-        }
-        ForcedNode::Waiter { owner } => {
-            warn!(%by, %path, %owner, "forced delete: a waiting lock node of another session")
-        }
-        ForcedNode::Zombie => {
-            warn!(%by, %path, "forced delete: a zombie ended before its lock-delay")
-        }
-        ForcedNode::Hold => {
-            warn!(%by, %path, "forced delete: a timed hold ended without its token")
-        }
-    }
-}
-
 struct Shared {
-    core: Mutex<Core>,
+    core: Arc<Mutex<Core>>,
+    /// Where commands go.
+    engine: Engine,
     config: Config,
     clock: Clock,
     connection_slots: Arc<Semaphore>,
@@ -289,7 +129,95 @@ struct Shared {
     /// Wakes the ticker before its interval when a request left it work (a
     /// close whose session still owns nodes), so that the close's reply
     /// does not wait for the next interval.
-    tick_now: Notify,
+    tick_now: Arc<Notify>,
+}
+
+/// Where a command goes to be applied.
+enum Engine {
+    /// Applied at once, under the lock: the state lives in memory only.
+    Memory,
+    /// Through the log on disk: applied once it is there. The folder is
+    /// held (and locked) as long as the server runs.
+    Log {
+        log: raft::node::Log,
+        _folder: raft::folder::DataFolder,
+    },
+}
+
+impl Shared {
+    /// Sends `command` on its way: applied now in memory, or proposed to
+    /// the log, whose state machine executes it once it is on disk. Call
+    /// under the core's lock (`core`), so that commands go in the order
+    /// their connections sent them.
+    ///
+    /// # Errors
+    /// Why the log did not take it (see `Log::propose`): nothing was sent.
+    fn submit(
+        &self,
+        core: &mut Core,
+        at_ms: u64,
+        ticket: u64,
+        command: Command,
+    ) -> Result<(), String> {
+        match &self.engine {
+            Engine::Memory => {
+                let pending = core.take_pending(ticket);
+                core.execute(at_ms, command, pending);
+                Ok(())
+            }
+            Engine::Log { log, .. } => log.propose(&raft::encoding::Stamped {
+                at_ms,
+                ticket,
+                command,
+            }),
+        }
+    }
+
+    /// Applies `command` and waits until it has been: for the ticker and
+    /// the start, which must see each step done before the next.
+    ///
+    /// # Cancel safety
+    /// Safe to drop: the command may still be applied.
+    async fn write(&self, at_ms: u64, command: Command) -> Result<(), String> {
+        match &self.engine {
+            Engine::Memory => {
+                let queues = {
+                    let mut core = self.core.lock();
+                    core.execute(at_ms, command, None);
+                    let queues = core.take_to_flush();
+                    // Handed straight to a request waiting for it: with an
+                    // ordinary unlock the ticker took the lock back at
+                    // once, step after step, and a get waited up to 15 ms.
+                    parking_lot::MutexGuard::unlock_fair(core);
+                    queues
+                };
+                flush(queues);
+                Ok(())
+            }
+            Engine::Log { log, .. } => {
+                log.write(&raft::encoding::Stamped {
+                    at_ms,
+                    ticket: 0,
+                    command,
+                })
+                .await
+            }
+        }
+    }
+
+    /// Stops the log, if there is one: what is on disk stays.
+    ///
+    /// # Cancel safety
+    /// Safe to drop: the log stops in the background.
+    async fn stop_log(&self) {
+        if let Engine::Log { log, .. } = &self.engine {
+            log.shutdown().await;
+        }
+    }
+
+    fn durable(&self) -> bool {
+        matches!(self.engine, Engine::Log { .. })
+    }
 }
 
 impl Shared {
@@ -298,6 +226,27 @@ impl Shared {
     fn shutdown_deadline(&self) -> tokio::time::Instant {
         *self.shutdown_at.get_or_init(tokio::time::Instant::now) + self.config.shutdown_grace
     }
+}
+
+/// Turns the server read-only once its log has stopped (a write or an
+/// fsync failed): no later write is acknowledged, and those on their way
+/// are answered with the reason.
+fn log_stopped(core: &Mutex<Core>, why: &str) {
+    tracing::error!("the log stopped: {why}; serving reads only, writes are refused until restart");
+    let error = ErrorReply::new(
+        ErrorCode::Unavailable,
+        format!(
+            "the server cannot make writes durable ({why}); it was not applied. Reads still \
+             work; the operator must fix the data folder's disk and restart the server"
+        ),
+    );
+    let queues = {
+        let mut core = core.lock();
+        core.read_only = Some(error.message.clone());
+        core.fail_in_flight(&error);
+        core.take_to_flush()
+    };
+    flush(queues);
 }
 
 /// A server bound to its address, not yet serving.
@@ -325,25 +274,87 @@ impl Server {
                     source,
                 })?;
         let clock = Clock::new();
-        let mut coordinator = Coordinator::new(config.coordinator.clone(), zxid_start());
-        let lease = startup_grace(&config, &mut coordinator, clock.now_ms())?;
-        let shared = Arc::new(Shared {
-            core: Mutex::new(Core {
-                coordinator,
-                connections: HashMap::new(),
-                next_connection: 0,
-                check_invariants: config.check_invariants,
-                lease,
-                to_flush: Vec::new(),
-                closing: HashMap::new(),
-                expiring: HashSet::new(),
-            }),
-            connection_slots: Arc::new(Semaphore::new(config.connections_max)),
-            shutdown_at: std::sync::OnceLock::new(),
-            tick_now: Notify::new(),
-            config,
-            clock,
-        });
+        let tick_now = Arc::new(Notify::new());
+        let shared = match config.data.clone() {
+            None => {
+                let mut coordinator = Coordinator::new(config.coordinator.clone(), zxid_start());
+                let lease = startup_grace(&config, &mut coordinator, clock.now_ms())?;
+                let core = Core::new(coordinator, &config, lease, tick_now.clone());
+                Shared {
+                    core: Arc::new(Mutex::new(core)),
+                    engine: Engine::Memory,
+                    connection_slots: Arc::new(Semaphore::new(config.connections_max)),
+                    shutdown_at: std::sync::OnceLock::new(),
+                    tick_now,
+                    config,
+                    clock,
+                }
+            }
+            Some(path) => {
+                let started = Instant::now();
+                let folder = raft::folder::DataFolder::open(&path, zxid_start().0)
+                    .map_err(ServerError::Data)?;
+                let new_folder = folder.is_new();
+                let coordinator =
+                    Coordinator::new(config.coordinator.clone(), Zxid(folder.zxid_start()));
+                let core = Arc::new(Mutex::new(Core::new(
+                    coordinator,
+                    &config,
+                    None,
+                    tick_now.clone(),
+                )));
+                let on_fatal = {
+                    let core = core.clone();
+                    move |why: String| log_stopped(&core, &why)
+                };
+                let address = listener
+                    .local_addr()
+                    .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+                let log = raft::node::Log::open(&folder.log(), core.clone(), address, on_fatal)
+                    .await
+                    .map_err(ServerError::Data)?;
+                let (sessions, nodes) = {
+                    let core = core.lock();
+                    (
+                        core.coordinator.session_count(),
+                        core.coordinator.node_count(),
+                    )
+                };
+                let shared = Shared {
+                    core,
+                    engine: Engine::Log {
+                        log,
+                        _folder: folder,
+                    },
+                    connection_slots: Arc::new(Semaphore::new(config.connections_max)),
+                    shutdown_at: std::sync::OnceLock::new(),
+                    tick_now,
+                    config,
+                    clock,
+                };
+                // Every session alive before the restart gets its full
+                // timeout from now, so that its client has that long to
+                // come back and resume it.
+                let all = shared.core.lock().coordinator.live_sessions();
+                shared
+                    .write(shared.clock.now_ms(), Command::Heard(all))
+                    .await
+                    .map_err(|e| ServerError::Data(format!("the log refused a write: {e}")))?;
+                if new_folder {
+                    info!(folder = %path.display(), "new data folder: every change is kept in its log");
+                } else {
+                    info!(
+                        folder = %path.display(),
+                        sessions,
+                        nodes,
+                        took_ms = started.elapsed().as_millis(),
+                        "data folder replayed: its sessions may resume, each with a fresh timeout"
+                    );
+                }
+                shared
+            }
+        };
+        let shared = Arc::new(shared);
         Ok(Server { listener, shared })
     }
 
@@ -390,28 +401,43 @@ impl Server {
         }
         drop(listener);
         let deadline = shared.shutdown_deadline();
-        // Every attached connection tells its client that the session has
-        // ended, writes what it has, and closes; a connection still in its
-        // handshake sees the cancellation itself.
+        // In memory, every attached connection tells its client that the
+        // session has ended, writes what it has, and closes. Durable, the
+        // sessions live on in the log: connections just close, and their
+        // clients resume once the server is back. A connection still in
+        // its handshake sees the cancellation itself.
+        let durable = shared.durable();
         let sessions = {
             let mut core = shared.core.lock();
             for attached in core.connections.values() {
-                attached.outbound.push_last(
-                    protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
-                    CloseReason::ShuttingDown,
-                );
+                if durable {
+                    attached.outbound.close(CloseReason::ShuttingDown);
+                } else {
+                    attached.outbound.push_last(
+                        protocol::encode(&ServerMessage::Session(SessionEvent::Expired)),
+                        CloseReason::ShuttingDown,
+                    );
+                }
             }
-            // Their nodes end with the server's memory.
+            // In memory their nodes end with the server's memory; durable,
+            // the rest go after the restart.
             for (_, (outbound, reply)) in core.closing.drain() {
                 outbound.fill(reply);
                 outbound.close(CloseReason::Done);
             }
             core.coordinator.session_count()
         };
-        info!(
-            sessions,
-            "shutting down: stopped accepting; sessions end with the server (state is in memory)"
-        );
+        if durable {
+            info!(
+                sessions,
+                "shutting down: stopped accepting; sessions are kept in the data folder and resume after a restart"
+            );
+        } else {
+            info!(
+                sessions,
+                "shutting down: stopped accepting; sessions end with the server (state is in memory)"
+            );
+        }
         tracker.close();
         // Every connection task ends within the grace: it stops taking
         // requests at once, gets the grace to flush, then drops its socket.
@@ -424,8 +450,10 @@ impl Server {
                 "some connection tasks did not end within {:?}; leaving them behind",
                 shared.config.shutdown_grace + Duration::from_secs(1)
             );
+            shared.stop_log().await;
             return false;
         }
+        shared.stop_log().await;
         true
     }
 }
@@ -566,18 +594,25 @@ async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
         // clients add to it as fast.
         loop {
             let now_ms = shared.clock.now_ms();
-            let (more, queues) = {
-                let mut core = shared.core.lock();
-                core.apply(Command::Tick, now_ms);
-                let more = core.backlog(now_ms);
-                let queues = core.take_to_flush();
-                // Handed straight to a request waiting for it: with an
-                // ordinary unlock this loop took the lock back at once,
-                // step after step, and a get waited up to 15 ms.
-                parking_lot::MutexGuard::unlock_fair(core);
-                (more, queues)
-            };
-            flush(queues);
+            let heard = shared.core.lock().take_heard();
+            // Before the tick, so that a session heard since the last one is
+            // not expired by it.
+            if !heard.is_empty() {
+                if let Err(e) = shared.write(now_ms, Command::Heard(heard)).await {
+                    limited!(
+                        warn,
+                        "heartbeats not written",
+                        "heartbeats not written: {e}"
+                    );
+                }
+            }
+            if shared.core.lock().backlog(now_ms) {
+                if let Err(e) = shared.write(now_ms, Command::Tick).await {
+                    limited!(warn, "tick not written", "tick not written: {e}");
+                    break;
+                }
+            }
+            let more = shared.core.lock().backlog(now_ms);
             if !more || shutdown.is_cancelled() {
                 break;
             }
@@ -676,9 +711,11 @@ impl Connection {
                 return None;
             }
         };
-        let connection = match Connection::attach(&shared, peer, &hello, writer.clone()) {
-            Ok(connection) => connection,
-            Err(refusal) => {
+        let attached = Connection::attach(&shared, peer, &hello, writer.clone(), &shutdown);
+        let connection = match Box::pin(attached).await {
+            None => return None,
+            Some(Ok(connection)) => connection,
+            Some(Err(refusal)) => {
                 Box::pin(send_last(&writer, &refusal, refusal_limit(&shared))).await;
                 return None;
             }
@@ -712,19 +749,19 @@ impl Connection {
 
     /// Opens or resumes the session and registers this connection as its
     /// current one, with the welcome queued as its first frame. A refused
-    /// handshake returns the fatal frame to send before closing.
-    fn attach(
+    /// handshake returns the fatal frame to send before closing; `None`
+    /// when the server shut down meanwhile.
+    async fn attach(
         shared: &Arc<Shared>,
         peer: SocketAddr,
         hello: &Hello,
         writer: Arc<OwnedWriteHalf>,
-    ) -> Result<Connection, Bytes> {
+        shutdown: &CancellationToken,
+    ) -> Option<Result<Connection, Bytes>> {
         let outbound = Arc::new(Outbound::new(
             shared.config.outbound_bytes_max,
             Some(writer),
         ));
-        let now_ms = shared.clock.now_ms();
-        let mut core = shared.core.lock();
         let command = match &hello.resume {
             None => Command::OpenSession {
                 timeout_ms: hello.session_timeout_ms,
@@ -736,66 +773,80 @@ impl Connection {
                 last_xid_received: resume.last_xid_received,
             },
         };
-        let grant = match core.apply(command, now_ms) {
-            Outcome::Session(Ok(grant)) => grant,
-            Outcome::Session(Err(refusal)) => {
-                drop(core);
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let now_ms = shared.clock.now_ms();
+        let (id, ticket) = {
+            let mut core = shared.core.lock();
+            if let Some(why) = &core.read_only {
+                let refusal = ErrorReply::new(ErrorCode::Unavailable, why.clone());
+                return Some(Err(protocol::encode(&ServerMessage::Fatal(refusal))));
+            }
+            let id = core.new_connection();
+            let ticket = core.wait_for_attach(PendingAttach {
+                connection: id,
+                peer,
+                outbound: outbound.clone(),
+                done,
+            });
+            if let Err(why) = shared.submit(&mut core, now_ms, ticket, command) {
+                core.forget_pending(ticket);
+                let refusal = ErrorReply::new(ErrorCode::Unavailable, why);
+                return Some(Err(protocol::encode(&ServerMessage::Fatal(refusal))));
+            }
+            let queues = core.take_to_flush();
+            drop(core);
+            flush(queues);
+            (id, ticket)
+        };
+        let answer = tokio::select! {
+            answer = answer => answer,
+            _ = shutdown.cancelled() => {
+                shared.core.lock().forget_pending(ticket);
+                return None;
+            }
+        };
+        let grant = match answer {
+            Ok(Ok(grant)) => grant,
+            Ok(Err(refusal)) => {
                 if refusal.code == ErrorCode::LimitExceeded {
                     limited!(warn, "closing connection: handshake refused at a limit", %peer, "closing connection: handshake refused: {}", refusal.message);
                 } else {
                     limited!(info, "closing connection: handshake refused", %peer, "closing connection: handshake refused: {}", refusal.message);
                 }
-                return Err(protocol::encode(&ServerMessage::Fatal(refusal)));
+                return Some(Err(protocol::encode(&ServerMessage::Fatal(refusal))));
             }
-            other => unreachable!("open and resume answer with a session outcome, not {other:?}"),
+            // The log stopped before it applied the handshake.
+            Err(_) => {
+                let refusal = ErrorReply::new(
+                    ErrorCode::Unavailable,
+                    "the server's log stopped before the handshake was applied; retry later",
+                );
+                return Some(Err(protocol::encode(&ServerMessage::Fatal(refusal))));
+            }
         };
-        core.next_connection += 1;
-        let id = core.next_connection;
-        outbound.push(protocol::encode(&ServerMessage::Welcome(Welcome {
-            protocol_version: protocol::PROTOCOL_VERSION,
-            session_id: grant.session,
-            secret: grant.secret,
-            session_timeout_ms: grant.timeout_ms,
-            zxid: grant.zxid,
-            last_xid_applied: grant.last_xid_applied,
-            frame_bytes_max: u64::try_from(shared.config.frame_bytes_max).unwrap_or(u64::MAX),
-            data_bytes_max: u64::try_from(shared.config.coordinator.data_bytes_max)
-                .unwrap_or(u64::MAX),
-        })));
-        if let Some(previous) = core.connections.insert(
-            grant.session,
-            Attached {
-                connection: id,
-                outbound: outbound.clone(),
-            },
-        ) {
-            previous.outbound.push_last(
-                protocol::encode(&ServerMessage::Session(SessionEvent::Moved)),
-                CloseReason::Moved,
-            );
-        }
-        let queues = core.take_to_flush();
-        drop(core);
-        flush(queues);
         info!(%peer, session = %grant.session, resumed = hello.resume.is_some(), timeout_ms = grant.timeout_ms, "session attached");
-        Ok(Connection {
+        Some(Ok(Connection {
             shared: shared.clone(),
             peer,
             id,
             session: grant.session,
             attach: grant.attach,
             outbound,
-        })
+        }))
     }
 
     /// Decodes and applies one request. Returns false when the connection
     /// must close.
+    ///
+    /// A read or heartbeat is answered from the current state at once,
+    /// unless a request of this connection is still on its way through the
+    /// log: then it follows that request there, so that it sees it and is
+    /// answered after it. Anything else is a command.
     fn handle_frame(&self, frame: &[u8]) -> bool {
         let request = match serde_json::from_slice::<Request>(frame) {
             Ok(request) => request,
             Err(e) => return self.reject_frame(frame, &e),
         };
-        let close_after = matches!(request.op, Op::CloseSession);
         let now_ms = self.shared.clock.now_ms();
         let mut core = self.shared.core.lock();
         // Once the session has moved to another connection, a frame still
@@ -804,51 +855,69 @@ impl Connection {
         if !core.is_current(self.session, self.id) {
             return false;
         }
-        let outcome = core.apply(
-            Command::Request {
-                session: self.session,
-                attach: self.attach,
-                xid: request.xid,
-                op: request.op,
-            },
-            now_ms,
-        );
-        let reply = match outcome {
-            Outcome::Reply(reply) => reply,
-            // Moved on since: as above, the newer attachment answers.
-            Outcome::Stale => return false,
-            other => unreachable!("a request is answered with a reply, not {other:?}"),
-        };
-        let closed = close_after && reply.result.is_ok();
-        if closed {
-            let message = protocol::encode(&ServerMessage::Reply(reply));
-            core.connections.remove(&self.session);
-            if core.coordinator.session_ending(self.session) {
-                // Its nodes go in later ticks, started now; the reply waits
-                // for the last.
-                self.outbound.hold();
-                core.closing
-                    .insert(self.session, (self.outbound.clone(), message));
-                self.shared.tick_now.notify_one();
-            } else {
-                self.outbound.push_last(message, CloseReason::Done);
-            }
+        if !request.op.is_write() && !core.has_in_flight(self.session) {
+            let outcome = core.read(self.session, self.attach, request.xid, request.op, now_ms);
+            let reply = match outcome {
+                Outcome::Reply(reply) => reply,
+                // Moved on since: as above, the newer attachment answers.
+                Outcome::Stale => return false,
+                other => unreachable!("a read is answered with a reply, not {other:?}"),
+            };
+            // The reply's place is taken under the lock (a reply that set a
+            // watch must reach the client before the event of any later
+            // change fires that watch), but it is encoded after: a page of
+            // names or a large node's data costs the other clients no wait.
+            self.outbound.hold();
             let queues = core.take_to_flush();
             drop(core);
             flush(queues);
-            info!(peer = %self.peer, session = %self.session, "closing connection: its client closed the session");
-            return false;
+            return self
+                .outbound
+                .fill(protocol::encode(&ServerMessage::Reply(reply)));
         }
-        // The reply's place is taken under the lock (a reply that set a
-        // watch must reach the client before the event of any later change
-        // fires that watch), but it is encoded after: a page of names or a
-        // large node's data costs the other clients no wait.
-        self.outbound.hold();
+        if let Some(why) = &core.read_only {
+            let reply = Reply {
+                xid: request.xid,
+                zxid: core.coordinator.zxid(),
+                result: Err(ErrorReply::new(ErrorCode::Unavailable, why.clone())),
+            };
+            return self
+                .outbound
+                .push(protocol::encode(&ServerMessage::Reply(reply)));
+        }
+        let xid = request.xid;
+        let sent = self.shared.submit(
+            &mut core,
+            now_ms,
+            0,
+            Command::Request {
+                session: self.session,
+                attach: self.attach,
+                xid,
+                op: request.op,
+            },
+        );
+        match sent {
+            Ok(()) if self.shared.durable() => core.sent(self.session, xid),
+            Ok(()) => {}
+            Err(why) => {
+                let reply = Reply {
+                    xid,
+                    zxid: core.coordinator.zxid(),
+                    result: Err(ErrorReply::new(ErrorCode::Unavailable, why)),
+                };
+                return self
+                    .outbound
+                    .push(protocol::encode(&ServerMessage::Reply(reply)));
+            }
+        }
+        // In memory, a close or a move is done by now; durable, its command
+        // is on its way and the connection reads on until it applies.
+        let current = core.is_current(self.session, self.id);
         let queues = core.take_to_flush();
         drop(core);
         flush(queues);
-        self.outbound
-            .fill(protocol::encode(&ServerMessage::Reply(reply)))
+        current
     }
 
     /// Answers a frame that is not a valid request: with an error reply when
@@ -876,20 +945,18 @@ impl Connection {
         }
         // The client was heard from, as with any request: its lease
         // estimate moves on this reply, so the server's deadline must too.
-        // A heartbeat with no ack applies exactly that.
-        let outcome = core.apply(
-            Command::Request {
-                session: self.session,
-                attach: self.attach,
-                xid,
-                op: Op::Ping { ack: Xid(0) },
-            },
+        // A heartbeat with no ack does exactly that.
+        let outcome = core.read(
+            self.session,
+            self.attach,
+            xid,
+            Op::Ping { ack: Xid(0) },
             now_ms,
         );
         let zxid = match outcome {
             Outcome::Reply(Reply { zxid, .. }) => zxid,
             Outcome::Stale => return false,
-            other => unreachable!("a request is answered with a reply, not {other:?}"),
+            other => unreachable!("a read is answered with a reply, not {other:?}"),
         };
         let reply = Reply {
             xid,

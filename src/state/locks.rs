@@ -175,7 +175,7 @@ impl Coordinator {
         if self
             .sessions
             .get(session)
-            .map_or(true, |s| s.lock_nodes() == 0)
+            .is_none_or(|s| s.lock_nodes() == 0)
         {
             return Ok(());
         }
@@ -613,7 +613,7 @@ impl Coordinator {
                     let listed = node
                         .owner
                         .and_then(|o| self.sessions.get(o))
-                        .map_or(true, |s| s.held.get(&node.czxid) == Some(&key));
+                        .is_none_or(|s| s.held.get(&node.czxid) == Some(&key));
                     if !listed {
                         return Err(format!(
                             "granted lock node {} is not among its owner's held locks",
@@ -1078,7 +1078,7 @@ impl<'a> Search<'a> {
 
     /// A cycle of `length` through `meeting`: kept if the shortest so far.
     fn met(&mut self, length: u32, meeting: SessionId) {
-        if self.best.map_or(true, |(best, _)| length < best) {
+        if self.best.is_none_or(|(best, _)| length < best) {
             self.best = Some((length, meeting));
         }
     }

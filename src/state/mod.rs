@@ -538,6 +538,21 @@ impl Coordinator {
         self.lease_horizon_ms
     }
 
+    /// The lease horizon as it will be once `session` is heard from at
+    /// `now_ms` (by a `Command::Heard` to come): what a lease file must
+    /// cover before a heartbeat's reply tells the client its lease moved.
+    pub fn lease_horizon_if_heard(&self, session: SessionId, now_ms: u64) -> u64 {
+        let heard = self.sessions.get(session).and_then(|s| {
+            let delay_ms = s.held_delay_ms_max?;
+            let deadline_ms = now_ms
+                .max(self.now_ms)
+                .saturating_add(s.timeout_ms)
+                .saturating_add(1);
+            Some(deadline_ms.saturating_add(delay_ms))
+        });
+        self.lease_horizon_ms.max(heard.unwrap_or(0))
+    }
+
     /// Raises the lease horizon to cover `session`'s current deadline, if
     /// it was ever granted a lock. Called whenever a deadline moves or a
     /// grant is given.
@@ -555,6 +570,19 @@ impl Coordinator {
     #[cfg(test)]
     pub(crate) fn zombie_count(&self) -> usize {
         self.tree.zombie_count()
+    }
+
+    /// Every live session, as heard from (for a `Command::Heard` that
+    /// gives each its full timeout again, as after a restart).
+    pub fn live_sessions(&self) -> Vec<Heard> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.ending.is_none())
+            .map(|(&session, _)| Heard {
+                session,
+                ack: Xid(0),
+            })
+            .collect()
     }
 
     /// Number of sessions in the table: live ones, and ended ones whose

@@ -1510,7 +1510,7 @@ impl Model {
             let queue = self.queue(parent);
             let modes = self.modes(&queue);
             let semaphore = |m: &LockMode| matches!(m, LockMode::Semaphore { .. });
-            let same_kind = modes.first().map_or(true, |first| {
+            let same_kind = modes.first().is_none_or(|first| {
                 if semaphore(first) || semaphore(&info.mode) {
                     *first == info.mode
                 } else {
@@ -3183,7 +3183,7 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
         // The ticker sleeps until the coordinator's next deadline: it must
         // not be later than the first one the model knows of.
         if let Some(due_ms) = model.next_deadline_ms() {
-            if c.next_deadline_ms().map_or(true, |at_ms| at_ms > due_ms) {
+            if c.next_deadline_ms().is_none_or(|at_ms| at_ms > due_ms) {
                 return fail(format!(
                     "next deadline: the model has one at {due_ms} ms, the coordinator says {:?}",
                     c.next_deadline_ms()

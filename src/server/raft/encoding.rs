@@ -33,7 +33,17 @@ pub(crate) struct Stamped {
     /// The proposer's clock when it proposed the command, in milliseconds
     /// since the Unix epoch: the time `Coordinator::apply` is given.
     pub(crate) at_ms: u64,
+    /// The proposer's own number for the handshake that is waiting for
+    /// this open or resume, so that the member that proposed it attaches
+    /// the connection when it applies the entry (0: nobody waits). Never
+    /// read by the state machine.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) ticket: u64,
     pub(crate) command: Command,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Encodes a stamped command for the log.
@@ -119,6 +129,10 @@ mod tests {
                 },
             ),
             request(45, Op::CloseSession),
+            Command::Heard(vec![crate::state::Heard {
+                session,
+                ack: Xid(45),
+            }]),
             Command::Tick,
         ]
     }
@@ -128,6 +142,7 @@ mod tests {
         for (i, command) in samples().into_iter().enumerate() {
             let stamped = Stamped {
                 at_ms: 1_796_644_985_454 + u64::try_from(i).expect("few"),
+                ticket: u64::try_from(i % 2).expect("few"),
                 command,
             };
             let encoded = encode_command(&stamped);
@@ -143,6 +158,7 @@ mod tests {
         assert!(matches!(empty, DecodeError::Empty), "{empty}");
         let mut newer = encode_command(&Stamped {
             at_ms: 0,
+            ticket: 0,
             command: Command::Tick,
         });
         newer.0[0] = COMMAND_FORMAT + 1;

@@ -238,7 +238,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // raft-log refuses to truncate past its last entry, where there
             // is nothing to cut.
             if let Some(last) = last {
-                if end.map_or(true, |end| last.index >= end) {
+                if end.is_none_or(|end| last.index >= end) {
                     return Ok(());
                 }
             }

@@ -15,7 +15,9 @@
 //! issue).
 
 pub(crate) mod encoding;
+pub(crate) mod folder;
 pub(crate) mod log_store;
+pub(crate) mod node;
 
 /// A command as the log holds it: its versioned encoding, so that the log
 /// holds exactly the bytes every member decodes and applies.
