@@ -1,0 +1,289 @@
+//! A durable server (`latchkey serve --data DIR`) killed with SIGKILL and
+//! restarted from its folder, as real processes on loopback: what it
+//! acknowledged is there after the restart, sessions resume and keep their
+//! locks, holds keep their deadlines, and tokens keep rising.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{connect_with, within};
+use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions, Hold, Lock, LockState};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+
+const BIN: &str = env!("CARGO_BIN_EXE_latchkey");
+
+/// A `latchkey serve --data` process.
+struct Durable {
+    child: Child,
+    port: u16,
+}
+
+impl Durable {
+    /// Starts a server on `folder`, on `port` (0: any free port), and waits
+    /// until it listens. A port a killed server just held is retried until
+    /// the kernel lets it go.
+    async fn start(folder: &Path, port: u16) -> Durable {
+        within("the server to start", async {
+            loop {
+                let mut child = tokio::process::Command::new(BIN)
+                    .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+                    .arg(folder)
+                    .args([
+                        "--session-timeout-min",
+                        "200ms",
+                        "--check-invariants",
+                        "true",
+                    ])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("spawn latchkey serve");
+                let stdout = child.stdout.take().expect("piped stdout");
+                let mut lines = BufReader::new(stdout).lines();
+                match lines.next_line().await.expect("read stdout") {
+                    Some(line) => {
+                        let port = line
+                            .rsplit(':')
+                            .next()
+                            .and_then(|p| p.trim().parse().ok())
+                            .unwrap_or_else(|| panic!("a listening line, not {line:?}"));
+                        return Durable { child, port };
+                    }
+                    None => {
+                        let out = child.wait_with_output().await.expect("the failed server");
+                        let stderr = String::from_utf8_lossy(&out.stderr);
+                        assert!(
+                            stderr.contains("cannot listen"),
+                            "the server did not start: {stderr}"
+                        );
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    async fn kill(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        within("the killed server to exit", self.child.wait())
+            .await
+            .expect("wait for the server");
+    }
+}
+
+/// A fresh folder under the temporary folder, removed when dropped.
+struct Folder(PathBuf);
+
+impl Folder {
+    fn new(name: &str) -> Folder {
+        Folder(common::temp_dir(&format!("durable-{name}")).join("data"))
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+async fn client(addr: &str) -> Client {
+    connect_with(
+        ClientOptions::new(addr)
+            .session_timeout(Duration::from_secs(20))
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200)),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_sessions_locks_holds_and_nodes() {
+    let folder = Folder::new("keeps");
+    let server = Durable::start(&folder.0, 0).await;
+    let port = server.port;
+    let holder = client(&server.addr()).await;
+    let session = holder.session_id();
+    let guard = within("the lock", Lock::new(&holder, "/jobs/nightly").acquire())
+        .await
+        .expect("acquired");
+    let ephemeral = holder
+        .create(
+            "/workers/w",
+            "me",
+            CreateOptions::ephemeral().make_parents(),
+        )
+        .await
+        .expect("an ephemeral");
+    let hold = Hold::take(&holder, "/tickets/abc", Duration::from_secs(600), "buyer-1")
+        .await
+        .expect("a 10-minute hold");
+    let (_, held_stat) = holder.get("/tickets/abc").await.expect("the hold");
+
+    server.kill().await;
+    let server = Durable::start(&folder.0, port).await;
+
+    // The holder's client resumes its session on the restarted server.
+    within("the holder to resume", async {
+        loop {
+            match holder.exists("/workers/w").await {
+                Ok(stat) => break stat,
+                Err(ClientError::ConnectionLost) => tokio::task::yield_now().await,
+                Err(e) => panic!("after the restart: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the ephemeral outlived the restart");
+    assert_eq!(holder.session_id(), session);
+    assert!(
+        matches!(guard.state(), LockState::Granted { token } if token == guard.token()),
+        "the lock was lost across the restart: {:?}",
+        guard.state()
+    );
+    assert!(!guard.is_lost());
+    let (data, stat) = holder.get(&ephemeral.path).await.expect("the ephemeral");
+    assert_eq!(data, b"me");
+    assert_eq!(stat.ephemeral_owner, Some(session));
+
+    // The hold kept its token and its deadline; a second buyer is refused.
+    let buyer = client(&server.addr()).await;
+    let (data, stat) = buyer.get("/tickets/abc").await.expect("the hold");
+    assert_eq!(data, b"buyer-1");
+    assert_eq!(stat.czxid, hold.0);
+    assert_eq!(stat.ttl_ms, held_stat.ttl_ms);
+    assert_eq!(stat.mtime_ms, held_stat.mtime_ms);
+    let taken = Hold::take(&buyer, "/tickets/abc", Duration::from_secs(600), "buyer-2").await;
+    assert!(matches!(taken, Err(ClientError::Held { .. })), "{taken:?}");
+
+    // The lock is still the holder's: another waits until it is released,
+    // then gets a higher token.
+    let waiter = Lock::new(&buyer, "/jobs/nightly");
+    assert!(waiter.try_acquire().await.expect("try").is_none());
+    let first_token = guard.token();
+    guard.release().await.expect("released");
+    let next = within("the next holder", waiter.acquire())
+        .await
+        .expect("acquired");
+    assert!(next.token() > first_token);
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_kills_under_load_lose_nothing_acknowledged() {
+    let folder = Folder::new("kills");
+    let mut server = Durable::start(&folder.0, 0).await;
+    let port = server.port;
+    let addr = server.addr();
+    let worker = client(&addr).await;
+    let session = worker.session_id();
+    let hold = Hold::take(&worker, "/tickets/t", Duration::from_secs(600), "held")
+        .await
+        .expect("a hold");
+    let (_, hold_stat) = worker.get("/tickets/t").await.expect("the hold");
+    // The highest value of /counter acknowledged, and of any token.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let highest_token = Arc::new(AtomicU64::new(0));
+    let cycles = Arc::new(AtomicU64::new(0));
+    worker
+        .create("/counter", "0", CreateOptions::persistent())
+        .await
+        .expect("the counter");
+    let load = {
+        let (worker, acknowledged, highest_token, cycles) = (
+            worker.clone(),
+            acknowledged.clone(),
+            highest_token.clone(),
+            cycles.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                // A write is acknowledged only if its reply came.
+                if worker
+                    .set("/counter", n.to_string().into_bytes(), None)
+                    .await
+                    .is_ok()
+                {
+                    acknowledged.fetch_max(n, Ordering::SeqCst);
+                }
+                if let Ok(guard) = Lock::new(&worker, "/jobs/cycle").acquire().await {
+                    let token = guard.token().0;
+                    let before = highest_token.fetch_max(token, Ordering::SeqCst);
+                    assert!(token > before, "token {token} after {before}");
+                    if guard.release().await.is_ok() {
+                        cycles.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    };
+    for round in 0..20u64 {
+        // Let the load run for a while, then kill at a moment the load
+        // does not choose.
+        let acked = acknowledged.load(Ordering::SeqCst);
+        within("the load to make progress", async {
+            while acknowledged.load(Ordering::SeqCst) < acked + 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let pause = rand::random::<u64>() % 40;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        server.kill().await;
+        let acked = acknowledged.load(Ordering::SeqCst);
+        server = Durable::start(&folder.0, port).await;
+        let reader = client(&server.addr()).await;
+        let (data, _) = reader.get("/counter").await.expect("the counter");
+        let stored: u64 = String::from_utf8(data)
+            .expect("text")
+            .parse()
+            .expect("a number");
+        assert!(
+            stored >= acked,
+            "round {round}: /counter is {stored} but {acked} was acknowledged"
+        );
+        let (_, stat) = reader.get("/tickets/t").await.expect("the hold lives on");
+        assert_eq!(stat.czxid, hold.0);
+        assert_eq!(
+            stat.mtime_ms, hold_stat.mtime_ms,
+            "the hold's deadline moved"
+        );
+        reader.close().await.expect("closed");
+    }
+    // The worker's session lived through all of it.
+    within("the worker to go on", async {
+        let acked = acknowledged.load(Ordering::SeqCst);
+        while acknowledged.load(Ordering::SeqCst) < acked + 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(worker.session_id(), session);
+    assert!(
+        !load.is_finished(),
+        "the load stopped (a token fell?): {:?}",
+        load.await
+    );
+    assert!(
+        cycles.load(Ordering::SeqCst) >= 20,
+        "too few lock cycles ran"
+    );
+    load.abort();
+    server.kill().await;
+}
