@@ -287,3 +287,107 @@ async fn twenty_kills_under_load_lose_nothing_acknowledged() {
     load.abort();
     server.kill().await;
 }
+
+/// The log's segment files in `folder`, oldest first.
+fn wal_files(folder: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder.join("log"))
+        .expect("the log folder")
+        .map(|entry| entry.expect("an entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `latchkey serve` on `folder`, expecting it to refuse; returns its
+/// stderr.
+async fn refused_start(folder: &Path) -> String {
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(folder)
+        .output();
+    let out = within("serve to refuse the folder", out)
+        .await
+        .expect("run latchkey serve");
+    assert!(!out.status.success(), "the server started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_write_is_cut_off_and_the_rest_is_kept() {
+    let folder = Folder::new("torn");
+    let server = Durable::start(&folder.0, 0).await;
+    let writer = client(&server.addr()).await;
+    writer
+        .create("/kept", "yes", CreateOptions::persistent())
+        .await
+        .expect("created");
+    writer
+        .create("/last", "maybe", CreateOptions::persistent())
+        .await
+        .expect("created");
+    server.kill().await;
+    // As if the process died inside its last append: the file ends in the
+    // middle of a record.
+    let last = wal_files(&folder.0).pop().expect("a segment");
+    let bytes = std::fs::read(&last).expect("read the segment");
+    std::fs::write(&last, &bytes[..bytes.len() - 7]).expect("tear the segment");
+    let server = Durable::start(&folder.0, 0).await;
+    let reader = client(&server.addr()).await;
+    let (data, _) = reader.get("/kept").await.expect("kept");
+    assert_eq!(data, b"yes");
+    reader
+        .create("/after", "", CreateOptions::persistent())
+        .await
+        .expect("the server writes on");
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_or_a_newer_format_refuses_to_start_with_what_to_do() {
+    let folder = Folder::new("damaged");
+    let server = Durable::start(&folder.0, 0).await;
+    let writer = client(&server.addr()).await;
+    for i in 0..20 {
+        writer
+            .create(&format!("/n{i}"), "x", CreateOptions::persistent())
+            .await
+            .expect("created");
+    }
+    server.kill().await;
+    let segment = wal_files(&folder.0).remove(0);
+    let mut bytes = std::fs::read(&segment).expect("read the segment");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&segment, &bytes).expect("damage the segment");
+    let stderr = refused_start(&folder.0).await;
+    assert!(
+        stderr.contains("cannot open the log in") && stderr.contains("restore it from a backup"),
+        "{stderr}"
+    );
+
+    let newer = Folder::new("newer");
+    Durable::start(&newer.0, 0).await.kill().await;
+    std::fs::write(
+        newer.0.join("format.json"),
+        br#"{"format":99,"zxid_start":1}"#,
+    )
+    .expect("a newer format");
+    let stderr = refused_start(&newer.0).await;
+    assert!(
+        stderr.contains("format 99") && stderr.contains("newer latchkey"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_one_folder_is_refused() {
+    let folder = Folder::new("shared");
+    let server = Durable::start(&folder.0, 0).await;
+    let stderr = refused_start(&folder.0).await;
+    assert!(
+        stderr.contains("in use by another latchkey server"),
+        "{stderr}"
+    );
+    server.kill().await;
+}

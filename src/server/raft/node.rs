@@ -66,8 +66,8 @@ impl Log {
             .and_then(|()| LogStore::open(folder))
             .map_err(|e| {
                 format!(
-                    "cannot open the log in {}: {e}; if the folder is damaged, restore it from a \
-                 backup (or move it away to start empty)",
+                    "cannot open the log in {} (its .wal files): {e}; the data folder is damaged: \
+                 restore it from a backup (or move it away to start empty)",
                     folder.display()
                 )
             })?;
