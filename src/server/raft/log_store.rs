@@ -107,7 +107,12 @@ impl LogStore {
                 format!("the log folder {} is not a UTF-8 path", dir.display()),
             )
         })?;
-        let log = raft_log::RaftLog::open(Arc::new(raft_log::Config::new(dir)))?;
+        let mut config = raft_log::Config::new(dir);
+        // The flush worker waits up to this long for more writes before it
+        // fsyncs (1 ms by default, which made every write cost 1.4 ms here).
+        // Writes that arrive while one fsync runs share the next anyway.
+        config.wal.flush_batch_wait = Some(std::time::Duration::ZERO);
+        let log = raft_log::RaftLog::open(Arc::new(config))?;
         Ok(LogStore {
             log: Arc::new(Mutex::new(log)),
         })
