@@ -303,6 +303,30 @@ async fn crash(slot: &Arc<Slot>, shared: &Arc<Shared>, server: SocketAddr, seed:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
+    let data = common::temp_dir("chaos-durable");
+    chaos(Config {
+        data: Some(data.join("data")),
+        ..common::test_config()
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The same with the state in memory: a restart loses every session, and
+/// the lease file must hold grants back until the old holders know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_locks_stay_safe_and_live_under_seeded_faults_in_memory() {
+    chaos(Config {
+        lease_file: Some(common::temp_dir("chaos").join("lease")),
+        ..common::test_config()
+    })
+    .await;
+}
+
+/// Runs the seeded schedule of faults against a server started with
+/// `config`, restarted (from its data folder, if it has one) now and then,
+/// and checks the history.
+async fn chaos(config: Config) {
     let seed = env_u64("LATCHKEY_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -313,10 +337,6 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     let run_for = Duration::from_secs(env_u64("LATCHKEY_CHAOS_SECS").unwrap_or(15));
     let mut rng = Rng::new(seed);
 
-    let config = Config {
-        lease_file: Some(common::temp_dir("chaos").join("lease")),
-        ..common::test_config()
-    };
     let mut server = Some(CrashableServer::start(config.clone()).await);
     let server_addr = server.as_ref().map(|s| s.addr()).expect("started");
     let shared = Arc::new(Shared {
@@ -349,8 +369,8 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     while started.elapsed() < run_for {
         tokio::time::sleep(rng.millis(50, 300)).await;
         // Now and then, kill the server and start it again on its address:
-        // every session is lost, and the lease file must hold grants back
-        // until the old holders know.
+        // from its folder, durable; in memory, every session is lost, and
+        // the lease file must hold grants back until the old holders know.
         // At least one restart a run: forced a third of the way in.
         let due = restarts == 0 && started.elapsed() >= run_for / 3;
         if (due || rng.below(25) == 0) && last_restart.elapsed() >= RESTART_GAP {
