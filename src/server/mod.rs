@@ -1,11 +1,15 @@
 //! The server: a TCP listener, one task per connection, the expiry ticker,
 //! and graceful shutdown, around the deterministic [`Coordinator`].
 //!
-//! All state changes go through one lock: a connection decodes a request,
-//! takes the lock, applies it, queues the reply and every watch event it
-//! produced on the connections concerned (queueing never blocks), and drops
-//! the lock. Queueing under the lock is what guarantees that a client sees a
-//! watch event before any later reply reflecting the change.
+//! All state changes go through one lock, as commands (see `core`): in
+//! memory, a connection applies its request's command under the lock at
+//! once; durable, it proposes the command to the log (`raft`), and the
+//! log's state machine applies it under the lock once it is on disk.
+//! Either way the reply and every watch event the command produced are
+//! queued on the connections concerned under the lock (queueing never
+//! blocks), which is what guarantees that a client sees a watch event
+//! before any later reply reflecting the change. Reads and heartbeats are
+//! answered from the applied state without a command.
 
 mod config;
 mod core;

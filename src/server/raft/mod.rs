@@ -8,11 +8,11 @@
 //! line (0.9.25, the stable one) does not have. An alpha can change its
 //! API between releases, hence the exact pin.
 //!
-//! So far: the type configuration, the log store ([`log_store`]), which
-//! passes openraft's own storage test suite, and the commands' encoding
-//! in the log ([`encoding`]). The state machine over the
-//! coordinator and the server's use of the log come next (the durable
-//! issue).
+//! Here: the type configuration, the log store ([`log_store`]), which
+//! passes openraft's own storage test suite, the commands' encoding in the
+//! log ([`encoding`]), the data folder ([`folder`]) and the member itself
+//! with its state machine over the server's core ([`node`]). Snapshots are
+//! not built yet: the log is kept and replayed whole.
 
 pub(crate) mod encoding;
 pub(crate) mod folder;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ type Raft = openraft::Raft<TypeConfig, StateMachine>;
 pub(in crate::server) struct Log {
     raft: Raft,
     proposals: mpsc::Sender<Encoded>,
+    /// Set by `shutdown`, so that the stop it causes is not reported as a
+    /// failure.
+    stopping: Arc<AtomicBool>,
 }
 
 /// Most commands waiting to be handed to openraft: openraft's own request
@@ -117,8 +121,13 @@ impl Log {
         info!(index = blank.log_id.index, "log replayed");
         let (proposals, receiver) = mpsc::channel(PROPOSALS_MAX);
         tokio::spawn(propose(raft.clone(), receiver));
-        tokio::spawn(watch_fatal(raft.clone(), on_fatal));
-        Ok(Log { raft, proposals })
+        let stopping = Arc::new(AtomicBool::new(false));
+        tokio::spawn(watch_fatal(raft.clone(), stopping.clone(), on_fatal));
+        Ok(Log {
+            raft,
+            proposals,
+            stopping,
+        })
     }
 
     /// Sends a command to the log, in order after every command sent
@@ -156,6 +165,7 @@ impl Log {
     /// # Cancel safety
     /// Safe to drop: the member stops in the background.
     pub(in crate::server) async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.raft.shutdown().await {
             error!("the log did not stop cleanly: {e}");
         }
@@ -172,8 +182,9 @@ async fn propose(raft: Raft, mut receiver: mpsc::Receiver<Encoded>) {
     }
 }
 
-/// Calls `on_fatal` once the member stops for a reason of its own.
-async fn watch_fatal(raft: Raft, on_fatal: impl FnOnce(String)) {
+/// Calls `on_fatal` once the member stops for a reason of its own (not
+/// because `Log::shutdown` stopped it).
+async fn watch_fatal(raft: Raft, stopping: Arc<AtomicBool>, on_fatal: impl FnOnce(String)) {
     let stopped = raft
         .wait(None)
         .metrics(|m| m.running_state.is_err(), "the log stops")
@@ -185,7 +196,9 @@ async fn watch_fatal(raft: Raft, on_fatal: impl FnOnce(String)) {
         },
         Err(e) => format!("the log stopped: {e}"),
     };
-    on_fatal(why);
+    if !stopping.load(Ordering::SeqCst) {
+        on_fatal(why);
+    }
 }
 
 /// The coordinator as openraft's state machine: each applied command is
