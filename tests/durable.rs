@@ -391,3 +391,44 @@ async fn a_second_server_on_one_folder_is_refused() {
     );
     server.kill().await;
 }
+
+/// Over the bare protocol: a write, then at once a frame the server
+/// refuses without the log and a read. The replies come in request order,
+/// though the write's waits for the disk and the others' do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_keep_request_order_behind_a_write_in_the_log() {
+    let folder = Folder::new("order");
+    let server = Durable::start(&folder.0, 0).await;
+    let addr: std::net::SocketAddr = server.addr().parse().expect("an address");
+    let (mut raw, _) = common::Raw::session_welcome(addr).await;
+    for round in 0..20u64 {
+        let base = round * 3;
+        raw.send_json(&serde_json::json!({
+            "xid": base + 1,
+            "op": {"create": {"path": format!("/n{round}"), "data": ""}}
+        }))
+        .await;
+        raw.send_json(&serde_json::json!({"xid": base + 2, "op": {"no_such_op": {}}}))
+            .await;
+        raw.send_json(
+            &serde_json::json!({"xid": base + 3, "op": {"exists": {"path": format!("/n{round}")}}}),
+        )
+        .await;
+        for xid in base + 1..=base + 3 {
+            match within("a reply", raw.recv()).await {
+                Some(latchkey_client::protocol::ServerMessage::Reply(reply)) => {
+                    assert_eq!(reply.xid.0, xid, "replies out of request order");
+                    if xid == base + 3 {
+                        let found = matches!(
+                            reply.result,
+                            Ok(latchkey_client::OpResult::Exists { stat: Some(_) })
+                        );
+                        assert!(found, "the read did not see the write before it: {reply:?}");
+                    }
+                }
+                other => panic!("expected the reply to {xid}, got {other:?}"),
+            }
+        }
+    }
+    server.kill().await;
+}

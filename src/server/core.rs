@@ -69,9 +69,18 @@ pub(super) struct Attached {
     pub(super) peer: SocketAddr,
     pub(super) outbound: Arc<Outbound>,
     /// Its requests whose commands are on their way through the log, in
-    /// order: a read behind one of them goes through the log too, so that
-    /// it sees the write and is answered after it.
-    pub(super) in_flight: VecDeque<Xid>,
+    /// order, and the replies made behind them without the log (refusals),
+    /// which wait their turn: replies go out in request order. A read
+    /// behind a request in the log goes through the log too, so that it
+    /// sees the write.
+    pub(super) in_flight: VecDeque<InFlight>,
+}
+
+/// A request of a connection on its way through the log, or a reply made
+/// without the log that waits behind one.
+pub(super) struct InFlight {
+    xid: Xid,
+    reply: Option<Bytes>,
 }
 
 /// A handshake whose open or resume is on its way through the log: the
@@ -141,7 +150,22 @@ impl Core {
     /// Notes a request of `session`'s connection sent to the log.
     pub(super) fn sent(&mut self, session: SessionId, xid: Xid) {
         if let Some(attached) = self.connections.get_mut(&session) {
-            attached.in_flight.push_back(xid);
+            attached.in_flight.push_back(InFlight { xid, reply: None });
+        }
+    }
+
+    /// Queues a reply made without the log behind the session's requests
+    /// in the log, if it has any; false if it has none (then send it now).
+    pub(super) fn answer_in_order(&mut self, session: SessionId, xid: Xid, reply: Bytes) -> bool {
+        match self.connections.get_mut(&session) {
+            Some(attached) if !attached.in_flight.is_empty() => {
+                attached.in_flight.push_back(InFlight {
+                    xid,
+                    reply: Some(reply),
+                });
+                true
+            }
+            _ => false,
         }
     }
 
@@ -282,14 +306,39 @@ impl Core {
         let Some(attached) = self.connections.get_mut(&session) else {
             return;
         };
-        if let Some(at) = attached.in_flight.iter().position(|x| *x == reply.xid) {
-            attached.in_flight.remove(at);
+        let waiting = attached
+            .in_flight
+            .iter()
+            .position(|f| f.xid == reply.xid && f.reply.is_none());
+        // Answered already, when the log stopped: the client was told it
+        // may not have been applied, and must not get a second reply.
+        if waiting.is_none() && self.read_only.is_some() {
+            return;
         }
         let closed = close && reply.result.is_ok();
         let message = protocol::encode(&ServerMessage::Reply(reply));
         if !closed {
             let outbound = attached.outbound.clone();
-            if outbound.push(message) {
+            let mut queued = true;
+            match waiting {
+                None => queued = outbound.push(message),
+                Some(at) => {
+                    attached.in_flight[at].reply = Some(message);
+                    while attached
+                        .in_flight
+                        .front()
+                        .is_some_and(|f| f.reply.is_some())
+                    {
+                        if let Some(InFlight {
+                            reply: Some(reply), ..
+                        }) = attached.in_flight.pop_front()
+                        {
+                            queued &= outbound.push(reply);
+                        }
+                    }
+                }
+            }
+            if queued {
                 self.queue_flush(&outbound);
             }
             return;
@@ -315,19 +364,23 @@ impl Core {
         let zxid = self.coordinator.zxid();
         let mut queues = Vec::new();
         for attached in self.connections.values_mut() {
-            for xid in attached.in_flight.drain(..) {
-                let reply = Reply {
-                    xid,
-                    zxid,
-                    result: Err(error.clone()),
-                };
-                attached
-                    .outbound
-                    .push(protocol::encode(&ServerMessage::Reply(reply)));
+            for InFlight { xid, reply } in attached.in_flight.drain(..) {
+                let reply = reply.unwrap_or_else(|| {
+                    protocol::encode(&ServerMessage::Reply(Reply {
+                        xid,
+                        zxid,
+                        result: Err(error.clone()),
+                    }))
+                });
+                attached.outbound.push(reply);
             }
             queues.push(attached.outbound.clone());
         }
         self.to_flush.extend(queues);
+        // Handshakes whose open or resume will not be applied now.
+        for (_, pending) in self.pending.drain() {
+            let _ = pending.done.send(Err(error.clone()));
+        }
     }
 
     fn queue_flush(&mut self, outbound: &Arc<Outbound>) {

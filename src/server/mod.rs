@@ -240,8 +240,9 @@ fn log_stopped(core: &Mutex<Core>, why: &str) {
     let error = ErrorReply::new(
         ErrorCode::Unavailable,
         format!(
-            "the server cannot make writes durable ({why}); it was not applied. Reads still \
-             work; the operator must fix the data folder's disk and restart the server"
+            "the server cannot make writes durable ({why}); this request may not have been \
+             applied (read to find out after a restart). Reads still work; the operator must \
+             fix the data folder's disk and restart the server"
         ),
     );
     let queues = {
@@ -859,7 +860,17 @@ impl Connection {
         if !core.is_current(self.session, self.id) {
             return false;
         }
-        if !request.op.is_write() && !core.has_in_flight(self.session) {
+        // A read answered here moves the client's lease estimate before the
+        // server's deadline moves (at the next `Heard`): near its deadline,
+        // the session's read goes through the log, ordered with the tick
+        // that would expire it.
+        let far = core
+            .coordinator
+            .session_deadline_ms(self.session)
+            .is_some_and(|(deadline_ms, timeout_ms)| {
+                deadline_ms > now_ms.saturating_add(timeout_ms / 2)
+            });
+        if !request.op.is_write() && far && !core.has_in_flight(self.session) {
             let outcome = core.read(self.session, self.attach, request.xid, request.op, now_ms);
             let reply = match outcome {
                 Outcome::Reply(reply) => reply,
@@ -885,9 +896,7 @@ impl Connection {
                 zxid: core.coordinator.zxid(),
                 result: Err(ErrorReply::new(ErrorCode::Unavailable, why.clone())),
             };
-            return self
-                .outbound
-                .push(protocol::encode(&ServerMessage::Reply(reply)));
+            return self.answer(&mut core, reply);
         }
         let xid = request.xid;
         let sent = self.shared.submit(
@@ -910,9 +919,7 @@ impl Connection {
                     zxid: core.coordinator.zxid(),
                     result: Err(ErrorReply::new(ErrorCode::Unavailable, why)),
                 };
-                return self
-                    .outbound
-                    .push(protocol::encode(&ServerMessage::Reply(reply)));
+                return self.answer(&mut core, reply);
             }
         }
         // In memory, a close or a move is done by now; durable, its command
@@ -970,13 +977,22 @@ impl Connection {
                 format!("request {} was not applied: {text}", xid.0),
             )),
         };
-        let queued = self
-            .outbound
-            .push(protocol::encode(&ServerMessage::Reply(reply)));
+        let queued = self.answer(&mut core, reply);
         let queues = core.take_to_flush();
         drop(core);
         flush(queues);
         queued
+    }
+
+    /// Sends a reply made without the log, behind this connection's
+    /// requests still in the log (replies go out in request order).
+    fn answer(&self, core: &mut Core, reply: Reply) -> bool {
+        let xid = reply.xid;
+        let message = protocol::encode(&ServerMessage::Reply(reply));
+        if core.answer_in_order(self.session, xid, message.clone()) {
+            return true;
+        }
+        self.outbound.push(message)
     }
 
     fn fatal(&self, code: ErrorCode, message: String) {

@@ -572,6 +572,15 @@ impl Coordinator {
         self.tree.zombie_count()
     }
 
+    /// A live session's deadline (it expires at the first tick at or after
+    /// it) and its timeout.
+    pub fn session_deadline_ms(&self, session: SessionId) -> Option<(u64, u64)> {
+        self.sessions
+            .get(session)
+            .filter(|s| s.ending.is_none())
+            .map(|s| (s.deadline_ms(), s.timeout_ms))
+    }
+
     /// Every live session, as heard from (for a `Command::Heard` that
     /// gives each its full timeout again, as after a restart).
     pub fn live_sessions(&self) -> Vec<Heard> {
