@@ -29,6 +29,11 @@ impl Durable {
     /// until it listens. A port a killed server just held is retried until
     /// the kernel lets it go.
     async fn start(folder: &Path, port: u16) -> Durable {
+        Durable::start_with(folder, port, &[]).await
+    }
+
+    /// As `start`, with more arguments for `serve`.
+    async fn start_with(folder: &Path, port: u16, args: &[&str]) -> Durable {
         within("the server to start", async {
             loop {
                 let mut child = tokio::process::Command::new(BIN)
@@ -40,6 +45,7 @@ impl Durable {
                         "--check-invariants",
                         "true",
                     ])
+                    .args(args)
                     .env("RUST_LOG", "warn")
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
@@ -430,5 +436,42 @@ async fn replies_keep_request_order_behind_a_write_in_the_log() {
             }
         }
     }
+    server.kill().await;
+}
+
+/// Settings changed across a restart apply from the restart on: the log is
+/// replayed under the settings it was written with, so a lower node limit
+/// loses none of the nodes created under the higher one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_other_settings_replays_under_the_old_ones() {
+    let folder = Folder::new("settings");
+    let server = Durable::start_with(&folder.0, 0, &["--nodes-max", "100"]).await;
+    let writer = client(&server.addr()).await;
+    for i in 0..40 {
+        writer
+            .create(&format!("/n{i}"), "", CreateOptions::persistent())
+            .await
+            .expect("created under the limit of 100");
+    }
+    server.kill().await;
+    let server = Durable::start_with(&folder.0, 0, &["--nodes-max", "20"]).await;
+    let reader = client(&server.addr()).await;
+    for i in 0..40 {
+        assert!(
+            reader
+                .exists(&format!("/n{i}"))
+                .await
+                .expect("exists")
+                .is_some(),
+            "/n{i} was lost in the replay under the new limit"
+        );
+    }
+    let refused = reader
+        .create("/over", "", CreateOptions::persistent())
+        .await;
+    assert!(
+        matches!(refused, Err(ClientError::LimitExceeded { .. })),
+        "the new limit does not apply: {refused:?}"
+    );
     server.kill().await;
 }

@@ -337,6 +337,20 @@ impl Server {
                     config,
                     clock,
                 };
+                // The log's commands were applied under the settings it
+                // recorded; those given now apply from here on, and a
+                // replay will see the change where it happened.
+                let recorded = shared.core.lock().coordinator.configured().cloned();
+                if recorded.as_ref() != Some(&shared.config.coordinator) {
+                    if recorded.is_some() {
+                        info!("settings changed since the log last recorded them; recording the new ones");
+                    }
+                    let configure = Command::Configure(shared.config.coordinator.clone());
+                    shared
+                        .write(shared.clock.now_ms(), configure)
+                        .await
+                        .map_err(|e| ServerError::Data(format!("the log refused a write: {e}")))?;
+                }
                 // Every session alive before the restart gets its full
                 // timeout from now, so that its client has that long to
                 // come back and resume it.

@@ -42,7 +42,7 @@ use watches::WatchTable;
 
 /// Bounds the state machine enforces. `Config::default()` is what a server
 /// started with no flags uses; each field says its default and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// Smallest session timeout granted; smaller requests are raised to it.
     /// Default 1 s: below that, a pause of the client's process (GC, swap)
@@ -210,6 +210,12 @@ pub enum Command {
     Heard(Vec<Heard>),
     /// Expire sessions, TTL nodes and empty containers whose time has come.
     Tick,
+    /// From here on, apply with these bounds: a server started with other
+    /// settings than its log last recorded proposes this first, so that a
+    /// replay applies every command under the settings it was first
+    /// applied under. Lowering the reply cache's budget drops replies to
+    /// fit it; other bounds refuse only what comes after.
+    Configure(Config),
 }
 
 /// One session heard from, for [`Command::Heard`].
@@ -347,6 +353,9 @@ pub struct Coordinator {
     /// same way (with a log, the time will be the proposer's clock stamped
     /// into each entry, and clocks can step back).
     now_ms: u64,
+    /// Whether a `Command::Configure` was applied: the settings then come
+    /// from the log, not from whoever made the coordinator.
+    configured: bool,
     /// The zxid seen by the last `check_invariants`, to catch a decrease.
     /// Atomic rather than `Cell` so that the coordinator stays `Sync`.
     zxid_checked: AtomicU64,
@@ -370,6 +379,7 @@ impl Coordinator {
             grants_paused_until_ms: None,
             lease_horizon_ms: 0,
             now_ms: 0,
+            configured: false,
             zxid_checked: AtomicU64::new(zxid_start.0),
             #[cfg(test)]
             deadlock_steps: AtomicU64::new(0),
@@ -427,6 +437,12 @@ impl Coordinator {
             }
             Command::Tick => {
                 self.tick(now_ms, &mut fx);
+                Outcome::Ticked
+            }
+            Command::Configure(config) => {
+                self.sessions.drop_to(config.reply_cache_bytes_max);
+                self.config = config;
+                self.configured = true;
                 Outcome::Ticked
             }
         };
@@ -579,6 +595,11 @@ impl Coordinator {
             .get(session)
             .filter(|s| s.ending.is_none())
             .map(|s| (s.deadline_ms(), s.timeout_ms))
+    }
+
+    /// The bounds it applies with, if a `Command::Configure` set them.
+    pub fn configured(&self) -> Option<&Config> {
+        self.configured.then_some(&self.config)
     }
 
     /// Every live session, as heard from (for a `Command::Heard` that

@@ -430,7 +430,7 @@ impl Sessions {
     /// pinned reply of the session holding the most pinned bytes. Pinning
     /// moves bytes and never adds any, so while the budget stays the same
     /// the pinned ones fit in it and are not dropped here.
-    fn drop_to(&mut self, total_bytes_max: usize) {
+    pub(crate) fn drop_to(&mut self, total_bytes_max: usize) {
         // Bounded: each pass drops one reply (each has a non-zero size),
         // and stops when none is left.
         while self.replies_bytes > total_bytes_max {

@@ -1849,6 +1849,8 @@ impl Model {
                 Answer::Ticked
             }
             Command::Tick => self.tick(now_ms),
+            // The model's bounds are fixed: its steps never change them.
+            Command::Configure(_) => unreachable!("the model sends no Configure"),
         }
     }
 

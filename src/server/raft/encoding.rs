@@ -134,6 +134,7 @@ mod tests {
                 ack: Xid(45),
             }]),
             Command::Tick,
+            Command::Configure(crate::state::Config::default()),
         ]
     }
 
