@@ -904,26 +904,21 @@ impl Connection {
                 .outbound
                 .fill(protocol::encode(&ServerMessage::Reply(reply)));
         }
-        if let Some(why) = &core.read_only {
-            let reply = Reply {
-                xid: request.xid,
-                zxid: core.coordinator.zxid(),
-                result: Err(ErrorReply::new(ErrorCode::Unavailable, why.clone())),
-            };
-            return self.answer(&mut core, reply);
-        }
         let xid = request.xid;
-        let sent = self.shared.submit(
-            &mut core,
-            now_ms,
-            0,
-            Command::Request {
-                session: self.session,
-                attach: self.attach,
-                xid,
-                op: request.op,
-            },
-        );
+        let sent = match core.read_only.clone() {
+            Some(why) => Err(why),
+            None => self.shared.submit(
+                &mut core,
+                now_ms,
+                0,
+                Command::Request {
+                    session: self.session,
+                    attach: self.attach,
+                    xid,
+                    op: request.op,
+                },
+            ),
+        };
         match sent {
             Ok(()) if self.shared.durable() => core.sent(self.session, xid),
             Ok(()) => {}

@@ -330,6 +330,18 @@ struct Effects {
     forced: Vec<Forced>,
 }
 
+impl Effects {
+    fn into_output(self, outcome: Outcome) -> Output {
+        Output {
+            outcome,
+            events: self.events,
+            ended: self.ended,
+            gone: self.gone,
+            forced: self.forced,
+        }
+    }
+}
+
 /// The coordinator's whole state: the tree, the session table and the watch
 /// table. Same commands in (with the same `now_ms`), same outputs out.
 pub struct Coordinator {
@@ -415,11 +427,7 @@ impl Coordinator {
                 xid,
                 op,
             } => {
-                let stale = self
-                    .sessions
-                    .get(session)
-                    .is_some_and(|s| s.ending.is_none() && s.attach != attach);
-                if stale {
+                if self.is_stale(session, attach) {
                     Outcome::Stale
                 } else {
                     Outcome::Reply(self.request(session, xid, op, now_ms, &mut fx))
@@ -446,13 +454,15 @@ impl Coordinator {
                 Outcome::Ticked
             }
         };
-        Output {
-            outcome,
-            events: fx.events,
-            ended: fx.ended,
-            gone: fx.gone,
-            forced: fx.forced,
-        }
+        fx.into_output(outcome)
+    }
+
+    /// Whether a request from `attach` comes from an attachment its live
+    /// session has left (it resumed elsewhere since).
+    fn is_stale(&self, session: SessionId, attach: u64) -> bool {
+        self.sessions
+            .get(session)
+            .is_some_and(|s| s.ending.is_none() && s.attach != attach)
     }
 
     /// Answers a read (`get`, `exists`, `children`, `set_watches`) or a
@@ -468,7 +478,7 @@ impl Coordinator {
     pub fn read(&mut self, session: SessionId, attach: u64, xid: Xid, op: Op) -> Output {
         let mut fx = Effects::default();
         let outcome = match self.sessions.get(session) {
-            Some(s) if s.ending.is_none() && s.attach != attach => Outcome::Stale,
+            _ if self.is_stale(session, attach) => Outcome::Stale,
             Some(s) if s.ending.is_none() => {
                 let result = match op {
                     _ if op.is_write() => Err(ErrorReply::new(
@@ -490,13 +500,7 @@ impl Coordinator {
                 result: Err(session_expired(session)),
             }),
         };
-        Output {
-            outcome,
-            events: fx.events,
-            ended: fx.ended,
-            gone: fx.gone,
-            forced: fx.forced,
-        }
+        fx.into_output(outcome)
     }
 
     /// The latest zxid: the one taken by the most recent state change, or
