@@ -14,6 +14,7 @@ use latchkey_client::protocol::{
 mod locks;
 mod ops;
 mod sessions;
+mod snapshot;
 mod tree;
 mod watches;
 
@@ -264,7 +265,7 @@ pub enum Outcome {
 }
 
 /// Why a session ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SessionEnd {
     /// Not heard from for its timeout.
     Expired,

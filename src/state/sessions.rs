@@ -600,3 +600,146 @@ impl Sessions {
         Ok(())
     }
 }
+
+impl Sessions {
+    /// The sessions as a snapshot holds them, in id order; their nodes
+    /// named by czxid.
+    ///
+    /// # Errors
+    /// A cached reply that does not encode (none should).
+    pub(crate) fn image(&self) -> Result<Vec<SessionImage>, String> {
+        self.table
+            .iter()
+            .map(|(&id, s)| {
+                let replies = s
+                    .replies
+                    .iter()
+                    .map(|cached| {
+                        Ok(CachedImage {
+                            xid: cached.xid,
+                            result: serde_json::to_vec(&cached.result).map_err(|e| {
+                                format!("session {id}'s reply to xid {}: {e}", cached.xid.0)
+                            })?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok(SessionImage {
+                    id,
+                    secret: s.secret.0.clone(),
+                    timeout_ms: s.timeout_ms,
+                    last_heard_ms: s.last_heard_ms,
+                    last_xid_applied: s.last_xid_applied,
+                    replies,
+                    pinned_through: s.pinned_through,
+                    ephemerals: s.ephemerals.keys().copied().collect(),
+                    waiting: s.waiting.keys().copied().collect(),
+                    held: s.held.keys().copied().collect(),
+                    held_delay_ms_max: s.held_delay_ms_max,
+                    ending: s.ending,
+                    attach: s.attach,
+                })
+            })
+            .collect()
+    }
+
+    /// Rebuilds the session table from its image, with its indexes;
+    /// `keys` gives each node's key by czxid.
+    ///
+    /// # Errors
+    /// A session given twice, a node it names that is not in the tree, a
+    /// cached reply that does not decode.
+    pub(crate) fn from_image(
+        image: Vec<SessionImage>,
+        keys: &BTreeMap<Zxid, usize>,
+    ) -> Result<Sessions, String> {
+        let mut sessions = Sessions::default();
+        for image in image {
+            let id = image.id;
+            let to_keys = |czxids: Vec<Zxid>| {
+                czxids
+                    .into_iter()
+                    .map(|czxid| match keys.get(&czxid) {
+                        Some(&key) => Ok((czxid, key)),
+                        None => Err(format!("session {id} names node {czxid}, which is missing")),
+                    })
+                    .collect::<Result<BTreeMap<_, _>, String>>()
+            };
+            let mut replies = VecDeque::with_capacity(image.replies.len());
+            for cached in image.replies {
+                let result = decode_result(&cached.result)
+                    .map_err(|e| format!("session {id}'s reply to xid {}: {e}", cached.xid.0))?;
+                let bytes = reply_bytes(&result);
+                replies.push_back(CachedReply {
+                    xid: cached.xid,
+                    result,
+                    bytes,
+                });
+            }
+            let sum = |pinned: bool| {
+                replies
+                    .iter()
+                    .filter(|c| (c.xid <= image.pinned_through) == pinned)
+                    .fold(0usize, |sum, c| sum.saturating_add(c.bytes))
+            };
+            let (pinned_bytes, unpinned_bytes) = (sum(true), sum(false));
+            let session = Session {
+                secret: Secret(image.secret),
+                timeout_ms: image.timeout_ms,
+                last_heard_ms: image.last_heard_ms,
+                last_xid_applied: image.last_xid_applied,
+                replies,
+                replies_bytes: pinned_bytes.saturating_add(unpinned_bytes),
+                pinned_bytes,
+                pinned_through: image.pinned_through,
+                ephemerals: to_keys(image.ephemerals)?,
+                waiting: to_keys(image.waiting)?,
+                held_delay_ms_max: image.held_delay_ms_max,
+                held: to_keys(image.held)?,
+                ending: image.ending,
+                attach: image.attach,
+            };
+            reindex(&mut sessions.unpinned, id, 0, unpinned_bytes);
+            reindex(&mut sessions.pinned, id, 0, pinned_bytes);
+            sessions.replies_bytes = sessions.replies_bytes.saturating_add(session.replies_bytes);
+            if session.ending.is_none() {
+                sessions.deadlines.insert((session.deadline_ms(), id));
+            }
+            if sessions.table.insert(id, session).is_some() {
+                return Err(format!("session {id} is given twice"));
+            }
+        }
+        Ok(sessions)
+    }
+}
+
+fn decode_result(bytes: &[u8]) -> Result<Result<OpResult, ErrorReply>, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("does not decode: {e}"))
+}
+
+/// One session as a snapshot holds it: [`Session`] without what its
+/// replies and the tree give (byte totals, slab keys).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SessionImage {
+    id: SessionId,
+    secret: String,
+    timeout_ms: u64,
+    last_heard_ms: u64,
+    last_xid_applied: Xid,
+    replies: Vec<CachedImage>,
+    pinned_through: Xid,
+    ephemerals: Vec<Zxid>,
+    waiting: Vec<Zxid>,
+    held: Vec<Zxid>,
+    held_delay_ms_max: Option<u64>,
+    ending: Option<SessionEnd>,
+    attach: u64,
+}
+
+/// A cached reply in a snapshot keeps the protocol's own encoding of it
+/// (JSON, the bytes its client would get), so that the snapshot format
+/// does not repeat every reply type.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CachedImage {
+    xid: Xid,
+    result: Vec<u8>,
+}

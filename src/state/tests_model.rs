@@ -15,6 +15,11 @@
 //! included; a refused wait's cycle must be a real cycle of waits, as short
 //! as any.
 //!
+//! Now and then a step replaces the coordinator by the one its snapshot
+//! restores (watches kept, as the server keeps them). A twin coordinator
+//! that is never restored gets every command too: its outputs must equal
+//! the restored one's, and its snapshot must equal theirs byte for byte.
+//!
 //! The model shares no code with the state machine, only the protocol's
 //! types: it keeps nodes in one map by path and finds children and lock
 //! queues by scanning it, runs each write on a copy of itself and keeps the
@@ -2199,6 +2204,10 @@ enum Step {
     /// Sessions the server heard from by heartbeats and reads it answered
     /// without a command.
     Heard(Vec<(Who, Ack)>),
+    /// The coordinator is replaced by one restored from its snapshot
+    /// (keeping its watches, as a server does); the twin that never is
+    /// must go on giving the same outputs.
+    Snapshot,
 }
 
 fn path_pick() -> BoxedStrategy<PathPick> {
@@ -2477,6 +2486,7 @@ fn step() -> BoxedStrategy<Step> {
         1 => (100u64..1_200).prop_map(|advance_ms| Step::Time { advance_ms, tick: true }),
         1 => any::<bool>().prop_map(|early| Step::Deadline { early }),
         2 => prop::collection::vec((who(), ack()), 0..4).prop_map(Step::Heard),
+        2 => Just(Step::Snapshot),
     ]
     .boxed()
 }
@@ -2997,6 +3007,7 @@ fn resolve(step: &Step, model: &Model, clients: &mut Clients, now_ms: &mut u64) 
                 })
                 .collect(),
         )),
+        Step::Snapshot => None,
     }
 }
 
@@ -3070,18 +3081,31 @@ fn check_tokens(
 fn run(steps: &[Step]) -> Result<Tally, String> {
     let config = config();
     let mut model = Model::new(config.reply_cache_bytes_max);
-    let mut c = Coordinator::new(config, ZXID_START);
+    let mut c = Coordinator::new(config.clone(), ZXID_START);
+    let mut twin = Coordinator::new(config, ZXID_START);
     let mut clients = Clients::default();
     let mut now_ms = 10_000u64;
     let mut tally = Tally::new();
     let mut highest_token = Zxid(0);
     for (i, step) in steps.iter().enumerate() {
+        if let Step::Snapshot = step {
+            restore_from_snapshot(&mut c, &twin).map_err(|e| format!("step {i}, snapshot: {e}"))?;
+            *tally.entry("restored from a snapshot".into()).or_default() += 1;
+            continue;
+        }
         let Some(command) = resolve(step, &model, &mut clients, &mut now_ms) else {
             continue;
         };
         let fail = |what: String| Err(format!("step {i}, {command:?} at {now_ms} ms: {what}"));
         let grants_before = real_grants(&c);
         let output = c.apply(command.clone(), now_ms);
+        let twin_output = twin.apply(command.clone(), now_ms);
+        if twin_output != output {
+            return fail(format!(
+                "a coordinator restored from snapshots and its twin that never was answer \
+                 differently\n  restored {output:?}\n  twin     {twin_output:?}"
+            ));
+        }
         if let Err(why) = check_tokens(&grants_before, &real_grants(&c), &mut highest_token) {
             return fail(format!("fencing tokens: {why}"));
         }
@@ -3202,6 +3226,25 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
         count(&mut tally, &command, &got, &model);
     }
     Ok(tally)
+}
+
+/// Replaces `c` by the coordinator its snapshot restores, after checking
+/// that the snapshot is byte for byte the twin's, and that the restored
+/// one's snapshot is the same again.
+fn restore_from_snapshot(c: &mut Coordinator, twin: &Coordinator) -> Result<(), String> {
+    let bytes = c.snapshot()?;
+    if bytes != twin.snapshot()? {
+        return Err("the snapshot differs from the twin's".to_owned());
+    }
+    let watches = real_watches(c);
+    c.install(&bytes)?;
+    if c.snapshot()? != bytes {
+        return Err("the restored coordinator's snapshot differs from the one it came from".into());
+    }
+    if real_watches(c) != watches {
+        return Err("the restore lost watches".to_owned());
+    }
+    Ok(())
 }
 
 fn count(tally: &mut Tally, command: &Command, answer: &Answer, model: &Model) {
@@ -3353,6 +3396,8 @@ fn sessions_watches_and_writes_match_a_reference_model() {
             "set_watches fired NodeDataChanged",
             "set_watches fired NodeChildrenChanged",
             "set_watches fired LockGranted",
+            // Snapshots.
+            "restored from a snapshot",
         ];
         // The rarest (several grants by one write, a sequential name
         // taken) average about 15 at the default count: 5 keeps the check

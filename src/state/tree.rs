@@ -683,3 +683,194 @@ impl Tree {
 fn key_is_root(path: &str) -> bool {
     path == "/"
 }
+
+impl Tree {
+    /// The tree as a snapshot holds it: every node in path order (so a
+    /// parent comes before its children), with no slab key in it, so that
+    /// two trees that hold the same nodes give the same image whatever
+    /// order their keys were handed out in.
+    pub(crate) fn image(&self) -> Vec<NodeImage> {
+        self.index
+            .values()
+            .map(|&key| {
+                let node = self.node(key);
+                NodeImage {
+                    path: node.path.clone(),
+                    data: node.data.clone(),
+                    kind: node.kind,
+                    ttl_ms: node.ttl_ms,
+                    owner: node.owner,
+                    lock: node.lock.as_deref().map(|l| LockImage {
+                        mode: l.mode,
+                        delay_ms: l.delay_ms,
+                        granted: l.granted,
+                        freed_at_ms: l.freed_at_ms,
+                    }),
+                    next_seq: node.next_seq,
+                    czxid: node.czxid,
+                    mzxid: node.mzxid,
+                    pzxid: node.pzxid,
+                    ctime_ms: node.ctime_ms,
+                    mtime_ms: node.mtime_ms,
+                    version: node.version,
+                    cversion: node.cversion,
+                    ttl_indexed: node
+                        .ttl_deadline_ms()
+                        .is_some_and(|d| self.ttl_deadlines.contains(&(d, node.czxid, key))),
+                    emptied: self.empty_containers.contains(&(node.czxid, key)),
+                }
+            })
+            .collect()
+    }
+
+    /// Rebuilds a tree from its image, with its indexes, and returns it
+    /// with each node's key by czxid (the name a snapshot gives a node).
+    ///
+    /// # Errors
+    /// What makes the image not a tree: no root first, a node whose parent
+    /// is missing or comes later, a path or czxid given twice.
+    pub(crate) fn from_image(
+        image: Vec<NodeImage>,
+    ) -> Result<(Tree, BTreeMap<Zxid, usize>), String> {
+        let mut nodes = image.into_iter();
+        let root = match nodes.next() {
+            Some(root) if key_is_root(&root.path) => root,
+            _ => return Err("the first node is not the root /".to_owned()),
+        };
+        let mut tree = Tree {
+            nodes: Slab::new(),
+            index: BTreeMap::new(),
+            ttl_deadlines: BTreeSet::new(),
+            empty_containers: BTreeSet::new(),
+            lock_queues: BTreeMap::new(),
+            zombies: BTreeSet::new(),
+            bytes: 0,
+        };
+        let mut keys = BTreeMap::new();
+        let mut flagged = Vec::new();
+        for image in std::iter::once(root).chain(nodes) {
+            let parent_key = match protocol::parent_path(&image.path) {
+                None if key_is_root(&image.path) && tree.nodes.is_empty() => None,
+                None => return Err(format!("{} is not a node path", image.path)),
+                Some(parent) => match tree.key(parent) {
+                    Some(key) => Some(key),
+                    None => {
+                        return Err(format!(
+                            "{} comes before its parent {parent}, or has none",
+                            image.path
+                        ))
+                    }
+                },
+            };
+            let (czxid, ttl_indexed, emptied) = (image.czxid, image.ttl_indexed, image.emptied);
+            let lock_mode = image.lock.as_ref().map(|l| l.mode);
+            let node = image.into_node();
+            let path = node.path.clone();
+            if tree.index.contains_key(&path) {
+                return Err(format!("{path} is given twice"));
+            }
+            tree.bytes = tree
+                .bytes
+                .saturating_add(node_bytes(&node.path, node.data.len()));
+            let freed_at_ms = node.lock.as_ref().and_then(|l| l.freed_at_ms);
+            let key = tree.nodes.insert(node);
+            if keys.insert(czxid, key).is_some() {
+                return Err(format!("czxid {czxid} is given twice (again at {path})"));
+            }
+            if let Some(parent_key) = parent_key {
+                let name = protocol::node_name(&path).to_owned();
+                tree.nodes[parent_key].children.insert(name);
+                if let Some(mode) = lock_mode {
+                    let queue = tree.lock_queues.entry(parent_key).or_default();
+                    queue.nodes.insert(czxid, key);
+                    if mode == LockMode::Exclusive {
+                        queue.exclusive.insert(czxid);
+                    }
+                }
+            }
+            if let Some(freed_at_ms) = freed_at_ms {
+                tree.zombies.insert((freed_at_ms, czxid, key));
+            }
+            if emptied {
+                tree.empty_containers.insert((czxid, key));
+            }
+            tree.index.insert(path, key);
+            flagged.push((key, ttl_indexed));
+        }
+        // Whether a node has children is known only now.
+        for (key, ttl_indexed) in flagged {
+            let node = &tree.nodes[key];
+            if let Some(deadline_ms) = node.ttl_deadline_ms() {
+                if ttl_indexed || node.children.is_empty() {
+                    tree.ttl_deadlines.insert((deadline_ms, node.czxid, key));
+                }
+            }
+        }
+        Ok((tree, keys))
+    }
+}
+
+/// One node as a snapshot holds it: [`Node`] without its child set (the
+/// other nodes' paths give it) and with its place in the two indexes that
+/// its fields alone do not decide.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NodeImage {
+    path: String,
+    data: Vec<u8>,
+    kind: NodeKind,
+    ttl_ms: Option<u64>,
+    owner: Option<SessionId>,
+    lock: Option<LockImage>,
+    next_seq: u64,
+    czxid: Zxid,
+    mzxid: Zxid,
+    pzxid: Zxid,
+    ctime_ms: u64,
+    mtime_ms: u64,
+    version: u64,
+    cversion: u64,
+    /// In the TTL index although it has children (it had none when last
+    /// renewed); a childless TTL node always is.
+    ttl_indexed: bool,
+    /// A container that lost its last child and waits to be reaped.
+    emptied: bool,
+}
+
+/// [`LockInfo`] as a snapshot holds it: every field written, where the
+/// protocol's encoding leaves out those that are not set.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LockImage {
+    mode: LockMode,
+    delay_ms: u64,
+    granted: Option<Grant>,
+    freed_at_ms: Option<u64>,
+}
+
+impl NodeImage {
+    fn into_node(self) -> Node {
+        Node {
+            path: self.path,
+            data: self.data,
+            kind: self.kind,
+            ttl_ms: self.ttl_ms,
+            owner: self.owner,
+            lock: self.lock.map(|l| {
+                Box::new(LockInfo {
+                    mode: l.mode,
+                    delay_ms: l.delay_ms,
+                    granted: l.granted,
+                    freed_at_ms: l.freed_at_ms,
+                })
+            }),
+            children: BTreeSet::new(),
+            next_seq: self.next_seq,
+            czxid: self.czxid,
+            mzxid: self.mzxid,
+            pzxid: self.pzxid,
+            ctime_ms: self.ctime_ms,
+            mtime_ms: self.mtime_ms,
+            version: self.version,
+            cversion: self.cversion,
+        }
+    }
+}
