@@ -307,6 +307,11 @@ struct ServeArgs {
     /// locks, holds and nodes. Made if absent; one server at a time.
     #[arg(long, default_value = "latchkey-data", conflicts_with = "in_memory")]
     data: PathBuf,
+    /// Log entries between two snapshots of the state in --data; a restart
+    /// replays at most this many after the last snapshot. 0: no snapshots
+    /// (the whole log is kept and replayed).
+    #[arg(long, default_value_t = 10_000, conflicts_with = "in_memory")]
+    snapshot_every: u64,
     /// Keep the state in memory only, as for tests and demos: a restart
     /// ends every session and loses every node.
     #[arg(long)]
@@ -429,6 +434,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             args.lease_file.or_else(|| default_lease_file(args.listen))
         },
         data: (!args.in_memory).then_some(args.data),
+        snapshot_every: args.snapshot_every,
         handshake_timeout: args.handshake_timeout,
         frame_timeout: args.frame_timeout,
         check_invariants: args.check_invariants,

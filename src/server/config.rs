@@ -73,6 +73,13 @@ pub struct Config {
     /// file or startup grace is needed: holders keep their locks across a
     /// restart.
     pub data: Option<PathBuf>,
+    /// With a data folder: how many log entries are applied between two
+    /// snapshots of the state (0: none). Default 10,000. A restart restores
+    /// the last snapshot and replays at most this many entries after it, and
+    /// the log on disk holds no more than that; each snapshot costs a pause
+    /// of the coordinator while it is encoded (tens of milliseconds at
+    /// 100,000 nodes) and one write of the whole state.
+    pub snapshot_every: u64,
     /// Check the coordinator's invariants after every step and stop on the
     /// first broken one. Default: on in debug builds. It costs a walk of the
     /// whole state per request, so load tests turn it off.
@@ -95,6 +102,7 @@ impl Default for Config {
             startup_grace: None,
             lease_file: None,
             data: None,
+            snapshot_every: 10_000,
             check_invariants: cfg!(debug_assertions),
         }
     }

@@ -315,9 +315,19 @@ impl Server {
                 let address = listener
                     .local_addr()
                     .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
-                let log = raft::node::Log::open(&folder.log(), core.clone(), address, on_fatal)
-                    .await
-                    .map_err(ServerError::Data)?;
+                let snapshots = raft::node::Snapshots {
+                    folder: folder.path().to_owned(),
+                    every: config.snapshot_every,
+                };
+                let log = raft::node::Log::open(
+                    &folder.log(),
+                    snapshots,
+                    core.clone(),
+                    address,
+                    on_fatal,
+                )
+                .await
+                .map_err(ServerError::Data)?;
                 let (sessions, nodes) = {
                     let core = core.lock();
                     (
@@ -1406,6 +1416,9 @@ fn log_close(peer: SocketAddr, reason: &CloseReason) {
         CloseReason::Done => {}
     }
 }
+
+#[cfg(test)]
+mod tests_replay;
 
 #[cfg(test)]
 mod tests {

@@ -111,6 +111,11 @@ impl DataFolder {
         })
     }
 
+    /// The folder itself.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The log's folder inside this one.
     pub(crate) fn log(&self) -> PathBuf {
         self.path.join(LOG_FOLDER)

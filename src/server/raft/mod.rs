@@ -18,6 +18,7 @@ pub(crate) mod encoding;
 pub(crate) mod folder;
 pub(crate) mod log_store;
 pub(crate) mod node;
+pub(crate) mod snapshot_file;
 
 /// A command as the log holds it: its versioned encoding, so that the log
 /// holds exactly the bytes every member decodes and applies.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ use tracing::{error, info};
 
 use super::encoding::{decode_command, encode_command, Stamped};
 use super::log_store::LogStore;
+use super::snapshot_file;
 use super::{Encoded, TypeConfig};
 use crate::server::core::{flush, Core};
 
@@ -53,15 +54,16 @@ pub(in crate::server) struct Log {
 const PROPOSALS_MAX: usize = 65_536;
 
 impl Log {
-    /// Opens the log in `folder` (created if new), starts this member and
-    /// waits until it leads and has applied every committed command to
-    /// `core`. `on_fatal` runs once if the log stops (a failed write or
+    /// Opens the log in `folder` (created if new), starts this member,
+    /// restores `core` from the last snapshot if there is one, and waits
+    /// until it leads and has applied every committed command after it. `on_fatal` runs once if the log stops (a failed write or
     /// fsync): nothing after that is acknowledged.
     ///
     /// # Cancel safety
     /// Not cancel-safe: a dropped future leaves the member running.
     pub(in crate::server) async fn open(
         folder: &Path,
+        snapshots: Snapshots,
         core: Arc<Mutex<Core>>,
         address: String,
         on_fatal: impl FnOnce(String) + Send + 'static,
@@ -80,9 +82,14 @@ impl Log {
             heartbeat_interval: 100,
             election_timeout_min: 300,
             election_timeout_max: 600,
-            // The state machine has no snapshots yet: the whole log is
-            // kept and replayed at start.
-            snapshot_policy: SnapshotPolicy::Never,
+            snapshot_policy: if snapshots.every == 0 {
+                SnapshotPolicy::Never
+            } else {
+                SnapshotPolicy::LogsSinceLast(snapshots.every)
+            },
+            // What a snapshot covers is purged at once: a single member has
+            // nobody to send older entries to.
+            max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
         .validate()
@@ -91,6 +98,8 @@ impl Log {
             core,
             applied: None,
             membership: StoredMembershipOf::<TypeConfig>::default(),
+            folder: snapshots.folder,
+            on_disk: None,
         };
         let raft = Raft::new(MEMBER, Arc::new(config), NoPeers, store, machine)
             .await
@@ -207,18 +216,28 @@ pub(in crate::server) struct StateMachine {
     core: Arc<Mutex<Core>>,
     applied: Option<LogIdOf<TypeConfig>>,
     membership: StoredMembershipOf<TypeConfig>,
+    /// The data folder, which holds the snapshot file.
+    folder: PathBuf,
+    /// What the snapshot file covers, once known: an install of that same
+    /// snapshot (the restore at start) need not write it again.
+    on_disk: Option<LogIdOf<TypeConfig>>,
 }
 
-fn no_snapshots() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Unsupported,
-        "this latchkey keeps no snapshots; the log is replayed whole",
-    )
+/// Where and how often a durable server snapshots its state.
+pub(in crate::server) struct Snapshots {
+    /// The data folder.
+    pub(in crate::server) folder: PathBuf,
+    /// Entries applied between two snapshots; 0 for none.
+    pub(in crate::server) every: u64,
+}
+
+fn invalid(e: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
-    type SnapshotBuilder = NoSnapshots;
+    type SnapshotBuilder = Builder;
 
     async fn applied_state(
         &mut self,
@@ -263,34 +282,99 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_snapshot_builder(&mut self) -> NoSnapshots {
-        NoSnapshots
+    /// Encodes the state now, between two applies, under the core's lock
+    /// (tens of milliseconds at 100,000 nodes); the builder writes it out
+    /// on its own task while applies go on.
+    async fn get_snapshot_builder(&mut self) -> Builder {
+        let state = self.core.lock().coordinator.snapshot();
+        Builder {
+            folder: self.folder.clone(),
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: self.applied,
+                last_membership: self.membership.clone(),
+            },
+            state,
+        }
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMetaOf<TypeConfig>,
-        _snapshot: Vec<u8>,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
-        Err(no_snapshots())
+        if self.on_disk != meta.last_log_id {
+            let (folder, meta, state) = (self.folder.clone(), meta.clone(), snapshot.clone());
+            tokio::task::spawn_blocking(move || snapshot_file::write(&folder, &meta, &state))
+                .await
+                .map_err(io::Error::other)??;
+        }
+        self.core
+            .lock()
+            .coordinator
+            .install(&snapshot)
+            .map_err(|e| {
+                invalid(format!(
+                    "the snapshot in {} cannot be restored: {e}; restore the data folder from a \
+                 backup, or move it away to start empty",
+                    self.folder.join(snapshot_file::SNAPSHOT_FILE).display()
+                ))
+            })?;
+        self.on_disk = meta.last_log_id;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        info!(
+            index = meta.last_log_id.map_or(0, |id| id.index),
+            "state restored from its snapshot"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        Ok(None)
+        let folder = self.folder.clone();
+        let stored = tokio::task::spawn_blocking(move || snapshot_file::read(&folder))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(invalid)?;
+        Ok(stored.map(|stored| {
+            self.on_disk = stored.meta.last_log_id;
+            SnapshotOf::<TypeConfig, Vec<u8>> {
+                meta: stored.meta,
+                snapshot: stored.state,
+            }
+        }))
     }
 }
 
-/// The snapshot builder of a state machine that builds none (the policy
-/// never asks).
-pub(crate) struct NoSnapshots;
+/// Writes one snapshot, encoded when it was asked for.
+pub(crate) struct Builder {
+    folder: PathBuf,
+    meta: SnapshotMetaOf<TypeConfig>,
+    state: Result<Vec<u8>, String>,
+}
 
-impl RaftSnapshotBuilder<TypeConfig> for NoSnapshots {
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        Err(no_snapshots())
+        let state = self.state.clone().map_err(invalid)?;
+        let (folder, meta) = (self.folder.clone(), self.meta.clone());
+        let written = state.clone();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || snapshot_file::write(&folder, &meta, &written))
+            .await
+            .map_err(io::Error::other)??;
+        info!(
+            index = self.meta.last_log_id.map_or(0, |id| id.index),
+            bytes = state.len(),
+            ms = started.elapsed().as_millis(),
+            "snapshot written"
+        );
+        Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
+            meta: self.meta.clone(),
+            snapshot: state,
+        })
     }
 }
 
