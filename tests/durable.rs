@@ -192,7 +192,10 @@ async fn a_restart_keeps_sessions_locks_holds_and_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_kills_under_load_lose_nothing_acknowledged() {
     let folder = Folder::new("kills");
-    let mut server = Durable::start(&folder.0, 0).await;
+    // Snapshots every few entries, so that kills land before, during and
+    // after snapshot writes and the purges behind them.
+    let snapshots = ["--snapshot-every", "25"];
+    let mut server = Durable::start_with(&folder.0, 0, &snapshots).await;
     let port = server.port;
     let addr = server.addr();
     let worker = client(&addr).await;
@@ -253,7 +256,7 @@ async fn twenty_kills_under_load_lose_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         server.kill().await;
         let acked = acknowledged.load(Ordering::SeqCst);
-        server = Durable::start(&folder.0, port).await;
+        server = Durable::start_with(&folder.0, port, &snapshots).await;
         let reader = client(&server.addr()).await;
         let (data, _) = reader.get("/counter").await.expect("the counter");
         let stored: u64 = String::from_utf8(data)
@@ -292,6 +295,10 @@ async fn twenty_kills_under_load_lose_nothing_acknowledged() {
     );
     load.abort();
     server.kill().await;
+    assert!(
+        folder.0.join("snapshot").exists(),
+        "no snapshot was written"
+    );
 }
 
 /// The log's segment files in `folder`, oldest first.
@@ -382,6 +389,60 @@ async fn a_damaged_record_or_a_newer_format_refuses_to_start_with_what_to_do() {
     let stderr = refused_start(&newer.0).await;
     assert!(
         stderr.contains("format 99") && stderr.contains("newer latchkey"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_a_snapshot_keeps_the_state_and_a_damaged_one_is_refused() {
+    let folder = Folder::new("snapshot");
+    let snapshots = ["--snapshot-every", "5"];
+    let server = Durable::start_with(&folder.0, 0, &snapshots).await;
+    let port = server.port;
+    let writer = client(&server.addr()).await;
+    for i in 0..30 {
+        writer
+            .create(
+                &format!("/n{i}"),
+                format!("{i}").as_str(),
+                CreateOptions::persistent(),
+            )
+            .await
+            .expect("created");
+    }
+    let session = writer.session_id();
+    server.kill().await;
+    let snapshot = folder.0.join("snapshot");
+    assert!(snapshot.exists(), "no snapshot was written");
+
+    let server = Durable::start_with(&folder.0, port, &snapshots).await;
+    let reader = client(&server.addr()).await;
+    for i in 0..30 {
+        let (data, _) = reader.get(&format!("/n{i}")).await.expect("kept");
+        assert_eq!(data, format!("{i}").into_bytes());
+    }
+    let (children, _) = reader.children("/").await.expect("listed");
+    assert_eq!(children.len(), 30, "{children:?}");
+    // The writer's session was in the snapshot: it resumes.
+    writer
+        .create("/after", "", CreateOptions::ephemeral())
+        .await
+        .expect("the writer writes on");
+    assert_eq!(
+        writer.session_id(),
+        session,
+        "the writer's session was lost"
+    );
+    server.kill().await;
+
+    let mut bytes = std::fs::read(&snapshot).expect("read the snapshot");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&snapshot, &bytes).expect("damage the snapshot");
+    let stderr = refused_start(&folder.0).await;
+    assert!(
+        stderr.contains(&snapshot.display().to_string())
+            && stderr.contains("restore the data folder from a backup"),
         "{stderr}"
     );
 }
