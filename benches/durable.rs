@@ -29,8 +29,15 @@ struct Server {
 impl Server {
     /// Starts a server: durable in `data`, or in memory.
     fn start(data: Option<&Path>) -> Server {
+        Server::start_with(data, &[])
+    }
+
+    /// As `start`, with more arguments for `serve`.
+    fn start_with(data: Option<&Path>, args: &[&str]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_latchkey"));
-        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args);
         match data {
             Some(folder) => command.arg("--data").arg(folder),
             None => command.args(["--in-memory", "--no-lease-file"]),
@@ -241,26 +248,34 @@ async fn main() {
     );
     memory.kill();
 
-    let nodes = 100_000;
-    let start = Instant::now();
-    fill(&durable.addr, nodes).await;
-    println!(
-        "created {nodes} nodes (1,000 per multi) in {:?}",
-        start.elapsed()
-    );
     durable.kill();
-    let start = Instant::now();
-    let restarted = Server::start(Some(&data));
-    let listening = start.elapsed();
-    let reader = client(&restarted.addr).await;
-    reader
-        .get("/fill-99/node-000999")
-        .await
-        .expect("the last node");
-    println!(
-        "restart with {nodes} nodes (log replayed whole): listening after {listening:?}, first read after {:?}",
-        start.elapsed()
-    );
-    drop(restarted);
+    // Restarts with 100,000 nodes, made by 100 multis of 1,000 creates:
+    // the log replayed whole, and from a snapshot (one every 10 entries
+    // here, so that at most 10 multis are replayed after it).
+    for (name, every) in [("log replayed whole", "0"), ("from a snapshot", "10")] {
+        let data = root.join(format!("restart-{every}"));
+        let server = Server::start_with(Some(&data), &["--snapshot-every", every]);
+        let nodes = 100_000;
+        let start = Instant::now();
+        fill(&server.addr, nodes).await;
+        println!(
+            "created {nodes} nodes (1,000 per multi) in {:?}",
+            start.elapsed()
+        );
+        server.kill();
+        let start = Instant::now();
+        let restarted = Server::start_with(Some(&data), &["--snapshot-every", every]);
+        let listening = start.elapsed();
+        let reader = client(&restarted.addr).await;
+        reader
+            .get("/fill-99/node-000999")
+            .await
+            .expect("the last node");
+        println!(
+            "restart with {nodes} nodes ({name}): listening after {listening:?}, first read after {:?}",
+            start.elapsed()
+        );
+        drop(restarted);
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{connect_with, within};
+use latchkey_client::protocol::ErrorCode;
 use latchkey_client::{Client, ClientError, ClientOptions, CreateOptions, Hold, Lock, LockState};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -34,9 +35,31 @@ impl Durable {
 
     /// As `start`, with more arguments for `serve`.
     async fn start_with(folder: &Path, port: u16, args: &[&str]) -> Durable {
+        Durable::start_under(folder, port, args, None).await
+    }
+
+    /// As `start_with`; with `file_blocks`, the server can write no file
+    /// past that many 512-byte blocks (`ulimit -f`, SIGXFSZ ignored, so a
+    /// write past it fails with EFBIG, as a full disk fails with ENOSPC).
+    async fn start_under(
+        folder: &Path,
+        port: u16,
+        args: &[&str],
+        file_blocks: Option<u64>,
+    ) -> Durable {
         within("the server to start", async {
             loop {
-                let mut child = tokio::process::Command::new(BIN)
+                let mut command = match file_blocks {
+                    None => tokio::process::Command::new(BIN),
+                    Some(blocks) => {
+                        let mut sh = tokio::process::Command::new("sh");
+                        sh.args(["-c", "trap '' XFSZ; ulimit -f \"$0\" && exec \"$@\""])
+                            .arg(blocks.to_string())
+                            .arg(BIN);
+                        sh
+                    }
+                };
+                let mut child = command
                     .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
                     .arg(folder)
                     .args([
@@ -445,6 +468,85 @@ async fn a_restart_from_a_snapshot_keeps_the_state_and_a_damaged_one_is_refused(
             && stderr.contains("restore the data folder from a backup"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_disk_refuses_writes_clearly_and_reads_go_on() {
+    let folder = Folder::new("disk");
+    // 64 blocks: the log's first segment fills after a few dozen writes.
+    let server = Durable::start_under(&folder.0, 0, &[], Some(64)).await;
+    let port = server.port;
+    let writer = client(&server.addr()).await;
+    let short =
+        connect_with(ClientOptions::new(server.addr()).session_timeout(Duration::from_millis(600)))
+            .await;
+    let value = "x".repeat(600);
+    let mut acknowledged = Vec::new();
+    let failed = within("a write to fail", async {
+        for i in 0.. {
+            let path = format!("/n{i}");
+            match writer
+                .create(&path, value.as_str(), CreateOptions::persistent())
+                .await
+            {
+                Ok(_) => acknowledged.push(path),
+                Err(e) => return e,
+            }
+        }
+        unreachable!()
+    })
+    .await;
+    assert_eq!(failed.code(), Some(ErrorCode::Unavailable), "{failed}");
+    let message = failed.to_string();
+    assert!(
+        message.contains("cannot make writes durable")
+            && message.contains("File too large")
+            && message.contains("may not have been applied")
+            && message.contains("restart the server"),
+        "{message}"
+    );
+    assert!(!acknowledged.is_empty(), "no write fit under the limit");
+    // Reads go on for the sessions already there; writes are refused
+    // before they reach the log.
+    let (data, _) = writer.get(&acknowledged[0]).await.expect("a read");
+    assert_eq!(data, value.as_bytes());
+    let refused = writer
+        .create("/after", "", CreateOptions::persistent())
+        .await
+        .expect_err("a write after the failure");
+    assert_eq!(refused.code(), Some(ErrorCode::Unavailable), "{refused}");
+    // No tick can expire a session now: one with a short timeout reads on
+    // well past it (its heartbeats are reads, answered without the log).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (data, _) = short
+        .get(&acknowledged[0])
+        .await
+        .expect("a read past a timeout");
+    assert_eq!(data, value.as_bytes());
+    // A new session is a write too: refused, with why.
+    let opened = Client::connect(ClientOptions::new(server.addr())).await;
+    let Err(opened) = opened else {
+        panic!("a session opened on a server that cannot write");
+    };
+    assert!(
+        opened.to_string().contains("opens and resumes no session"),
+        "{opened}"
+    );
+    server.kill().await;
+
+    // The operator fixes the disk and restarts: everything acknowledged is
+    // there, and nothing refused is.
+    let server = Durable::start(&folder.0, port).await;
+    let reader = client(&server.addr()).await;
+    for path in &acknowledged {
+        reader.get(path).await.expect("an acknowledged write");
+    }
+    assert!(reader.exists("/after").await.expect("exists").is_none());
+    reader
+        .create("/after", "", CreateOptions::persistent())
+        .await
+        .expect("writes work again");
+    server.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,21 +237,33 @@ impl Shared {
 /// are answered with the reason.
 fn log_stopped(core: &Mutex<Core>, why: &str) {
     tracing::error!("the log stopped: {why}; serving reads only, writes are refused until restart");
-    let error = ErrorReply::new(
-        ErrorCode::Unavailable,
-        format!(
-            "the server cannot make writes durable ({why}); this request may not have been \
-             applied (read to find out after a restart). Reads still work; the operator must \
-             fix the data folder's disk and restart the server"
-        ),
-    );
+    let error = ErrorReply::new(ErrorCode::Unavailable, refused_write(why));
     let queues = {
         let mut core = core.lock();
-        core.read_only = Some(error.message.clone());
+        core.read_only = Some(why.to_owned());
         core.fail_in_flight(&error);
         core.take_to_flush()
     };
     flush(queues);
+}
+
+/// What a write is told once the log has stopped for `why`.
+fn refused_write(why: &str) -> String {
+    format!(
+        "the server cannot make writes durable ({why}); this request may not have been applied \
+         (read to find out after a restart). Reads still work; the operator must fix the data \
+         folder's disk and restart the server"
+    )
+}
+
+/// What a handshake is told once the log has stopped for `why`: opening
+/// or resuming a session is a write too.
+fn refused_session(why: &str) -> String {
+    format!(
+        "the server cannot make writes durable ({why}), so it opens and resumes no session; \
+         sessions already connected can still read. The operator must fix the data folder's \
+         disk and restart the server"
+    )
 }
 
 /// A server bound to its address, not yet serving.
@@ -807,7 +819,7 @@ impl Connection {
         let (id, ticket) = {
             let mut core = shared.core.lock();
             if let Some(why) = &core.read_only {
-                let refusal = ErrorReply::new(ErrorCode::Unavailable, why.clone());
+                let refusal = ErrorReply::new(ErrorCode::Unavailable, refused_session(why));
                 return Some(Err(protocol::encode(&ServerMessage::Fatal(refusal))));
             }
             let id = core.new_connection();
@@ -887,13 +899,16 @@ impl Connection {
         // A read answered here moves the client's lease estimate before the
         // server's deadline moves (at the next `Heard`): near its deadline,
         // the session's read goes through the log, ordered with the tick
-        // that would expire it.
-        let far = core
-            .coordinator
-            .session_deadline_ms(self.session)
-            .is_some_and(|(deadline_ms, timeout_ms)| {
-                deadline_ms > now_ms.saturating_add(timeout_ms / 2)
-            });
+        // that would expire it. Once the log has stopped, no tick expires
+        // anyone (a restart gives every session a fresh timeout), so every
+        // read is answered here.
+        let far = core.read_only.is_some()
+            || core
+                .coordinator
+                .session_deadline_ms(self.session)
+                .is_some_and(|(deadline_ms, timeout_ms)| {
+                    deadline_ms > now_ms.saturating_add(timeout_ms / 2)
+                });
         if !request.op.is_write() && far && !core.has_in_flight(self.session) {
             let outcome = core.read(self.session, self.attach, request.xid, request.op, now_ms);
             let reply = match outcome {
@@ -915,8 +930,8 @@ impl Connection {
                 .fill(protocol::encode(&ServerMessage::Reply(reply)));
         }
         let xid = request.xid;
-        let sent = match core.read_only.clone() {
-            Some(why) => Err(why),
+        let sent = match &core.read_only {
+            Some(why) => Err(refused_write(why)),
             None => self.shared.submit(
                 &mut core,
                 now_ms,
