@@ -306,6 +306,8 @@ async fn fenced_locks_stay_safe_and_live_under_seeded_faults() {
     let data = common::temp_dir("chaos-durable");
     chaos(Config {
         data: Some(data.join("data")),
+        // Often, so that restarts land before, amid and after snapshots.
+        snapshot_every: 64,
         ..common::test_config()
     })
     .await;
