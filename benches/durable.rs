@@ -43,7 +43,12 @@ impl Server {
             None => command.args(["--in-memory", "--no-lease-file"]),
         };
         let mut child = command
-            .env("RUST_LOG", "warn")
+            // LATCHKEY_BENCH_LOG=info shows, among others, each snapshot's
+            // encode and write times.
+            .env(
+                "RUST_LOG",
+                std::env::var("LATCHKEY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

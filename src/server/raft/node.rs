@@ -56,8 +56,9 @@ const PROPOSALS_MAX: usize = 65_536;
 impl Log {
     /// Opens the log in `folder` (created if new), starts this member,
     /// restores `core` from the last snapshot if there is one, and waits
-    /// until it leads and has applied every committed command after it. `on_fatal` runs once if the log stops (a failed write or
-    /// fsync): nothing after that is acknowledged.
+    /// until it leads and has applied every committed command after it.
+    /// `on_fatal` runs once if the log stops (a failed write or fsync):
+    /// nothing after that is acknowledged.
     ///
     /// # Cancel safety
     /// Not cancel-safe: a dropped future leaves the member running.
@@ -286,8 +287,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     /// (tens of milliseconds at 100,000 nodes); the builder writes it out
     /// on its own task while applies go on.
     async fn get_snapshot_builder(&mut self) -> Builder {
+        let started = std::time::Instant::now();
         let state = self.core.lock().coordinator.snapshot();
         Builder {
+            encoded_in: started.elapsed(),
             folder: self.folder.clone(),
             meta: SnapshotMetaOf::<TypeConfig> {
                 last_log_id: self.applied,
@@ -349,6 +352,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Writes one snapshot, encoded when it was asked for.
 pub(crate) struct Builder {
+    /// How long the coordinator was held to encode it.
+    encoded_in: Duration,
     folder: PathBuf,
     meta: SnapshotMetaOf<TypeConfig>,
     state: Result<Vec<u8>, String>,
@@ -368,7 +373,8 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
         info!(
             index = self.meta.last_log_id.map_or(0, |id| id.index),
             bytes = state.len(),
-            ms = started.elapsed().as_millis(),
+            encode_ms = self.encoded_in.as_millis(),
+            write_ms = started.elapsed().as_millis(),
             "snapshot written"
         );
         Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
