@@ -365,6 +365,9 @@ fn default_lease_file(listen: SocketAddr) -> Option<PathBuf> {
 /// `latchkey: MESSAGE`; a bad argument exits through clap with its usage.
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    if matches!(args.command, Command::Serve(_)) {
+        precise_timers();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -381,6 +384,17 @@ pub fn main() -> ExitCode {
             eprintln!("latchkey: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets short waits end on time in every thread the server starts (each
+/// inherits its creator's slack). The log's flush worker waits 5 us for
+/// more writes to share an fsync; Linux's default slack of 50 us made that
+/// wait about 55 us, and every durable write as much slower.
+fn precise_timers() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_timerslack(1) {
+        tracing::debug!("timer slack left at its default: {e}");
     }
 }
 

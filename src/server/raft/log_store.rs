@@ -113,7 +113,8 @@ impl LogStore {
         // cost 1.4 ms here; but with none at all, each batch is one request,
         // so writes queued during an fsync get one fsync each instead of
         // sharing the next. A few microseconds take everything already
-        // queued, and cost an idle write no more than that.
+        // queued, and cost an idle write no more than that (with the timer
+        // slack `latchkey serve` sets: Linux's default would make it 55 us).
         config.wal.flush_batch_wait = Some(std::time::Duration::from_micros(5));
         let log = raft_log::RaftLog::open(Arc::new(config))?;
         Ok(LogStore {
