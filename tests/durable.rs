@@ -458,7 +458,8 @@ async fn a_restart_from_a_snapshot_keeps_the_state_and_a_damaged_one_is_refused(
     );
     server.kill().await;
 
-    let mut bytes = std::fs::read(&snapshot).expect("read the snapshot");
+    let good = std::fs::read(&snapshot).expect("read the snapshot");
+    let mut bytes = good.clone();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&snapshot, &bytes).expect("damage the snapshot");
@@ -468,6 +469,16 @@ async fn a_restart_from_a_snapshot_keeps_the_state_and_a_damaged_one_is_refused(
             && stderr.contains("restore the data folder from a backup"),
         "{stderr}"
     );
+    // Without its snapshot, the purged log cannot be replayed: the start
+    // says which file is missing.
+    std::fs::remove_file(&snapshot).expect("remove the snapshot");
+    let stderr = refused_start(&folder.0).await;
+    assert!(
+        stderr.contains(&snapshot.display().to_string()) && stderr.contains("is missing"),
+        "{stderr}"
+    );
+    std::fs::write(&snapshot, &good).expect("put the snapshot back");
+    Durable::start(&folder.0, 0).await.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

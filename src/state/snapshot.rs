@@ -41,6 +41,14 @@ struct Image {
     sessions: Vec<SessionImage>,
 }
 
+/// Why a snapshot is refused, and what to do.
+fn damaged(what: &str) -> String {
+    format!(
+        "the snapshot is damaged ({what}); restore the data folder from a backup, or move the \
+         whole folder away to start empty"
+    )
+}
+
 impl Coordinator {
     /// The replicated state as bytes (see the module doc): the same for
     /// any two coordinators that applied the same commands at the same
@@ -81,13 +89,13 @@ impl Coordinator {
                      run a newer latchkey"
                 ))
             }
-            Some((&format, _)) => return Err(format!("unknown snapshot format {format}")),
-            None => return Err("the snapshot is empty".to_owned()),
+            Some((&format, _)) => return Err(damaged(&format!("unknown format {format}"))),
+            None => return Err(damaged("it is empty")),
         };
         let image: Image =
-            postcard::from_bytes(body).map_err(|e| format!("the snapshot does not decode: {e}"))?;
-        let (tree, keys) = Tree::from_image(image.nodes)?;
-        let sessions = Sessions::from_image(image.sessions, &keys)?;
+            postcard::from_bytes(body).map_err(|e| damaged(&format!("it does not decode: {e}")))?;
+        let (tree, keys) = Tree::from_image(image.nodes).map_err(|e| damaged(&e))?;
+        let sessions = Sessions::from_image(image.sessions, &keys).map_err(|e| damaged(&e))?;
         let ending = sessions
             .iter()
             .filter(|(_, s)| s.ending.is_some())
@@ -110,7 +118,7 @@ impl Coordinator {
         };
         coordinator
             .check_invariants()
-            .map_err(|e| format!("the snapshot holds no reachable state: {e}"))?;
+            .map_err(|e| damaged(&format!("it holds no reachable state: {e}")))?;
         Ok(coordinator)
     }
 
@@ -140,5 +148,89 @@ impl Coordinator {
         restored.watches = watches;
         *self = restored;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use latchkey_client::protocol::{Create, LockMode, LockSpec, NodeKind};
+
+    use super::super::tests::{kind, mk, Harness};
+    use super::*;
+
+    /// A small state touching every part of the image: persistent, TTL,
+    /// ephemeral and container nodes, a granted lock node and a waiting
+    /// one, cached replies, two sessions. No cached error: its message is
+    /// prose, which may change without a new format.
+    fn small_state() -> Harness {
+        let mut h = Harness::new();
+        let a = h.open();
+        let b = h.open();
+        h.create(a, "/config");
+        h.create_with(
+            a,
+            Create {
+                ttl_ms: Some(60_000),
+                ..mk("/hold")
+            },
+        );
+        h.create_with(b, kind("/b-was-here", NodeKind::Ephemeral));
+        h.create_with(a, kind("/locks", NodeKind::Container));
+        for session in [a, b] {
+            h.create_with(
+                session,
+                Create {
+                    sequential: true,
+                    lock: Some(LockSpec {
+                        mode: LockMode::Exclusive,
+                        delay_ms: None,
+                    }),
+                    ..kind("/locks/l-", NodeKind::Ephemeral)
+                },
+            );
+        }
+        h
+    }
+
+    /// The bytes of format 1 for `small_state`. A change to the image (a
+    /// field, a variant, their order, in the image or in the protocol or
+    /// state types it holds) changes them: it is then a new format, to be
+    /// written with a new `SNAPSHOT_FORMAT`, and format 1 must still be
+    /// read (or refused as what it is). Only then is this constant
+    /// replaced.
+    const FORMAT_1: &str = include_str!("snapshot_format_1.hex");
+
+    #[test]
+    fn format_1_is_pinned() {
+        let bytes = small_state().c.snapshot().expect("encodes");
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            FORMAT_1.trim(),
+            "the snapshot format changed: see FORMAT_1"
+        );
+        let restored = Coordinator::restore(&bytes).expect("restores");
+        assert_eq!(restored.snapshot().expect("encodes"), bytes);
+    }
+
+    #[test]
+    fn damage_and_newer_formats_are_refused_with_what_to_do() {
+        let bytes = small_state().c.snapshot().expect("encodes");
+        let mut newer = bytes.clone();
+        newer[0] = SNAPSHOT_FORMAT + 1;
+        let e = Coordinator::restore(&newer).err().expect("refused");
+        assert!(
+            e.contains("newer") && e.contains("run a newer latchkey"),
+            "{e}"
+        );
+        assert!(!e.contains("move the whole folder away"), "{e}");
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            let e = Coordinator::restore(&bytes[..cut]).err().expect("refused");
+            assert!(
+                e.contains("damaged") && e.contains("restore the data folder"),
+                "{e}"
+            );
+        }
+        assert!(Coordinator::restore(&[]).is_err());
     }
 }

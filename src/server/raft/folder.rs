@@ -97,7 +97,7 @@ impl DataFolder {
                     zxid_start: zxid_start_if_new,
                 };
                 let bytes = serde_json::to_vec(&format).map_err(|e| e.to_string())?;
-                write_atomically(path, FORMAT_FILE, &bytes)
+                write_atomically(path, FORMAT_FILE, &[&bytes])
                     .map_err(|e| format!("cannot write {}: {e}", format_path.display()))?;
                 (zxid_start_if_new, true)
             }
@@ -158,13 +158,15 @@ fn read_format(path: &Path, bytes: &[u8]) -> Result<u64, String> {
     Ok(format.zxid_start)
 }
 
-/// Writes `name` in `folder` so that a crash leaves the old file or the new
+/// Writes `name` in `folder` (the concatenation of `parts`) so that a crash leaves the old file or the new
 /// one, never a part: a temporary file, fsynced, renamed over, and the
 /// folder fsynced so that the rename itself is on disk.
-pub(crate) fn write_atomically(folder: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(folder: &Path, name: &str, parts: &[&[u8]]) -> io::Result<()> {
     let temporary = folder.join(format!("{name}.tmp"));
     let mut file = File::create(&temporary)?;
-    file.write_all(bytes)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()?;
     drop(file);
     std::fs::rename(&temporary, folder.join(name))?;

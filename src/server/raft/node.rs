@@ -18,7 +18,7 @@ use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::storage::{EntryResponder, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{
     LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf,
 };
@@ -78,6 +78,25 @@ impl Log {
                     folder.display()
                 )
             })?;
+        // A purged log needs its snapshot: without it, openraft's own
+        // complaint would not say which file is missing.
+        let purged = store
+            .clone()
+            .get_log_state()
+            .await
+            .map_err(|e| format!("cannot read the log in {}: {e}", folder.display()))?
+            .last_purged_log_id;
+        let snapshot = snapshots.folder.join(snapshot_file::SNAPSHOT_FILE);
+        if let (Some(purged), false) = (purged, snapshot.exists()) {
+            return Err(format!(
+                "the log in {} begins after entry {}, which only the snapshot {} holds, and that \
+                 file is missing; restore the data folder from a backup, or move the whole \
+                 folder away to start empty",
+                folder.display(),
+                purged.index,
+                snapshot.display()
+            ));
+        }
         let config = openraft::Config {
             cluster_name: "latchkey".into(),
             heartbeat_interval: 100,
@@ -305,23 +324,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
-        if self.on_disk != meta.last_log_id {
-            let (folder, meta, state) = (self.folder.clone(), meta.clone(), snapshot.clone());
-            tokio::task::spawn_blocking(move || snapshot_file::write(&folder, &meta, &state))
-                .await
-                .map_err(io::Error::other)??;
-        }
+        // Restored first: a snapshot that does not restore must not
+        // replace a good file.
         self.core
             .lock()
             .coordinator
             .install(&snapshot)
             .map_err(|e| {
                 invalid(format!(
-                    "the snapshot in {} cannot be restored: {e}; restore the data folder from a \
-                 backup, or move it away to start empty",
+                    "the snapshot in {} cannot be restored: {e}",
                     self.folder.join(snapshot_file::SNAPSHOT_FILE).display()
                 ))
             })?;
+        if self.on_disk != meta.last_log_id {
+            let (folder, meta) = (self.folder.clone(), meta.clone());
+            tokio::task::spawn_blocking(move || snapshot_file::write(&folder, &meta, &snapshot))
+                .await
+                .map_err(io::Error::other)??;
+        }
         self.on_disk = meta.last_log_id;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -363,13 +383,17 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        let state = self.state.clone().map_err(invalid)?;
+        // Taken, not copied: a snapshot can be as large as the tree, and a
+        // builder builds once.
+        let state =
+            std::mem::replace(&mut self.state, Err("already built".to_owned())).map_err(invalid)?;
         let (folder, meta) = (self.folder.clone(), self.meta.clone());
-        let written = state.clone();
         let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || snapshot_file::write(&folder, &meta, &written))
-            .await
-            .map_err(io::Error::other)??;
+        let state = tokio::task::spawn_blocking(move || {
+            snapshot_file::write(&folder, &meta, &state).map(|()| state)
+        })
+        .await
+        .map_err(io::Error::other)??;
         info!(
             index = self.meta.last_log_id.map_or(0, |id| id.index),
             bytes = state.len(),

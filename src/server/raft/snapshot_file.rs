@@ -45,15 +45,24 @@ pub(crate) fn write(
 ) -> io::Result<()> {
     let meta = serde_json::to_vec(meta).map_err(io::Error::other)?;
     let meta_len = u32::try_from(meta.len()).map_err(io::Error::other)?;
-    let mut bytes = Vec::with_capacity(HEADER + meta.len() + state.len());
-    bytes.push(FILE_FORMAT);
-    bytes.extend_from_slice(&[0; 4]);
-    bytes.extend_from_slice(&meta_len.to_le_bytes());
-    bytes.extend_from_slice(&meta);
-    bytes.extend_from_slice(state);
-    let crc = crc32fast::hash(&bytes[5..]);
-    bytes[1..5].copy_from_slice(&crc.to_le_bytes());
-    write_atomically(folder, SNAPSHOT_FILE, &bytes)
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&meta_len.to_le_bytes());
+    hasher.update(&meta);
+    hasher.update(state);
+    let mut header = Vec::with_capacity(HEADER + meta.len());
+    header.push(FILE_FORMAT);
+    header.extend_from_slice(&hasher.finalize().to_le_bytes());
+    header.extend_from_slice(&meta_len.to_le_bytes());
+    header.extend_from_slice(&meta);
+    write_atomically(folder, SNAPSHOT_FILE, &[&header, state]).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot write the snapshot {}: {e}; the data folder's disk must be fixed",
+                folder.join(SNAPSHOT_FILE).display()
+            ),
+        )
+    })
 }
 
 /// Reads the folder's snapshot, if it has one.
@@ -63,7 +72,7 @@ pub(crate) fn write(
 pub(crate) fn read(folder: &Path) -> Result<Option<Stored>, String> {
     let path = folder.join(SNAPSHOT_FILE);
     let shown = path.display();
-    let bytes = match std::fs::read(&path) {
+    let mut bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read the snapshot {shown}: {e}")),
@@ -71,7 +80,7 @@ pub(crate) fn read(folder: &Path) -> Result<Option<Stored>, String> {
     let damaged = |what: &str| {
         format!(
             "the snapshot {shown} is damaged ({what}); restore the data folder from a backup, \
-             or move it away to start empty"
+             or move the whole folder away to start empty"
         )
     };
     match bytes.first() {
@@ -100,10 +109,9 @@ pub(crate) fn read(folder: &Path) -> Result<Option<Stored>, String> {
         .ok_or_else(|| damaged("its metadata runs past its end"))?;
     let meta = serde_json::from_slice(&bytes[HEADER..meta_end])
         .map_err(|e| damaged(&format!("its metadata does not decode: {e}")))?;
-    Ok(Some(Stored {
-        meta,
-        state: bytes[meta_end..].to_vec(),
-    }))
+    // In place: a snapshot can be as large as the tree.
+    bytes.drain(..meta_end);
+    Ok(Some(Stored { meta, state: bytes }))
 }
 
 #[cfg(test)]
