@@ -485,6 +485,8 @@ async fn a_restart_from_a_snapshot_keeps_the_state_and_a_damaged_one_is_refused(
 async fn a_failing_disk_refuses_writes_clearly_and_reads_go_on() {
     let folder = Folder::new("disk");
     // 64 blocks: the log's first segment fills after a few dozen writes.
+    // (The log always reaches the limit before a snapshot of the same
+    // nodes would, so a failing snapshot write is not what this tries.)
     let server = Durable::start_under(&folder.0, 0, &[], Some(64)).await;
     let port = server.port;
     let writer = client(&server.addr()).await;
