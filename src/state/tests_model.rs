@@ -2486,7 +2486,7 @@ fn step() -> BoxedStrategy<Step> {
         1 => (100u64..1_200).prop_map(|advance_ms| Step::Time { advance_ms, tick: true }),
         1 => any::<bool>().prop_map(|early| Step::Deadline { early }),
         2 => prop::collection::vec((who(), ack()), 0..4).prop_map(Step::Heard),
-        2 => Just(Step::Snapshot),
+        1 => Just(Step::Snapshot),
     ]
     .boxed()
 }
@@ -3100,6 +3100,13 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
         let grants_before = real_grants(&c);
         let output = c.apply(command.clone(), now_ms);
         let twin_output = twin.apply(command.clone(), now_ms);
+        if twin.next_deadline_ms() != c.next_deadline_ms() {
+            return fail(format!(
+                "next deadline: restored {:?}, twin {:?}",
+                c.next_deadline_ms(),
+                twin.next_deadline_ms()
+            ));
+        }
         if twin_output != output {
             return fail(format!(
                 "a coordinator restored from snapshots and its twin that never was answer \
