@@ -34,7 +34,22 @@ async fn replay(folder: &Path, zxid_start: u64) -> Coordinator {
             0,
         ),
     };
-    let mut log = LogStore::open(&folder.join("log")).expect("the log opens");
+    // The stopped server's log tasks let go of the log's lock a moment
+    // after `run` returns.
+    let started = std::time::Instant::now();
+    let mut log = loop {
+        match LogStore::open(&folder.join("log")) {
+            Ok(log) => break log,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the log stays locked"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("the log does not open: {e}"),
+        }
+    };
     let committed = log
         .read_committed()
         .await

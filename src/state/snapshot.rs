@@ -30,14 +30,14 @@ pub const SNAPSHOT_FORMAT: u8 = 1;
 
 /// The state's image, format 1.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Image {
+struct Image<'a> {
     config: Config,
     configured: bool,
     zxid: Zxid,
     now_ms: u64,
     grants_paused_until_ms: Option<u64>,
     lease_horizon_ms: u64,
-    nodes: Vec<NodeImage>,
+    nodes: Vec<NodeImage<'a>>,
     sessions: Vec<SessionImage>,
 }
 
@@ -92,7 +92,7 @@ impl Coordinator {
             Some((&format, _)) => return Err(damaged(&format!("unknown format {format}"))),
             None => return Err(damaged("it is empty")),
         };
-        let image: Image =
+        let image: Image<'static> =
             postcard::from_bytes(body).map_err(|e| damaged(&format!("it does not decode: {e}")))?;
         let (tree, keys) = Tree::from_image(image.nodes).map_err(|e| damaged(&e))?;
         let sessions = Sessions::from_image(image.sessions, &keys).map_err(|e| damaged(&e))?;

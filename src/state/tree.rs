@@ -8,6 +8,7 @@
 //! draft (see `ops.rs`) before any of them runs, so a failed `expect` here is
 //! a bug in that validation, never bad input.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeBounds;
 
@@ -689,14 +690,16 @@ impl Tree {
     /// parent comes before its children), with no slab key in it, so that
     /// two trees that hold the same nodes give the same image whatever
     /// order their keys were handed out in.
-    pub(crate) fn image(&self) -> Vec<NodeImage> {
+    /// Borrowed, so that the coordinator is held only as long as the
+    /// encoding takes, with no copy of every node's data.
+    pub(crate) fn image(&self) -> Vec<NodeImage<'_>> {
         self.index
             .values()
             .map(|&key| {
                 let node = self.node(key);
                 NodeImage {
-                    path: node.path.clone(),
-                    data: node.data.clone(),
+                    path: Cow::Borrowed(&node.path),
+                    data: Cow::Borrowed(&node.data),
                     kind: node.kind,
                     ttl_ms: node.ttl_ms,
                     owner: node.owner,
@@ -730,7 +733,7 @@ impl Tree {
     /// What makes the image not a tree: no root first, a node whose parent
     /// is missing or comes later, a path or czxid given twice.
     pub(crate) fn from_image(
-        image: Vec<NodeImage>,
+        image: Vec<NodeImage<'_>>,
     ) -> Result<(Tree, BTreeMap<Zxid, usize>), String> {
         let mut nodes = image.into_iter();
         let root = match nodes.next() {
@@ -814,9 +817,9 @@ impl Tree {
 /// other nodes' paths give it) and with its place in the two indexes that
 /// its fields alone do not decide.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub(crate) struct NodeImage {
-    path: String,
-    data: Vec<u8>,
+pub(crate) struct NodeImage<'a> {
+    path: Cow<'a, str>,
+    data: Cow<'a, [u8]>,
     kind: NodeKind,
     ttl_ms: Option<u64>,
     owner: Option<SessionId>,
@@ -846,11 +849,11 @@ struct LockImage {
     freed_at_ms: Option<u64>,
 }
 
-impl NodeImage {
+impl NodeImage<'_> {
     fn into_node(self) -> Node {
         Node {
-            path: self.path,
-            data: self.data,
+            path: self.path.into_owned(),
+            data: self.data.into_owned(),
             kind: self.kind,
             ttl_ms: self.ttl_ms,
             owner: self.owner,
