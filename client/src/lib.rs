@@ -10,26 +10,23 @@
 //! [`Hold`] of a resource across requests.
 
 mod client;
-mod connection;
 mod error;
 #[cfg(test)]
 mod fake_server_tests;
-mod lock_node;
 pub mod protocol;
 pub mod recipes;
-mod watch;
+mod session;
 
+pub use client::watches::Watch;
 pub use client::{
     Client, ClientOptions, CreateOptions, Created, Forced, SessionState, SessionStatus,
 };
 pub use error::ClientError;
-pub use lock_node::{LockNode, LockState, LostReason};
 pub use protocol::{
     Data, ErrorCode, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId,
     Stat, WaitEdge, WatchEvent, WatchEventKind, WatchKind, Zxid,
 };
 pub use recipes::{
-    Election, Hold, HoldToken, Leader, LeaderWatch, Leadership, Lock, LockGuard, MultiLock,
-    MultiLockGuard, RwLock, Semaphore,
+    Election, Hold, HoldToken, Leader, LeaderWatch, Leadership, Lock, LockGuard, LockNode,
+    LockState, LostReason, MultiLock, MultiLockGuard, RwLock, Semaphore,
 };
-pub use watch::Watch;

@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use super::lock_node::LostReason;
 use crate::error::ClientError;
-use crate::lock_node::LostReason;
 use crate::protocol::{child_path, Zxid};
 use crate::Client;
 

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokio::time::{timeout_at, Instant};
 
+use super::lock_node::{LockNode, LockState, LostReason};
 use crate::error::ClientError;
-use crate::lock_node::{LockNode, LockState, LostReason};
 use crate::protocol::{child_path, Data, LockMode, LockSpec, Zxid};
 use crate::Client;
 

@@ -13,13 +13,16 @@
 mod election;
 mod hold;
 mod lock;
+mod lock_node;
 mod multilock;
 mod rwlock;
 mod semaphore;
 
+pub(crate) use crate::client::system_time;
 pub use election::{Election, Leader, LeaderWatch, Leadership};
 pub use hold::{Hold, HoldToken};
 pub use lock::{Lock, LockGuard};
+pub use lock_node::{LockNode, LockState, LostReason};
 pub use multilock::{MultiLock, MultiLockGuard};
 pub use rwlock::RwLock;
 pub use semaphore::Semaphore;
@@ -38,13 +41,6 @@ pub(crate) fn millis(d: Duration, what: &str) -> Result<u64, ClientError> {
             "a {what} of {d:?} does not fit in 64-bit milliseconds; give a shorter one"
         ))
     })
-}
-
-/// A server timestamp (milliseconds since the Unix epoch) as a `SystemTime`.
-pub(crate) fn system_time(ms: u64) -> SystemTime {
-    UNIX_EPOCH
-        .checked_add(Duration::from_millis(ms))
-        .unwrap_or(UNIX_EPOCH)
 }
 
 /// `t` as an RFC 3339 UTC timestamp with milliseconds, for messages.

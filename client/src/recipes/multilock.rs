@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::lock_node::LostReason;
 use crate::error::ClientError;
-use crate::lock_node::LostReason;
 use crate::protocol::{Data, Zxid};
 use crate::Client;
 

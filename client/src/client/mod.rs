@@ -5,134 +5,28 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
-use crate::connection::{handshake, lease_end, session_timeout, Origin, Refused, Session, Shared};
+pub(crate) mod watches;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use self::watches::{Watch, WatchSender};
 use crate::error::ClientError;
-use crate::lock_node::LockNode;
 use crate::protocol::{
-    self, Create, Data, Hello, LockSpec, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId,
-    Stat, WatchKind, PROTOCOL_VERSION,
+    self, Create, Data, Hello, MultiOp, MultiResult, NodeKind, Op, OpResult, SessionId, Stat,
+    WatchKind, PROTOCOL_VERSION,
 };
-use crate::watch::Watch;
+use crate::session::deferred::Deferred;
+pub use crate::session::options::{ClientOptions, SessionState, SessionStatus};
+use crate::session::{
+    handshake, lease_end, session_timeout, OnReply, Origin, Refused, Session, Shared,
+};
 
-/// How to reach the coordinator and how long a session lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientOptions {
-    /// Server addresses (`host:port`), tried in order by `connect` and cycled
-    /// through on reconnect.
-    pub servers: Vec<String>,
-    /// The session timeout to ask for (the server clamps it). Default 10 s:
-    /// a crashed holder blocks others for at most this long, while a GC pause
-    /// or a network blip of a few seconds does not cost the session.
-    pub session_timeout: Duration,
-    /// Bound on one TCP connect, and again on the handshake. Default 5 s:
-    /// longer than any healthy connect, shorter than the session timeout so
-    /// a resume can try another server in time.
-    pub connect_timeout: Duration,
-    /// First delay between reconnect attempts. Default 50 ms: a restarted
-    /// server is retried almost at once.
-    pub reconnect_backoff_min: Duration,
-    /// Cap of the exponential reconnect delay. Default 2 s: several attempts
-    /// still fit in a 10 s session timeout.
-    pub reconnect_backoff_max: Duration,
-}
-
-impl ClientOptions {
-    /// Options for one server, with the defaults documented on each field.
-    pub fn new(addr: impl Into<String>) -> Self {
-        ClientOptions {
-            servers: vec![addr.into()],
-            session_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            reconnect_backoff_min: Duration::from_millis(50),
-            reconnect_backoff_max: Duration::from_secs(2),
-        }
-    }
-
-    /// Adds another server to try, after those already listed.
-    pub fn server(mut self, addr: impl Into<String>) -> Self {
-        self.servers.push(addr.into());
-        self
-    }
-
-    /// Sets the requested session timeout.
-    pub fn session_timeout(mut self, timeout: Duration) -> Self {
-        self.session_timeout = timeout;
-        self
-    }
-
-    /// Sets the bound on one connect and on one handshake.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Sets the reconnect delay range: it starts at `min` and doubles up to
-    /// `max`.
-    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.reconnect_backoff_min = min;
-        self.reconnect_backoff_max = max;
-        self
-    }
-
-    pub(crate) fn session_timeout_ms(&self) -> u64 {
-        u64::try_from(self.session_timeout.as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn check(&self) -> Result<(), ClientError> {
-        if self.servers.is_empty() {
-            return Err(ClientError::invalid_argument(
-                "no server address given (pass at least one host:port)",
-            ));
-        }
-        if self.session_timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err(ClientError::invalid_argument(
-                "session_timeout and connect_timeout must be above zero",
-            ));
-        }
-        if self.reconnect_backoff_min.is_zero()
-            || self.reconnect_backoff_min > self.reconnect_backoff_max
-        {
-            return Err(ClientError::invalid_argument(format!(
-                "reconnect backoff {:?}..{:?} must be above zero with min <= max",
-                self.reconnect_backoff_min, self.reconnect_backoff_max
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Where the session stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SessionState {
-    /// Connected to a server; requests flow.
-    Connected,
-    /// The connection broke and the client is reconnecting. The session may
-    /// still be alive on the server until [`SessionStatus::lease_end`];
-    /// requests wait and go out after the resume.
-    Suspended,
-    /// The server ended the session (or surely has): its ephemeral nodes,
-    /// and so its locks, are gone. Final.
-    Expired,
-    /// The client was closed. Final.
-    Closed,
-}
-
-/// The session's state and the conservative end of its lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SessionStatus {
-    /// The session.
-    pub session_id: SessionId,
-    /// Connected, suspended, expired or closed.
-    pub state: SessionState,
-    /// The session surely lives until this instant: it is the time the
-    /// client *sent* the request whose reply it last received, plus the
-    /// session timeout. The server's expiry clock started later (when that
-    /// request arrived), so the server cannot expire the session, and hand
-    /// its locks to someone else, before `lease_end`. A lock holder that is
-    /// suspended should stop acting on its lock before then.
-    pub lease_end: Instant,
+/// A server timestamp (milliseconds since the Unix epoch) as a `SystemTime`.
+pub(crate) fn system_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 /// How [`Client::create`] makes a node. Build it with the constructors:
@@ -349,11 +243,7 @@ impl Client {
         }
     }
 
-    async fn call(
-        &self,
-        op: Op,
-        watch: Option<crate::watch::WatchSender>,
-    ) -> Result<OpResult, ClientError> {
+    async fn call(&self, op: Op, watch: Option<WatchSender>) -> Result<OpResult, ClientError> {
         let rx = self.send(op, watch).await?;
         self.reply(rx).await
     }
@@ -364,9 +254,19 @@ impl Client {
     pub(crate) async fn send(
         &self,
         op: Op,
-        watch: Option<crate::watch::WatchSender>,
+        watch: Option<WatchSender>,
     ) -> Result<oneshot::Receiver<Result<OpResult, ClientError>>, ClientError> {
-        self.submit(op, |reply| Origin::User { reply, watch }).await
+        // Only a watching read needs its op again, to key the watch.
+        let watched = watch.map(|tx| (op.clone(), tx));
+        self.submit(op, move |reply| -> OnReply {
+            Box::new(move |result, install| {
+                if let (Ok(ok), Some((op, tx))) = (&result, watched) {
+                    watches::install(&op, ok, tx, install);
+                }
+                let _ = reply.send(result);
+            })
+        })
+        .await
     }
 
     /// Waits for the reply to a request handed over by [`Client::send`].
@@ -377,60 +277,33 @@ impl Client {
         rx.await.unwrap_or_else(|_| Err(self.ended_error()))
     }
 
-    async fn submit<T>(
+    /// Queues a request whose reply `on_reply` handles on the session task
+    /// (see [`OnReply`]), handing its caller a `T` through the channel it is
+    /// given. Once this returns `Ok`, the request goes out.
+    ///
+    /// # Cancel safety
+    /// Safe: a dropped call queues nothing.
+    pub(crate) async fn submit<T>(
         &self,
         op: Op,
-        origin: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> Origin,
+        on_reply: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> OnReply,
     ) -> Result<oneshot::Receiver<Result<T, ClientError>>, ClientError> {
         let (reply, rx) = oneshot::channel();
-        match self.inner.shared.submit(op, origin(reply)).await {
+        match self
+            .inner
+            .shared
+            .submit(op, Origin::User(on_reply(reply)))
+            .await
+        {
             Ok(()) => Ok(rx),
             Err(Refused::Ended) => Err(self.ended_error()),
             Err(Refused::Invalid(e)) => Err(e),
         }
     }
 
-    /// Joins the lock queue of `prefix`'s parent: creates an ephemeral
-    /// sequential node `prefix<counter>` with `data` (and any missing
-    /// ancestors, as containers) that the server grants by the rules of
-    /// `spec.mode`, and follows it from the create's reply on, so that no
-    /// grant or deletion is missed. The lock recipes ([`crate::Lock`] and
-    /// the others) are built on this.
-    ///
-    /// The returned [`LockNode`] is granted at once if
-    /// [`LockNode::token`] is `Some`; else await [`LockNode::granted`].
-    /// Dropping it deletes the node in the background.
-    ///
-    /// # Errors
-    /// - `Deadlock { cycle, .. }` if waiting in this queue would close a
-    ///   cycle of sessions waiting on each other: no node was created.
-    /// - `InvalidPath` (no round trip), `InvalidArgument` (a mode the server
-    ///   refuses, e.g. a semaphore of 0 permits), `NoChildrenForEphemerals`
-    ///   (the queue's parent is ephemeral), `TooLarge`, `LimitExceeded`,
-    ///   `SessionExpired`, `Closed`.
-    ///
-    /// # Cancel safety
-    /// Safe: if the future is dropped after the create went out, the session
-    /// task deletes the node as soon as the create's reply arrives.
-    pub async fn create_lock(
-        &self,
-        prefix: &str,
-        data: impl Into<Data>,
-        spec: LockSpec,
-    ) -> Result<LockNode, ClientError> {
-        check_path(prefix)?;
-        let op = Op::Create(Create {
-            path: prefix.into(),
-            data: data.into(),
-            kind: NodeKind::Ephemeral,
-            sequential: true,
-            ttl_ms: None,
-            make_parents: true,
-            lock: Some(spec),
-        });
-        let rx = self.submit(op, |reply| Origin::Lock { reply }).await?;
-        let created = self.reply(rx).await?;
-        Ok(LockNode::new(self.clone(), created))
+    /// The session's queue for work a dropped handle leaves behind.
+    pub(crate) fn deferred(&self) -> &Arc<Deferred> {
+        &self.inner.shared.deferred
     }
 
     /// Sends one operation and returns its result: the building block of the
@@ -533,9 +406,7 @@ impl Client {
         match self.call(op, None).await? {
             OpResult::Deleted => Ok(Forced::Deleted),
             OpResult::Zombified { stat } => Ok(Forced::Zombie {
-                freed_at: crate::recipes::system_time(
-                    stat.lock.and_then(|l| l.freed_at_ms).unwrap_or(0),
-                ),
+                freed_at: system_time(stat.lock.and_then(|l| l.freed_at_ms).unwrap_or(0)),
             }),
             other => Err(unexpected("forced delete", &other)),
         }
@@ -867,7 +738,7 @@ fn unexpected(what: &str, result: &OpResult) -> ClientError {
     ClientError::protocol(format!("a {what} was answered with {result:?}"))
 }
 
-fn check_path(path: &str) -> Result<(), ClientError> {
+pub(crate) fn check_path(path: &str) -> Result<(), ClientError> {
     protocol::validate_path(path).map_err(|e| ClientError::invalid_path(e, None))
 }
 

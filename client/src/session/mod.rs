@@ -3,9 +3,14 @@
 //! A handle queues its request and writes it to the socket itself when the
 //! connection is up and the socket takes it, so a request crosses no task
 //! on its way out; only its reply does. The session task reads and matches
-//! replies, routes watch and lock events, writes what the socket did not
-//! take, sends heartbeats, and reconnects and resumes the session when the
-//! connection breaks.
+//! replies, routes server events to the [`subscriptions`] that the layers
+//! above installed, writes what the socket did not take, sends heartbeats,
+//! and reconnects and resumes the session when the connection breaks. It
+//! knows the protocol and nothing of locks or recipes.
+
+pub(crate) mod deferred;
+pub(crate) mod options;
+pub(crate) mod subscriptions;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,14 +24,14 @@ use tokio::sync::{oneshot, watch, Notify, Semaphore, TryAcquireError};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
-use crate::client::{ClientOptions, SessionState, SessionStatus};
+use self::deferred::Deferred;
+use self::options::{ClientOptions, SessionState, SessionStatus};
+use self::subscriptions::{set_watches_batches, set_watches_keys, Subscriber, Subscriptions};
 use crate::error::ClientError;
-use crate::lock_node::{LockCreated, LockRegistry, LockState, NodeOwner, Orphans};
 use crate::protocol::{
     self, limits, ErrorCode, Hello, Op, OpResult, Resume, Secret, ServerMessage, SessionEvent,
     SessionId, WatchKind, Welcome, Xid, Zxid, PROTOCOL_VERSION,
 };
-use crate::watch::{set_watches_batches, set_watches_keys, WatchRegistry, WatchSender};
 
 /// Bound on the requests of callers that a session holds unanswered, in
 /// flight or waiting for a slot on the wire or for a connection. A caller
@@ -56,8 +61,47 @@ pub(crate) fn session_timeout(welcome: &Welcome) -> Duration {
     Duration::from_millis(welcome.session_timeout_ms).min(SESSION_TIMEOUT_MAX)
 }
 
-pub(crate) type ReplySender = oneshot::Sender<Result<OpResult, ClientError>>;
-pub(crate) type LockReplySender = oneshot::Sender<Result<LockCreated, ClientError>>;
+/// Takes a request's outcome on the session task: it hands the result to
+/// its caller and may install subscriptions first, so that no event after
+/// the reply is missed. Called once, also when the session ends first; a
+/// handler dropped uncalled (the session task is gone) drops its caller's
+/// channel.
+pub(crate) type OnReply = Box<dyn FnOnce(Result<OpResult, ClientError>, &mut Install<'_>) + Send>;
+
+/// What a reply handler may do to the session while it runs.
+pub(crate) struct Install<'a> {
+    subs: &'a mut Subscriptions,
+    recheck: Vec<(String, WatchKind)>,
+    retried: bool,
+}
+
+impl Install<'_> {
+    /// Follows a key from this reply on.
+    pub(crate) fn add(&mut self, path: String, kind: WatchKind, sub: Box<dyn Subscriber>) {
+        self.subs.add(path, kind, sub);
+    }
+
+    /// Follows a node just created at `path`, ending earlier followers of
+    /// the key (see [`Subscriptions::replace`]).
+    pub(crate) fn replace(&mut self, path: String, kind: WatchKind, sub: Box<dyn Subscriber>) {
+        self.subs.replace(path, kind, sub);
+    }
+
+    /// Whether the reply came from the server's cache after a resume: it
+    /// may predate events the client missed in the gap.
+    pub(crate) fn retried(&self) -> bool {
+        self.retried
+    }
+
+    /// Re-registers a key just installed, so that the server reports what
+    /// changed since the zxid the session last saw (for a [`retried`]
+    /// reply).
+    ///
+    /// [`retried`]: Install::retried
+    pub(crate) fn recheck(&mut self, path: String, kind: WatchKind) {
+        self.recheck.push((path, kind));
+    }
+}
 
 /// One connection after the handshake: the session task reads it; the write
 /// half is shared with the handles through [`Link`].
@@ -82,18 +126,10 @@ impl Conn {
 }
 
 /// Who waits for an entry's reply.
-#[derive(Debug)]
 pub(crate) enum Origin {
-    User {
-        reply: ReplySender,
-        /// Register this waiter if the (watching) read succeeds.
-        watch: Option<WatchSender>,
-    },
-    /// A create with a lock spec: its reply subscribes to the node.
-    Lock {
-        reply: LockReplySender,
-    },
-    /// The delete of a lock node whose handle was dropped.
+    /// A caller's request.
+    User(OnReply),
+    /// Work a dropped handle left behind (see [`deferred`]).
     Background,
     Ping,
     SetWatches,
@@ -103,7 +139,19 @@ pub(crate) enum Origin {
 impl Origin {
     /// Whether the entry holds one of the callers' [`Shared::slots`].
     fn holds_slot(&self) -> bool {
-        matches!(self, Origin::User { .. } | Origin::Lock { .. })
+        matches!(self, Origin::User(_))
+    }
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::User(_) => "User",
+            Origin::Background => "Background",
+            Origin::Ping => "Ping",
+            Origin::SetWatches => "SetWatches",
+            Origin::Close => "Close",
+        })
     }
 }
 
@@ -412,15 +460,9 @@ impl Link {
         !was_waiting && !self.out.is_empty()
     }
 
-    /// Queues the deletes of lock nodes whose handles were dropped.
-    fn adopt_orphans(&mut self, orphans: &Orphans) {
-        for (path, czxid) in orphans.take() {
-            let op = Op::Delete {
-                path,
-                version: None,
-                czxid: Some(czxid),
-                force: false,
-            };
+    /// Queues the requests that dropped handles left behind.
+    fn adopt_deferred(&mut self, deferred: &Deferred) {
+        for op in deferred.take() {
             self.queue.push(op, Origin::Background);
         }
     }
@@ -501,7 +543,7 @@ pub(crate) struct Shared {
     /// caller takes one before queueing and the session task gives it back
     /// with the reply. Closed when the session ends.
     slots: Semaphore,
-    pub(crate) orphans: Arc<Orphans>,
+    pub(crate) deferred: Arc<Deferred>,
 }
 
 impl Shared {
@@ -510,7 +552,7 @@ impl Shared {
             link: Mutex::new(Link::new(welcome)),
             wake: Notify::new(),
             slots: Semaphore::new(REQUESTS_QUEUED_MAX),
-            orphans: Arc::new(Orphans::default()),
+            deferred: Arc::new(Deferred::default()),
         }
     }
 
@@ -545,10 +587,10 @@ impl Shared {
             }
             link.check_size(&op, encoded.len())
                 .map_err(Refused::Invalid)?;
-            // Deletes of dropped handles go before any later request: a new
+            // Work of dropped handles goes before any later request: a new
             // lock node must not queue behind the session's own old one,
             // which the server refuses as a deadlock.
-            link.adopt_orphans(&self.orphans);
+            link.adopt_deferred(&self.deferred);
             link.queue.push_encoded(op, encoded, origin);
             link.pump()
         };
@@ -690,8 +732,7 @@ pub(crate) struct Session {
     session_id: SessionId,
     secret: Secret,
     session_timeout: Duration,
-    watches: WatchRegistry,
-    locks: LockRegistry,
+    subs: Subscriptions,
     last_xid_received: Xid,
     last_zxid: Zxid,
     lease_end: Instant,
@@ -719,8 +760,7 @@ impl Session {
             session_id: welcome.session_id,
             secret: welcome.secret.clone(),
             session_timeout,
-            watches: WatchRegistry::default(),
-            locks: LockRegistry::default(),
+            subs: Subscriptions::default(),
             last_xid_received: Xid(0),
             last_zxid: Zxid(0),
             lease_end: lease_end(handshake.hello_sent_at, session_timeout),
@@ -784,19 +824,20 @@ impl Session {
         self.shared.slots.close();
         for entry in entries {
             match entry.origin {
-                Origin::User { reply, .. } => {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                Origin::Lock { reply } => {
-                    let _ = reply.send(Err(err.clone()));
+                Origin::User(on_reply) => {
+                    let mut install = Install {
+                        subs: &mut self.subs,
+                        recheck: Vec::new(),
+                        retried: false,
+                    };
+                    on_reply(Err(err.clone()), &mut install);
                 }
                 Origin::Background | Origin::Ping | Origin::SetWatches | Origin::Close => {}
             }
         }
-        self.watches.fail_all(&err);
-        self.locks.fail_all(&err);
+        self.subs.fail_all(&err);
         // The session's nodes are gone (or go at its expiry) with it.
-        self.shared.orphans.close();
+        self.shared.deferred.close();
         if let Some(reply) = close_reply {
             let result = match stop {
                 Stop::ClosedWhileDown => Err(ClientError::ConnectionLost),
@@ -850,7 +891,7 @@ impl Session {
     /// Serves one connection until it breaks or the session stops.
     async fn drive(&mut self, conn: &mut Conn) -> ConnEnd {
         let shared = Arc::clone(&self.shared);
-        let orphans = Arc::clone(&shared.orphans);
+        let deferred = Arc::clone(&shared.deferred);
         let mut last_received = Instant::now();
         let first_check = {
             let mut link = shared.lock();
@@ -862,8 +903,8 @@ impl Session {
         self.publish(SessionState::Connected);
         let timer = sleep_until(first_check);
         let wake = shared.wake.notified();
-        let orphaned = orphans.notify.notified();
-        tokio::pin!(timer, wake, orphaned);
+        let deferred_work = deferred.notify.notified();
+        tokio::pin!(timer, wake, deferred_work);
         let mut writing = false;
         loop {
             let want_write = {
@@ -894,11 +935,11 @@ impl Session {
                     }
                 }
                 () = &mut wake => wake.set(shared.wake.notified()),
-                () = &mut orphaned => {
-                    orphaned.set(orphans.notify.notified());
+                () = &mut deferred_work => {
+                    deferred_work.set(deferred.notify.notified());
                     let mut link = shared.lock();
                     if !link.closing {
-                        link.adopt_orphans(&orphans);
+                        link.adopt_deferred(&deferred);
                         link.pump();
                     }
                 }
@@ -954,8 +995,7 @@ impl Session {
             }
             ServerMessage::Watch(event) => {
                 self.last_zxid = self.last_zxid.max(event.zxid);
-                self.watches.fire(&event);
-                self.locks.on_event(&event);
+                self.subs.fire(&event);
                 None
             }
             ServerMessage::Session(SessionEvent::Expired) => Some(ConnEnd::Stop(Stop::Expired)),
@@ -977,61 +1017,29 @@ impl Session {
         entry: Entry,
         result: Result<OpResult, protocol::ErrorReply>,
     ) -> Option<ConnEnd> {
-        self.forget_deleted_locks(&entry.op, &result);
+        self.gone_by_own_request(&entry.op, &result);
         match entry.origin {
-            Origin::Lock { reply } => {
-                let created = match result {
-                    Ok(OpResult::Created { path, stat }) => {
-                        let status = self.locks.register(path.clone(), &stat);
-                        if entry.retried && status.borrow().state == LockState::Waiting {
-                            // The cached reply predates the gap: ask the
-                            // server whether the node was granted or deleted
-                            // meanwhile.
-                            let op = Op::SetWatches {
-                                last_zxid: self.last_zxid,
-                                data: Vec::new(),
-                                exist: Vec::new(),
-                                child: Vec::new(),
-                                lock: vec![path.clone()],
-                            };
-                            let mut link = self.shared.lock();
-                            link.queue.push(op, Origin::SetWatches);
-                            link.pump();
-                        }
-                        let owner = NodeOwner::new(path, stat.czxid, self.shared.orphans.clone());
-                        Ok(LockCreated {
-                            stat,
-                            owner,
-                            status,
-                        })
-                    }
-                    Ok(other) => Err(ClientError::protocol(format!(
-                        "a lock create was answered with {other:?}"
-                    ))),
-                    Err(e) => Err(ClientError::from_reply(e)),
+            Origin::User(on_reply) => {
+                let mut install = Install {
+                    subs: &mut self.subs,
+                    recheck: Vec::new(),
+                    retried: entry.retried,
                 };
-                // If the caller is gone, the returned value's owner queues
-                // the node's delete as it drops.
-                let _ = reply.send(created);
+                on_reply(result.map_err(ClientError::from_reply), &mut install);
+                let recheck = install.recheck;
+                if !recheck.is_empty() {
+                    let mut link = self.shared.lock();
+                    for op in set_watches_batches(&recheck, self.last_zxid) {
+                        link.queue.push(op, Origin::SetWatches);
+                    }
+                    link.pump();
+                }
                 None
             }
             Origin::Background => {
                 if let Err(e) = result {
-                    tracing::debug!(session = %self.session_id, "deleting a dropped lock node: {e}");
+                    tracing::debug!(session = %self.session_id, "a dropped handle's request failed: {e}");
                 }
-                None
-            }
-            Origin::User { reply, watch } => {
-                let result = match result {
-                    Ok(ok) => {
-                        if let Some(tx) = watch {
-                            self.register_watch(&entry.op, &ok, tx);
-                        }
-                        Ok(ok)
-                    }
-                    Err(e) => Err(ClientError::from_reply(e)),
-                };
-                let _ = reply.send(result);
                 None
             }
             Origin::Ping => {
@@ -1046,10 +1054,7 @@ impl Session {
                     // rather than let them wait forever.
                     tracing::warn!(session = %self.session_id, "re-registering watches failed: {e}");
                     let err = ClientError::from_reply(e);
-                    self.watches.fail_keys(&set_watches_keys(&entry.op), &err);
-                    if let Op::SetWatches { lock, .. } = &entry.op {
-                        self.locks.fail_paths(lock, &err);
-                    }
+                    self.subs.fail_keys(&set_watches_keys(&entry.op), &err);
                 }
                 None
             }
@@ -1068,9 +1073,9 @@ impl Session {
         }
     }
 
-    /// A lock node this session deleted (or found gone) is no longer
-    /// followed: the server sends no event for the owner's own delete.
-    fn forget_deleted_locks(&mut self, op: &Op, result: &Result<OpResult, protocol::ErrorReply>) {
+    /// A node this session deleted (or found gone) is no longer followed:
+    /// the server sends no event for the deleter's own delete.
+    fn gone_by_own_request(&mut self, op: &Op, result: &Result<OpResult, protocol::ErrorReply>) {
         // NotOwner: the node was taken away (a zombie now) and is no
         // longer this session's.
         let gone = |code: ErrorCode| {
@@ -1081,40 +1086,19 @@ impl Session {
         };
         match (op, result) {
             (Op::Delete { path, czxid, .. }, Ok(OpResult::Deleted)) => {
-                self.locks.on_own_delete(path, *czxid, LockState::Released);
+                self.subs.gone(path, *czxid, true);
             }
             (Op::Delete { path, czxid, .. }, Err(e)) if gone(e.code) => {
-                self.locks.on_own_delete(path, *czxid, LockState::Deleted);
+                self.subs.gone(path, *czxid, false);
             }
             (Op::Multi { ops }, Ok(OpResult::Multi { .. })) => {
                 for op in ops {
                     if let protocol::MultiOp::Delete { path, czxid, .. } = op {
-                        self.locks.on_own_delete(path, *czxid, LockState::Released);
+                        self.subs.gone(path, *czxid, true);
                     }
                 }
             }
             _ => {}
-        }
-    }
-
-    fn register_watch(&mut self, op: &Op, result: &OpResult, tx: WatchSender) {
-        let key = match (op, result) {
-            (Op::Get { path, .. }, OpResult::Data { .. }) => Some((path, WatchKind::Data)),
-            (Op::Exists { path, .. }, OpResult::Exists { stat: Some(_) }) => {
-                Some((path, WatchKind::Data))
-            }
-            (Op::Exists { path, .. }, OpResult::Exists { stat: None }) => {
-                Some((path, WatchKind::Exist))
-            }
-            (Op::Children { path, .. }, OpResult::Children { .. }) => {
-                Some((path, WatchKind::Child))
-            }
-            _ => None,
-        };
-        // A mismatched result drops `tx`; the caller reports the reply as a
-        // protocol error and never hands out the watch.
-        if let Some((path, kind)) = key {
-            self.watches.register(path.clone(), kind, tx);
         }
     }
 
@@ -1204,13 +1188,7 @@ impl Session {
             .queue
             .unanswered_watch_baseline()
             .map_or(self.last_zxid, |older| older.min(self.last_zxid));
-        let mut keys = self.watches.live_keys();
-        keys.extend(
-            self.locks
-                .live_paths()
-                .into_iter()
-                .map(|path| (path, WatchKind::Lock)),
-        );
+        let keys = self.subs.live_keys();
         let batches = set_watches_batches(&keys, baseline);
         link.queue.resume(welcome.last_xid_applied, batches);
     }
@@ -1244,8 +1222,7 @@ mod tests {
     use crate::protocol::{Create, Request};
 
     fn user() -> Origin {
-        let (reply, _rx) = oneshot::channel();
-        Origin::User { reply, watch: None }
+        Origin::User(Box::new(|_, _| {}))
     }
 
     fn create(path: &str) -> Op {

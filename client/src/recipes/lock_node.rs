@@ -2,17 +2,20 @@
 //! pushes for them (grant, deletion by others) without any watch being set,
 //! and the handle that deletes its node when dropped.
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-use crate::client::{Client, SessionState, SessionStatus};
+use crate::client::{check_path, Client, SessionState, SessionStatus};
 use crate::error::ClientError;
-use crate::protocol::{Stat, WatchEvent, WatchEventKind, Zxid};
+use crate::protocol::{
+    Create, Data, LockSpec, NodeKind, Op, OpResult, Stat, WatchEvent, WatchEventKind, WatchKind,
+    Zxid,
+};
+use crate::session::deferred::Reservation;
+use crate::session::subscriptions::Subscriber;
+use crate::session::OnReply;
 
 /// Where one lock node stands, as this client last heard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,24 +94,18 @@ impl std::fmt::Display for LostReason {
     }
 }
 
-/// The session task's lock subscriptions, by node path. A subscription is
-/// made when a lock create's reply is processed (so no event after the reply
-/// is missed) and ends with the node: on a `NodeDeleted`, on this session's
-/// own delete of the node, or with the session.
-#[derive(Debug, Default)]
-pub(crate) struct LockRegistry {
-    by_path: BTreeMap<String, LockSub>,
-}
-
+/// A lock node as the session follows it, from the create's reply on (so
+/// no event after the reply is missed) until the node is gone: a
+/// `NodeDeleted`, this session's own delete of the node, or the session's
+/// end.
 #[derive(Debug)]
 struct LockSub {
     czxid: Zxid,
     tx: watch::Sender<LockStatus>,
 }
 
-impl LockRegistry {
-    /// Subscribes to the node just created at `path` with `stat`.
-    pub(crate) fn register(&mut self, path: String, stat: &Stat) -> watch::Receiver<LockStatus> {
+impl LockSub {
+    fn new(stat: &Stat) -> (Self, watch::Receiver<LockStatus>) {
         let state = match stat.lock.as_ref().and_then(|l| l.granted) {
             Some(grant) => LockState::Granted { token: grant.token },
             None => LockState::Waiting,
@@ -117,161 +114,181 @@ impl LockRegistry {
             state,
             grant_events: 0,
         });
-        let sub = LockSub {
-            czxid: stat.czxid,
-            tx,
-        };
-        if let Some(old) = self.by_path.insert(path, sub) {
-            // Only possible if a node at this path was deleted without this
-            // client seeing it (its queue's parent reaped and recreated).
-            old.tx.send_modify(|s| s.state = LockState::Deleted);
-        }
-        rx
+        (
+            LockSub {
+                czxid: stat.czxid,
+                tx,
+            },
+            rx,
+        )
     }
+}
 
-    /// Routes a server event; returns whether a subscription took it.
-    pub(crate) fn on_event(&mut self, event: &WatchEvent) -> bool {
+impl Subscriber for LockSub {
+    fn on_event(&mut self, event: &WatchEvent) -> bool {
         match event.kind {
-            WatchEventKind::LockGranted => match self.by_path.get(&event.path) {
-                Some(sub) => {
-                    sub.tx.send_modify(|s| {
-                        s.grant_events += 1;
-                        // A resume re-confirms a grant: the first token stays.
-                        if s.state == LockState::Waiting {
-                            s.state = LockState::Granted { token: event.zxid };
-                        }
-                    });
-                    true
-                }
-                None => false,
-            },
-            WatchEventKind::NodeDeleted => match self.by_path.remove(&event.path) {
-                Some(sub) => {
-                    sub.tx.send_modify(|s| s.state = LockState::Deleted);
-                    true
-                }
-                None => false,
-            },
-            _ => false,
-        }
-    }
-
-    /// This session deleted `path` (or learned it is gone): given `czxid`,
-    /// only the node created at that zxid.
-    pub(crate) fn on_own_delete(&mut self, path: &str, czxid: Option<Zxid>, gone: LockState) {
-        let matches = self
-            .by_path
-            .get(path)
-            .is_some_and(|sub| czxid.is_none_or(|z| z == sub.czxid));
-        if matches {
-            if let Some(sub) = self.by_path.remove(path) {
-                sub.tx.send_modify(|s| s.state = gone);
+            WatchEventKind::LockGranted => {
+                self.tx.send_modify(|s| {
+                    s.grant_events += 1;
+                    // A resume re-confirms a grant: the first token stays.
+                    if s.state == LockState::Waiting {
+                        s.state = LockState::Granted { token: event.zxid };
+                    }
+                });
+                true
             }
-        }
-    }
-
-    /// Ends the subscriptions of `paths` with `err` (a refused re-registration).
-    pub(crate) fn fail_paths(&mut self, paths: &[String], err: &ClientError) {
-        for path in paths {
-            if let Some(sub) = self.by_path.remove(path) {
-                sub.tx
-                    .send_modify(|s| s.state = LockState::Failed(err.clone()));
+            WatchEventKind::NodeDeleted => {
+                self.tx.send_modify(|s| s.state = LockState::Deleted);
+                false
             }
+            _ => true,
         }
     }
 
-    pub(crate) fn fail_all(&mut self, err: &ClientError) {
-        for (_, sub) in std::mem::take(&mut self.by_path) {
-            sub.tx
-                .send_modify(|s| s.state = LockState::Failed(err.clone()));
+    fn on_gone(&mut self, czxid: Option<Zxid>, by_own_delete: bool) -> bool {
+        if czxid.is_some_and(|z| z != self.czxid) {
+            // A delete of another node at this path.
+            return true;
         }
+        let gone = if by_own_delete {
+            LockState::Released
+        } else {
+            LockState::Deleted
+        };
+        self.tx.send_modify(|s| s.state = gone);
+        false
     }
 
-    /// Paths to re-register after a resume: every node still followed,
-    /// waiting or granted. For a waiting node the server fires a grant made
-    /// in the gap; for a granted one it confirms the grant again (harmless)
-    /// or reports the deletion the client missed.
-    pub(crate) fn live_paths(&mut self) -> Vec<String> {
-        // A subscription nobody listens to belongs to a dropped handle,
-        // whose drop already queued the node's delete.
-        self.by_path.retain(|_, sub| !sub.tx.is_closed());
-        self.by_path.keys().cloned().collect()
+    fn fail(self: Box<Self>, err: &ClientError) {
+        self.tx
+            .send_modify(|s| s.state = LockState::Failed(err.clone()));
     }
 
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.by_path.len()
-    }
-}
-
-/// Lock nodes whose handles were dropped: their deletes are queued by the
-/// session task or ahead of the session's next request, whichever comes
-/// first. Shared between the client handles and the session task, so that a
-/// `Drop` (which cannot await) can hand a delete over without a task of its
-/// own and without a channel that could be full. Bounded by the number of
-/// lock nodes the application had.
-#[derive(Debug, Default)]
-pub(crate) struct Orphans {
-    nodes: Mutex<Vec<(String, Zxid)>>,
-    /// `notify_one` keeps a permit, so a push while the task is busy (or
-    /// reconnecting) is seen on its next turn.
-    pub(crate) notify: Notify,
-    /// Set when the session is over: its nodes are gone with it.
-    closed: AtomicBool,
-}
-
-impl Orphans {
-    fn push(&self, path: String, czxid: Zxid) {
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
-        self.nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((path, czxid));
-        self.notify.notify_one();
-    }
-
-    pub(crate) fn take(&self) -> Vec<(String, Zxid)> {
-        std::mem::take(&mut *self.nodes.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.take();
+    fn is_abandoned(&self) -> bool {
+        // Only a dropped handle lets go of every receiver, and its drop
+        // already queued the node's delete.
+        self.tx.is_closed()
     }
 }
 
-/// Owns a lock node: dropped while armed, it queues the node's delete.
+/// Owns a lock node: dropped while armed, it queues the node's delete in the
+/// place it reserved in the session's queue for dropped handles' work.
 #[derive(Debug)]
 pub(crate) struct NodeOwner {
     path: String,
     czxid: Zxid,
-    orphans: Arc<Orphans>,
-    armed: bool,
+    armed: Option<Reservation>,
 }
 
 impl NodeOwner {
-    pub(crate) fn new(path: String, czxid: Zxid, orphans: Arc<Orphans>) -> Self {
+    pub(crate) fn new(path: String, czxid: Zxid, place: Reservation) -> Self {
         NodeOwner {
             path,
             czxid,
-            orphans,
-            armed: true,
+            armed: Some(place),
         }
     }
 
     fn disarm(&mut self) {
-        self.armed = false;
+        self.armed = None;
     }
 }
 
 impl Drop for NodeOwner {
     fn drop(&mut self) {
-        if self.armed {
-            self.orphans
-                .push(std::mem::take(&mut self.path), self.czxid);
+        if let Some(place) = self.armed.take() {
+            place.push(Op::Delete {
+                path: std::mem::take(&mut self.path),
+                version: None,
+                czxid: Some(self.czxid),
+                force: false,
+            });
         }
+    }
+}
+
+impl Client {
+    /// Joins the lock queue of `prefix`'s parent: creates an ephemeral
+    /// sequential node `prefix<counter>` with `data` (and any missing
+    /// ancestors, as containers) that the server grants by the rules of
+    /// `spec.mode`, and follows it from the create's reply on, so that no
+    /// grant or deletion is missed. The lock recipes ([`crate::Lock`] and
+    /// the others) are built on this.
+    ///
+    /// The returned [`LockNode`] is granted at once if
+    /// [`LockNode::token`] is `Some`; else await [`LockNode::granted`].
+    /// Dropping it deletes the node in the background.
+    ///
+    /// # Errors
+    /// - `Deadlock { cycle, .. }` if waiting in this queue would close a
+    ///   cycle of sessions waiting on each other: no node was created.
+    /// - `InvalidPath` (no round trip), `InvalidArgument` (a mode the server
+    ///   refuses, e.g. a semaphore of 0 permits), `NoChildrenForEphemerals`
+    ///   (the queue's parent is ephemeral), `TooLarge`, `LimitExceeded`,
+    ///   `SessionExpired`, `Closed`.
+    ///
+    /// # Cancel safety
+    /// Safe: if the future is dropped after the create went out, the session
+    /// task deletes the node as soon as the create's reply arrives.
+    pub async fn create_lock(
+        &self,
+        prefix: &str,
+        data: impl Into<Data>,
+        spec: LockSpec,
+    ) -> Result<LockNode, ClientError> {
+        check_path(prefix)?;
+        let op = Op::Create(Create {
+            path: prefix.into(),
+            data: data.into(),
+            kind: NodeKind::Ephemeral,
+            sequential: true,
+            ttl_ms: None,
+            make_parents: true,
+            lock: Some(spec),
+        });
+        let deferred = self.deferred();
+        let place = deferred
+            .reserve()
+            .ok_or_else(|| ClientError::LimitExceeded {
+                message: format!(
+                    "this client already follows {} lock nodes, the most one session does; \
+                 release or drop some before creating more",
+                    deferred.capacity()
+                ),
+                index: None,
+            })?;
+        let rx = self
+            .submit(op, move |reply| -> OnReply {
+                Box::new(move |result, install| {
+                    let created = match result {
+                        Ok(OpResult::Created { path, stat }) => {
+                            let (sub, status) = LockSub::new(&stat);
+                            install.replace(path.clone(), WatchKind::Lock, Box::new(sub));
+                            if install.retried() && status.borrow().state == LockState::Waiting {
+                                // The cached reply predates the gap: ask the
+                                // server whether the node was granted or
+                                // deleted meanwhile.
+                                install.recheck(path.clone(), WatchKind::Lock);
+                            }
+                            Ok(LockCreated {
+                                owner: NodeOwner::new(path, stat.czxid, place),
+                                stat,
+                                status,
+                            })
+                        }
+                        Ok(other) => Err(ClientError::protocol(format!(
+                            "a lock create was answered with {other:?}"
+                        ))),
+                        Err(e) => Err(e),
+                    };
+                    // If the caller is gone, the value's owner queues the
+                    // node's delete as it drops.
+                    let _ = reply.send(created);
+                })
+            })
+            .await?;
+        let created = self.reply(rx).await?;
+        Ok(LockNode::new(self.clone(), created))
     }
 }
 
@@ -407,7 +424,7 @@ impl LockNode {
     /// dropped; dropped before that, the node is deleted in the
     /// background as if the `LockNode` had been dropped.
     pub async fn delete(mut self) -> Result<(), ClientError> {
-        let op = crate::protocol::Op::Delete {
+        let op = Op::Delete {
             path: self.owner.path.clone(),
             version: None,
             czxid: Some(self.owner.czxid),
@@ -416,7 +433,7 @@ impl LockNode {
         let reply = self.client.send(op, None).await?;
         self.owner.disarm();
         match self.client.reply(reply).await? {
-            crate::protocol::OpResult::Deleted => Ok(()),
+            OpResult::Deleted => Ok(()),
             other => Err(ClientError::protocol(format!(
                 "a delete was answered with {other:?}"
             ))),
@@ -495,8 +512,12 @@ fn lost_now(session: &SessionStatus, lock: &LockStatus) -> Option<LostReason> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::protocol::{Grant, LockInfo, LockMode};
+    use crate::session::deferred::Deferred;
+    use crate::session::subscriptions::Subscriptions;
 
     fn stat(czxid: u64, granted: Option<u64>) -> Stat {
         Stat {
@@ -522,57 +543,81 @@ mod tests {
         }
     }
 
+    fn follow(subs: &mut Subscriptions, path: &str, stat: &Stat) -> watch::Receiver<LockStatus> {
+        let (sub, rx) = LockSub::new(stat);
+        subs.replace(path.into(), WatchKind::Lock, Box::new(sub));
+        rx
+    }
+
     #[test]
     fn a_subscription_sees_the_grant_then_the_deletion() {
-        let mut reg = LockRegistry::default();
-        let rx = reg.register("/l/lock-0000000001".into(), &stat(5, None));
+        let mut subs = Subscriptions::default();
+        let rx = follow(&mut subs, "/l/lock-0000000001", &stat(5, None));
         assert_eq!(rx.borrow().state, LockState::Waiting);
-        assert!(!reg.on_event(&event(WatchEventKind::LockGranted, "/other", 9)));
-        assert!(reg.on_event(&event(WatchEventKind::LockGranted, "/l/lock-0000000001", 9)));
+        assert_eq!(
+            subs.fire(&event(WatchEventKind::LockGranted, "/other", 9)),
+            0
+        );
+        assert_eq!(
+            subs.fire(&event(WatchEventKind::LockGranted, "/l/lock-0000000001", 9)),
+            1
+        );
         assert_eq!(rx.borrow().state, LockState::Granted { token: Zxid(9) });
         // A resume's re-confirmation counts but keeps the first token.
-        assert!(reg.on_event(&event(
+        subs.fire(&event(
             WatchEventKind::LockGranted,
             "/l/lock-0000000001",
-            12
-        )));
+            12,
+        ));
         assert_eq!(rx.borrow().state.token(), Some(Zxid(9)));
         assert_eq!(rx.borrow().grant_events, 2);
-        assert_eq!(reg.live_paths(), vec!["/l/lock-0000000001".to_string()]);
-        assert!(reg.on_event(&event(
+        let key = ("/l/lock-0000000001".to_string(), WatchKind::Lock);
+        assert_eq!(subs.live_keys(), vec![key]);
+        subs.fire(&event(
             WatchEventKind::NodeDeleted,
             "/l/lock-0000000001",
-            13
-        )));
+            13,
+        ));
         assert_eq!(rx.borrow().state, LockState::Deleted);
         assert!(rx.borrow().state.is_final());
-        assert!(reg.live_paths().is_empty());
+        assert!(subs.live_keys().is_empty());
     }
 
     #[test]
     fn a_grant_in_the_reply_and_an_own_delete() {
-        let mut reg = LockRegistry::default();
-        let rx = reg.register("/a".into(), &stat(5, Some(5)));
+        let mut subs = Subscriptions::default();
+        let rx = follow(&mut subs, "/a", &stat(5, Some(5)));
         assert_eq!(rx.borrow().state.token(), Some(Zxid(5)));
         assert_eq!(rx.borrow().grant_events, 0);
         // A delete guarded by another czxid was not of this node.
-        reg.on_own_delete("/a", Some(Zxid(4)), LockState::Released);
-        assert_eq!(reg.len(), 1);
-        reg.on_own_delete("/a", Some(Zxid(5)), LockState::Released);
+        subs.gone("/a", Some(Zxid(4)), true);
+        assert_eq!(subs.count(), 1);
+        subs.gone("/a", Some(Zxid(5)), true);
         assert_eq!(rx.borrow().state, LockState::Released);
-        assert_eq!(reg.len(), 0);
+        assert_eq!(subs.count(), 0);
+    }
+
+    #[test]
+    fn a_newer_node_at_the_path_ends_the_old_subscription() {
+        let mut subs = Subscriptions::default();
+        let old = follow(&mut subs, "/a", &stat(5, None));
+        let new = follow(&mut subs, "/a", &stat(8, None));
+        assert_eq!(old.borrow().state, LockState::Deleted);
+        assert_eq!(new.borrow().state, LockState::Waiting);
+        assert_eq!(subs.count(), 1);
     }
 
     #[test]
     fn dropped_subscribers_are_not_re_registered_and_failures_reach_the_rest() {
-        let mut reg = LockRegistry::default();
-        drop(reg.register("/a".into(), &stat(1, None)));
-        let b = reg.register("/b".into(), &stat(2, None));
-        let c = reg.register("/c".into(), &stat(3, Some(3)));
-        assert_eq!(reg.live_paths(), vec!["/b".to_string(), "/c".to_string()]);
-        reg.fail_paths(&["/b".into()], &ClientError::Closed);
+        let mut subs = Subscriptions::default();
+        drop(follow(&mut subs, "/a", &stat(1, None)));
+        let b = follow(&mut subs, "/b", &stat(2, None));
+        let c = follow(&mut subs, "/c", &stat(3, Some(3)));
+        let keys: Vec<_> = subs.live_keys().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(keys, vec!["/b".to_string(), "/c".to_string()]);
+        subs.fail_keys(&[("/b".into(), WatchKind::Lock)], &ClientError::Closed);
         assert_eq!(b.borrow().state, LockState::Failed(ClientError::Closed));
-        reg.fail_all(&ClientError::SessionExpired);
+        subs.fail_all(&ClientError::SessionExpired);
         assert_eq!(
             c.borrow().state,
             LockState::Failed(ClientError::SessionExpired)
@@ -619,15 +664,32 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_owner_hands_its_node_to_the_session_task() {
-        let orphans = Arc::new(Orphans::default());
-        drop(NodeOwner::new("/a".into(), Zxid(3), orphans.clone()));
-        let mut kept = NodeOwner::new("/b".into(), Zxid(4), orphans.clone());
+    fn a_dropped_owner_hands_its_delete_to_the_session_task() {
+        let queue = Arc::new(Deferred::with_capacity(8));
+        drop(NodeOwner::new(
+            "/a".into(),
+            Zxid(3),
+            queue.reserve().unwrap(),
+        ));
+        let mut kept = NodeOwner::new("/b".into(), Zxid(4), queue.reserve().unwrap());
         kept.disarm();
         drop(kept);
-        assert_eq!(orphans.take(), vec![("/a".to_string(), Zxid(3))]);
-        orphans.close();
-        drop(NodeOwner::new("/c".into(), Zxid(5), orphans.clone()));
-        assert!(orphans.take().is_empty());
+        let ops: Vec<_> = queue.take().into_iter().collect();
+        assert_eq!(
+            ops,
+            vec![Op::Delete {
+                path: "/a".into(),
+                version: None,
+                czxid: Some(Zxid(3)),
+                force: false,
+            }]
+        );
+        queue.close();
+        drop(NodeOwner::new(
+            "/c".into(),
+            Zxid(5),
+            queue.reserve().unwrap(),
+        ));
+        assert!(queue.take().is_empty());
     }
 }
