@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 
 use crate::protocol::Op;
 
-/// Places in one session's queue: live handles that may leave work behind.
+/// Places in one session's queue: how many live handles may leave work
+/// behind.
 /// Far above what one process holds in practice (each is a node on the
 /// server, which bounds a session's nodes much lower).
 pub(crate) const DEFERRED_MAX: usize = 65_536;
@@ -107,8 +108,10 @@ impl Reservation {
                 .push_back(op);
             queue.notify.notify_one();
         }
-        // The place is free again once the request is queued for sending:
-        // the queue is drained whole on every turn.
+        // The place bounds live handles, not the queue: a pushed request
+        // waits only until the session task's next turn or the next
+        // request, which take the whole queue (while suspended, it waits
+        // with the session's other requests for the resume).
         queue.release();
     }
 }

@@ -71,7 +71,8 @@ pub(crate) type OnReply = Box<dyn FnOnce(Result<OpResult, ClientError>, &mut Ins
 /// What a reply handler may do to the session while it runs.
 pub(crate) struct Install<'a> {
     subs: &'a mut Subscriptions,
-    recheck: Vec<(String, WatchKind)>,
+    shared: &'a Shared,
+    last_zxid: Zxid,
     retried: bool,
 }
 
@@ -95,11 +96,17 @@ impl Install<'_> {
 
     /// Re-registers a key just installed, so that the server reports what
     /// changed since the zxid the session last saw (for a [`retried`]
-    /// reply).
+    /// reply). Queued at once, so it goes ahead of any request the caller
+    /// sends once it has the reply: its event then comes before their
+    /// replies.
     ///
     /// [`retried`]: Install::retried
     pub(crate) fn recheck(&mut self, path: String, kind: WatchKind) {
-        self.recheck.push((path, kind));
+        let mut link = self.shared.lock();
+        for op in set_watches_batches(&[(path, kind)], self.last_zxid) {
+            link.queue.push(op, Origin::SetWatches);
+        }
+        link.pump();
     }
 }
 
@@ -827,7 +834,8 @@ impl Session {
                 Origin::User(on_reply) => {
                     let mut install = Install {
                         subs: &mut self.subs,
-                        recheck: Vec::new(),
+                        shared: &self.shared,
+                        last_zxid: self.last_zxid,
                         retried: false,
                     };
                     on_reply(Err(err.clone()), &mut install);
@@ -1022,18 +1030,11 @@ impl Session {
             Origin::User(on_reply) => {
                 let mut install = Install {
                     subs: &mut self.subs,
-                    recheck: Vec::new(),
+                    shared: &self.shared,
+                    last_zxid: self.last_zxid,
                     retried: entry.retried,
                 };
                 on_reply(result.map_err(ClientError::from_reply), &mut install);
-                let recheck = install.recheck;
-                if !recheck.is_empty() {
-                    let mut link = self.shared.lock();
-                    for op in set_watches_batches(&recheck, self.last_zxid) {
-                        link.queue.push(op, Origin::SetWatches);
-                    }
-                    link.pump();
-                }
                 None
             }
             Origin::Background => {
