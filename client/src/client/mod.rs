@@ -1,14 +1,14 @@
-//! The client handle, its options, and the session status it publishes.
-
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+//! The client handle and its requests, and one-shot watches. The options
+//! it connects with and the status it publishes belong to the session
+//! layer and are re-exported here.
 
 pub(crate) mod watches;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use self::watches::{Watch, WatchSender};
 use crate::error::ClientError;

@@ -224,8 +224,10 @@ impl Client {
     ///   cycle of sessions waiting on each other: no node was created.
     /// - `InvalidPath` (no round trip), `InvalidArgument` (a mode the server
     ///   refuses, e.g. a semaphore of 0 permits), `NoChildrenForEphemerals`
-    ///   (the queue's parent is ephemeral), `TooLarge`, `LimitExceeded`,
-    ///   `SessionExpired`, `Closed`.
+    ///   (the queue's parent is ephemeral), `TooLarge`, `SessionExpired`,
+    ///   `Closed`.
+    /// - `LimitExceeded`: a server limit, or this client already follows
+    ///   65,536 lock nodes (no round trip).
     ///
     /// # Cancel safety
     /// Safe: if the future is dropped after the create went out, the session
