@@ -256,12 +256,10 @@ impl Client {
         op: Op,
         watch: Option<WatchSender>,
     ) -> Result<oneshot::Receiver<Result<OpResult, ClientError>>, ClientError> {
-        // Only a watching read needs its op again, to key the watch.
-        let watched = watch.map(|tx| (op.clone(), tx));
         self.submit(op, move |reply| -> OnReply {
-            Box::new(move |result, install| {
-                if let (Ok(ok), Some((op, tx))) = (&result, watched) {
-                    watches::install(&op, ok, tx, install);
+            Box::new(move |op, result, install| {
+                if let (Ok(ok), Some(tx)) = (&result, watch) {
+                    watches::install(op, ok, tx, install);
                 }
                 let _ = reply.send(result);
             })

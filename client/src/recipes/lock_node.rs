@@ -261,7 +261,7 @@ impl Client {
             })?;
         let rx = self
             .submit(op, move |reply| -> OnReply {
-                Box::new(move |result, install| {
+                Box::new(move |_, result, install| {
                     let created = match result {
                         Ok(OpResult::Created { path, stat }) => {
                             let (sub, status) = LockSub::new(&stat);

@@ -61,12 +61,13 @@ pub(crate) fn session_timeout(welcome: &Welcome) -> Duration {
     Duration::from_millis(welcome.session_timeout_ms).min(SESSION_TIMEOUT_MAX)
 }
 
-/// Takes a request's outcome on the session task: it hands the result to
-/// its caller and may install subscriptions first, so that no event after
-/// the reply is missed. Called once, also when the session ends first; a
+/// Takes a request's outcome on the session task, with the request's op:
+/// it hands the result to its caller and may install subscriptions first,
+/// so that no event after the reply is missed. Called once, also when the session ends first; a
 /// handler dropped uncalled (the session task is gone) drops its caller's
 /// channel.
-pub(crate) type OnReply = Box<dyn FnOnce(Result<OpResult, ClientError>, &mut Install<'_>) + Send>;
+pub(crate) type OnReply =
+    Box<dyn FnOnce(&Op, Result<OpResult, ClientError>, &mut Install<'_>) + Send>;
 
 /// What a reply handler may do to the session while it runs.
 pub(crate) struct Install<'a> {
@@ -832,13 +833,7 @@ impl Session {
         for entry in entries {
             match entry.origin {
                 Origin::User(on_reply) => {
-                    let mut install = Install {
-                        subs: &mut self.subs,
-                        shared: &self.shared,
-                        last_zxid: self.last_zxid,
-                        retried: false,
-                    };
-                    on_reply(Err(err.clone()), &mut install);
+                    on_reply(&entry.op, Err(err.clone()), &mut self.install(false));
                 }
                 Origin::Background | Origin::Ping | Origin::SetWatches | Origin::Close => {}
             }
@@ -1020,6 +1015,16 @@ impl Session {
             ServerMessage::Welcome(_) => Some(ConnEnd::Lost("an unexpected second welcome".into())),
         }
     }
+    /// What a reply handler may do, for a reply that was `retried` or not.
+    fn install(&mut self, retried: bool) -> Install<'_> {
+        Install {
+            subs: &mut self.subs,
+            shared: &self.shared,
+            last_zxid: self.last_zxid,
+            retried,
+        }
+    }
+
     fn on_reply(
         &mut self,
         entry: Entry,
@@ -1028,13 +1033,8 @@ impl Session {
         self.gone_by_own_request(&entry.op, &result);
         match entry.origin {
             Origin::User(on_reply) => {
-                let mut install = Install {
-                    subs: &mut self.subs,
-                    shared: &self.shared,
-                    last_zxid: self.last_zxid,
-                    retried: entry.retried,
-                };
-                on_reply(result.map_err(ClientError::from_reply), &mut install);
+                let result = result.map_err(ClientError::from_reply);
+                on_reply(&entry.op, result, &mut self.install(entry.retried));
                 None
             }
             Origin::Background => {
@@ -1223,7 +1223,7 @@ mod tests {
     use crate::protocol::{Create, Request};
 
     fn user() -> Origin {
-        Origin::User(Box::new(|_, _| {}))
+        Origin::User(Box::new(|_, _, _| {}))
     }
 
     fn create(path: &str) -> Op {

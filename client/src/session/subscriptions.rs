@@ -107,8 +107,9 @@ impl Subscriptions {
     /// took it.
     pub(crate) fn fire(&mut self, event: &WatchEvent) -> usize {
         let mut delivered = 0;
+        let mut key = (event.path.clone(), WatchKind::Data);
         for kind in fired_kinds(event.kind) {
-            let key = (event.path.clone(), *kind);
+            key.1 = *kind;
             let Some(list) = self.by_key.get_mut(&key) else {
                 continue;
             };
@@ -131,13 +132,14 @@ impl Subscriptions {
     /// The node at `path` is gone without an event (see
     /// [`Subscriber::on_gone`]).
     pub(crate) fn gone(&mut self, path: &str, czxid: Option<Zxid>, by_own_delete: bool) {
+        let mut key = (path.to_owned(), WatchKind::Data);
         for kind in [
             WatchKind::Data,
             WatchKind::Exist,
             WatchKind::Child,
             WatchKind::Lock,
         ] {
-            let key = (path.to_owned(), kind);
+            key.1 = kind;
             let Some(list) = self.by_key.get_mut(&key) else {
                 continue;
             };
