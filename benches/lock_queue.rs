@@ -68,7 +68,7 @@ impl Bench {
             0,
         );
         match out.outcome {
-            Outcome::Reply(reply) => reply.result.map_err(|e| format!("{:?}", e.code)),
+            Outcome::Reply(reply) => reply.result.map_err(|e| format!("{:?}", e.code())),
             other => panic!("request answered {other:?}"),
         }
     }

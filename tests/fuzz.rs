@@ -570,7 +570,7 @@ fn check_path(path: &str) {
             assert!(canonical(path), "accepted a non-canonical path {path:?}");
         }
         Err(e) => {
-            assert!(!e.reason.is_empty(), "{path:?}");
+            assert!(!e.fault.to_string().is_empty(), "{path:?}");
             assert!(e.path.chars().count() <= 80, "{path:?}");
             assert!(!canonical(path), "rejected a canonical path {path:?}: {e}");
         }
@@ -690,7 +690,7 @@ impl Pair {
         };
         assert_eq!(reply.xid, xid);
         // What the server sends, the client decodes.
-        let message = ServerMessage::Reply(reply);
+        let message = ServerMessage::Reply(reply.into_wire());
         let back: ServerMessage =
             serde_json::from_slice(&protocol::encode(&message)).expect("a reply decodes");
         assert_eq!(back, message);

@@ -18,7 +18,8 @@ use tracing::{info, warn};
 use super::lease;
 use super::outbound::{CloseReason, Outbound};
 use crate::state::{
-    Command, Coordinator, Forced, ForcedNode, Heard, Outcome, Output, SessionEnd, SessionGrant,
+    Command, Coordinator, Forced, ForcedNode, Heard, Outcome, Output, Refusal, SessionEnd,
+    SessionGrant,
 };
 
 /// Everything behind the one lock.
@@ -228,10 +229,14 @@ impl Core {
                     }
                     // The handshake may have given up (its task ended); the
                     // session then lives on unattached until it expires.
-                    let _ = pending.done.send(result);
+                    let _ = pending
+                        .done
+                        .send(result.map_err(|refusal| refusal.to_reply()));
                 }
             }
-            (Outcome::Reply(reply), Some(session)) => self.deliver(session, reply, close),
+            (Outcome::Reply(reply), Some(session)) => {
+                self.deliver(session, reply.into_wire(), close)
+            }
             _ => {}
         }
     }
@@ -254,7 +259,7 @@ impl Core {
             outcome, events, ..
         } = self.coordinator.read(session, attach, xid, op);
         self.push_events(events);
-        if matches!(&outcome, Outcome::Reply(reply) if reply.result.as_ref().map_err(|e| e.code) != Err(ErrorCode::SessionExpired))
+        if matches!(&outcome, Outcome::Reply(reply) if reply.result.as_ref().map_err(Refusal::code) != Err(ErrorCode::SessionExpired))
         {
             let seen = self.heard.entry(session).or_insert(Xid(0));
             *seen = (*seen).max(ack);

@@ -927,7 +927,7 @@ impl Connection {
             flush(queues);
             return self
                 .outbound
-                .fill(protocol::encode(&ServerMessage::Reply(reply)));
+                .fill(protocol::encode(&ServerMessage::Reply(reply.into_wire())));
         }
         let xid = request.xid;
         let sent = match &core.read_only {
@@ -999,7 +999,7 @@ impl Connection {
             now_ms,
         );
         let zxid = match outcome {
-            Outcome::Reply(Reply { zxid, .. }) => zxid,
+            Outcome::Reply(reply) => reply.zxid,
             Outcome::Stale => return false,
             other => unreachable!("a read is answered with a reply, not {other:?}"),
         };

@@ -26,16 +26,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 
 use latchkey_client::protocol::{
-    self, ErrorCode, ErrorReply, Grant, LockMode, SessionId, WaitEdge, WatchEvent, WatchEventKind,
-    Zxid,
+    self, Grant, LockMode, SessionId, WaitEdge, WatchEvent, WatchEventKind, Zxid,
 };
 
-use super::{Coordinator, Effects};
-
-/// How many edges of a refused wait's cycle its message spells out; the
-/// reply's `cycle` lists them all. A cycle through thousands of sessions
-/// would otherwise make a message nobody reads.
-const CYCLE_EDGES_IN_MESSAGE_MAX: usize = 8;
+use super::refusal::count;
+use super::{Coordinator, Effects, Refusal, Why};
 
 /// Above every czxid in any queue: the place of a node about to join.
 const QUEUE_BACK: Zxid = Zxid(u64::MAX);
@@ -98,7 +93,7 @@ impl Coordinator {
     /// an exclusive holder, or one asking for more permits than the others,
     /// would be granted beside them. Queues are kept uniform from their
     /// first node on, so checking the first node is enough.
-    pub(super) fn check_lock_mode(&self, path: &str, mode: LockMode) -> Result<(), ErrorReply> {
+    pub(super) fn check_lock_mode(&self, path: &str, mode: LockMode) -> Result<(), Refusal> {
         let Some(parent) = protocol::parent_path(path) else {
             return Ok(());
         };
@@ -119,20 +114,12 @@ impl Coordinator {
         if compatible {
             return Ok(());
         }
-        let describe = |mode: LockMode| match mode {
-            LockMode::Exclusive => "an exclusive lock".to_owned(),
-            LockMode::Shared => "a shared lock".to_owned(),
-            LockMode::Semaphore { permits } => format!("a semaphore of {permits} permits"),
-        };
-        Err(ErrorReply::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "{parent} is queued as {} but this create asks for {} (every node of a queue \
-                 must use the same kind, and a semaphore the same permits)",
-                describe(theirs),
-                describe(mode)
-            ),
-        ))
+        Err(Why::QueueKindMismatch {
+            parent: parent.to_owned(),
+            queued: theirs,
+            asked: mode,
+        }
+        .into())
     }
 
     /// Refuses, with Deadlock, a lock node of `mode` that `session` would
@@ -158,7 +145,7 @@ impl Coordinator {
         session: SessionId,
         path: &str,
         mode: LockMode,
-    ) -> Result<(), ErrorReply> {
+    ) -> Result<(), Refusal> {
         let Some(lock) = protocol::parent_path(path) else {
             return Ok(());
         };
@@ -205,7 +192,7 @@ impl Coordinator {
         &self,
         session: SessionId,
         locks: impl Iterator<Item = (&'p str, LockMode)>,
-    ) -> Result<(), ErrorReply> {
+    ) -> Result<(), Refusal> {
         let waits = locks
             .filter(|&(path, mode)| self.would_wait(path, mode))
             .count();
@@ -214,14 +201,13 @@ impl Coordinator {
         if waits == 0 || now.saturating_add(waits) <= max {
             return Ok(());
         }
-        Err(ErrorReply::new(
-            ErrorCode::LimitExceeded,
-            format!(
-                "session {session} already waits for {now} lock nodes and this request would add \
-                 {waits}; the limit is {max} (give up some waits first, or raise \
-                 --waits-per-session-max)"
-            ),
-        ))
+        Err(Why::WaitsFull {
+            session,
+            waits: count(now),
+            adds: count(waits),
+            max: count(max),
+        }
+        .into())
     }
 
     /// The queue of the lock node `key`: its parent's path and slab key,
@@ -1125,37 +1111,10 @@ fn edge(session: SessionId, lock: &str, holder: SessionId) -> WaitEdge {
     }
 }
 
-/// The Deadlock refusal of a lock node at `path`: names the cycle, and the
-/// two ways out.
-fn deadlock(path: &str, cycle: Vec<WaitEdge>) -> ErrorReply {
-    let lock = protocol::parent_path(path).unwrap_or(path);
-    let mut message = format!("waiting on {lock} would deadlock: ");
-    for (i, e) in cycle.iter().take(CYCLE_EDGES_IN_MESSAGE_MAX).enumerate() {
-        if i == 0 {
-            message.push_str(&format!(
-                "session {} would wait for session {} (it holds or queues ahead in {})",
-                e.session, e.holder, e.lock
-            ));
-        } else {
-            message.push_str(&format!(
-                ", which waits for session {} in {}",
-                e.holder, e.lock
-            ));
-        }
-    }
-    if cycle.len() > CYCLE_EDGES_IN_MESSAGE_MAX {
-        message.push_str(&format!(
-            ", and so on: {} waits in all (see the reply's cycle)",
-            cycle.len()
-        ));
-    }
-    message.push_str(
-        "; release one lock before taking the other, or take them together with a multi-lock",
-    );
-    ErrorReply {
-        cycle,
-        ..ErrorReply::new(ErrorCode::Deadlock, message)
-    }
+/// The Deadlock refusal of a lock node at `path`.
+fn deadlock(path: &str, cycle: Vec<WaitEdge>) -> Refusal {
+    let lock = protocol::parent_path(path).unwrap_or(path).to_owned();
+    Why::Deadlock { lock, cycle }.into()
 }
 
 /// The deadlock check as it was before it followed fewer edges: each wait
@@ -1214,7 +1173,7 @@ impl Coordinator {
         session: SessionId,
         path: &str,
         mode: LockMode,
-    ) -> Result<(), ErrorReply> {
+    ) -> Result<(), Refusal> {
         let Some(lock) = protocol::parent_path(path) else {
             return Ok(());
         };

@@ -7,12 +7,13 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use latchkey_client::protocol::{
-    limits, ErrorCode, ErrorReply, NodeKind, Op, OpResult, Reply, Secret, SessionId, WatchEvent,
-    WatchEventKind, WatchKind, Xid, Zxid,
+    self, limits, NodeKind, Op, OpResult, Secret, SessionId, WatchEvent, WatchEventKind, WatchKind,
+    Xid, Zxid,
 };
 
 mod locks;
 mod ops;
+mod refusal;
 mod sessions;
 mod snapshot;
 mod tree;
@@ -37,6 +38,7 @@ mod tests_random;
 #[cfg(test)]
 mod tests_reads;
 
+pub use refusal::{Missing, Refusal, Verb, Why};
 use sessions::Sessions;
 use tree::Tree;
 use watches::WatchTable;
@@ -252,7 +254,7 @@ pub struct SessionGrant {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// For `OpenSession` and `ResumeSession`.
-    Session(Result<SessionGrant, ErrorReply>),
+    Session(Result<SessionGrant, Refusal>),
     /// For `Request`.
     Reply(Reply),
     /// For a `Request` from an attachment its session has left: nothing
@@ -262,6 +264,31 @@ pub enum Outcome {
     Stale,
     /// For `Tick` and `Heard`.
     Ticked,
+}
+
+/// The answer to a request as the state machine gives it: the wire's
+/// reply with a [`Refusal`] (facts, no prose) for its error. The server
+/// writes it out with [`Reply::into_wire`] when it sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The request's xid.
+    pub xid: Xid,
+    /// The coordinator's latest zxid when it answered.
+    pub zxid: Zxid,
+    /// The operation's result.
+    pub result: Result<OpResult, Refusal>,
+}
+
+impl Reply {
+    /// The reply as the client gets it, its error's message written by
+    /// this build.
+    pub fn into_wire(self) -> protocol::Reply {
+        protocol::Reply {
+            xid: self.xid,
+            zxid: self.zxid,
+            result: self.result.map_err(|refusal| refusal.to_reply()),
+        }
+    }
 }
 
 /// Why a session ended.
@@ -482,10 +509,7 @@ impl Coordinator {
             _ if self.is_stale(session, attach) => Outcome::Stale,
             Some(s) if s.ending.is_none() => {
                 let result = match op {
-                    _ if op.is_write() => Err(ErrorReply::new(
-                        ErrorCode::Malformed,
-                        "a write cannot be answered as a read",
-                    )),
+                    _ if op.is_write() => Err(Why::WriteAsRead.into()),
                     Op::Ping { .. } => Ok(OpResult::Pong),
                     op => self.execute(session, op, self.now_ms, &mut fx),
                 };
@@ -780,16 +804,13 @@ impl Coordinator {
         timeout_ms: u64,
         secret: Secret,
         now_ms: u64,
-    ) -> Result<SessionGrant, ErrorReply> {
+    ) -> Result<SessionGrant, Refusal> {
         if self.sessions.len() >= self.config.sessions_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "{} sessions are open; the limit is {} (close sessions you no longer use, or retry later)",
-                    self.sessions.len(),
-                    self.config.sessions_max
-                ),
-            ));
+            return Err(Why::SessionsFull {
+                open: refusal::count(self.sessions.len()),
+                max: refusal::count(self.config.sessions_max),
+            }
+            .into());
         }
         // Not `u64::clamp`: it panics if a misconfigured min exceeds max.
         let timeout_ms = timeout_ms
@@ -814,7 +835,7 @@ impl Coordinator {
         secret: &Secret,
         last_xid_received: Xid,
         now_ms: u64,
-    ) -> Result<SessionGrant, ErrorReply> {
+    ) -> Result<SessionGrant, Refusal> {
         let grant = match self.sessions.get(session) {
             Some(s) if s.secret == *secret && s.ending.is_none() => SessionGrant {
                 session,
@@ -1121,9 +1142,6 @@ impl Coordinator {
 }
 
 /// The one answer for an unknown session and a wrong secret.
-fn session_expired(session: SessionId) -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::SessionExpired,
-        format!("session {session} has expired or never existed; open a new session"),
-    )
+fn session_expired(session: SessionId) -> Refusal {
+    Why::SessionExpired { session }.into()
 }

@@ -10,13 +10,16 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use latchkey_client::protocol::{
-    self, limits, Create, ErrorCode, ErrorReply, LockInfo, LockMode, LockSpec, MultiOp,
-    MultiResult, NodeKind, Op, OpResult, Reply, SessionId, WatchEvent, WatchEventKind, WatchKind,
-    Xid, Zxid,
+    self, limits, Create, LockInfo, LockMode, LockSpec, MultiOp, MultiResult, NodeKind, Op,
+    OpResult, SessionId, WatchEvent, WatchEventKind, WatchKind, Xid, Zxid,
 };
 
+use super::refusal::count;
 use super::tree::{node_bytes, NewNode, Node, Tree};
-use super::{session_expired, sessions, Config, Coordinator, Effects, Forced, ForcedNode};
+use super::{
+    session_expired, Config, Coordinator, Effects, Forced, ForcedNode, Missing, Refusal, Reply,
+    Verb, Why,
+};
 
 impl Coordinator {
     /// Answers one request, applying it at most once per xid.
@@ -63,21 +66,13 @@ impl Coordinator {
         } else if !op.is_write() {
             self.execute(session, op, now_ms, fx)
         } else {
-            Err(ErrorReply::new(
-                ErrorCode::RetryUnknown,
-                format!(
-                    "write {} of session {session} is at or below the last applied xid {} and its \
-                     reply is no longer kept (acknowledged, more than {} requests old, or dropped \
-                     to keep the session's cached replies within {} bytes or all sessions' \
-                     within {} bytes); it was not applied again: read the nodes it touches to \
-                     learn whether it took effect",
-                    xid.0,
-                    last.0,
-                    limits::INFLIGHT_MAX,
-                    sessions::REPLY_CACHE_BYTES_MAX,
-                    self.config.reply_cache_bytes_max
-                ),
-            ))
+            Err(Why::RetryUnknown {
+                session,
+                xid,
+                last,
+                cache_bytes_max: count(self.config.reply_cache_bytes_max),
+            }
+            .into())
         };
         Reply {
             xid,
@@ -92,7 +87,7 @@ impl Coordinator {
         op: Op,
         now_ms: u64,
         fx: &mut Effects,
-    ) -> Result<OpResult, ErrorReply> {
+    ) -> Result<OpResult, Refusal> {
         match op {
             Op::Create(create) => self
                 .write(
@@ -164,14 +159,10 @@ impl Coordinator {
                 .map(single_result),
             Op::Multi { ops } => {
                 if ops.len() > limits::MULTI_OPS_MAX {
-                    return Err(ErrorReply::new(
-                        ErrorCode::TooLarge,
-                        format!(
-                            "the multi has {} operations; the limit is {} (split it into several multis)",
-                            ops.len(),
-                            limits::MULTI_OPS_MAX
-                        ),
-                    ));
+                    return Err(Why::MultiTooLong {
+                        ops: count(ops.len()),
+                    }
+                    .into());
                 }
                 self.write(session, ops, Shape::Multi, now_ms, fx)
                     .map(|results| OpResult::Multi { results })
@@ -210,7 +201,7 @@ impl Coordinator {
         shape: Shape,
         now_ms: u64,
         fx: &mut Effects,
-    ) -> Result<Vec<MultiResult>, ErrorReply> {
+    ) -> Result<Vec<MultiResult>, Refusal> {
         let in_multi = shape == Shape::Multi;
         let force = shape == Shape::Forced;
         let mut draft = Draft::new(&self.tree, self.zxid);
@@ -218,11 +209,11 @@ impl Coordinator {
         for (i, op) in ops.into_iter().enumerate() {
             match plan_step(&mut draft, &self.config, session, op, in_multi, force) {
                 Ok(step) => plan.push(step),
-                Err(mut error) => {
+                Err(mut refusal) => {
                     if in_multi {
-                        error.index = Some(u32::try_from(i).unwrap_or(u32::MAX));
+                        refusal.index = Some(u32::try_from(i).unwrap_or(u32::MAX));
                     }
-                    return Err(error);
+                    return Err(refusal);
                 }
             }
         }
@@ -395,40 +386,35 @@ impl Coordinator {
         session: SessionId,
         path: &str,
         kind: WatchKind,
-    ) -> Result<(), ErrorReply> {
+    ) -> Result<(), Refusal> {
         if self.watches.holds(session, path, kind) {
             return Ok(());
         }
         let held = self.watches.count(session);
         if held >= self.config.watches_per_session_max {
-            return Err(too_many_watches(
+            return Err(Why::SessionWatchesFull {
                 session,
-                held,
-                self.config.watches_per_session_max,
-            ));
+                held: count(held),
+                max: count(self.config.watches_per_session_max),
+            }
+            .into());
         }
         let total = self.watches.total();
         if total >= self.config.watches_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "all sessions hold {total} watches; the limit is {} (read without a watch, \
-                     wait for some to fire, or raise --watches-max)",
-                    self.config.watches_max
-                ),
-            ));
+            return Err(Why::WatchesFull {
+                total: count(total),
+                max: count(self.config.watches_max),
+            }
+            .into());
         }
         self.watches.add(session, path, kind);
         Ok(())
     }
 
-    fn get(&mut self, session: SessionId, path: &str, watch: bool) -> Result<OpResult, ErrorReply> {
+    fn get(&mut self, session: SessionId, path: &str, watch: bool) -> Result<OpResult, Refusal> {
         check_path(path)?;
         let Some(node) = self.tree.get(path) else {
-            return Err(no_node(
-                path,
-                "check the path; to wait for it, watch it (exists with a watch, or `latchkey watch`)",
-            ));
+            return Err(no_node(path, Missing::Read));
         };
         let answer = OpResult::Data {
             data: node.data.clone().into(),
@@ -440,12 +426,7 @@ impl Coordinator {
         Ok(answer)
     }
 
-    fn exists(
-        &mut self,
-        session: SessionId,
-        path: &str,
-        watch: bool,
-    ) -> Result<OpResult, ErrorReply> {
+    fn exists(&mut self, session: SessionId, path: &str, watch: bool) -> Result<OpResult, Refusal> {
         check_path(path)?;
         let stat = self.tree.get(path).map(Node::stat);
         if watch {
@@ -469,16 +450,16 @@ impl Coordinator {
         watch: bool,
         limit: Option<u32>,
         after: Option<&str>,
-    ) -> Result<OpResult, ErrorReply> {
+    ) -> Result<OpResult, Refusal> {
         check_path(path)?;
         if limit == Some(0) {
-            return Err(ErrorReply::new(
-                ErrorCode::InvalidArgument,
-                format!("a listing of {path} with a limit of 0 lists nothing; give at least 1"),
-            ));
+            return Err(Why::ListingOfNothing {
+                path: path.to_owned(),
+            }
+            .into());
         }
         let Some(node) = self.tree.get(path) else {
-            return Err(no_node(path, "check the path, or create it first"));
+            return Err(no_node(path, Missing::Listing));
         };
         let page = limit
             .and_then(|l| usize::try_from(l).ok())
@@ -531,20 +512,17 @@ impl Coordinator {
         last_zxid: Zxid,
         [data, exist, child, lock]: [&[String]; 4],
         fx: &mut Effects,
-    ) -> Result<OpResult, ErrorReply> {
+    ) -> Result<OpResult, Refusal> {
         let total = data
             .len()
             .saturating_add(exist.len())
             .saturating_add(child.len())
             .saturating_add(lock.len());
         if total > limits::SET_WATCHES_PATHS_MAX {
-            return Err(ErrorReply::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "set_watches names {total} paths; the limit is {} (send them in batches)",
-                    limits::SET_WATCHES_PATHS_MAX
-                ),
-            ));
+            return Err(Why::SetWatchesTooLong {
+                paths: count(total),
+            }
+            .into());
         }
         for path in data.iter().chain(exist).chain(child).chain(lock) {
             check_path(path)?;
@@ -610,25 +588,22 @@ impl Coordinator {
             .filter(|(path, kind)| !self.watches.holds(session, path, *kind))
             .count();
         if held.saturating_add(new) > self.config.watches_per_session_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "session {session} holds {held} watches and set_watches adds {new}; the limit \
-                     is {} (watch fewer nodes)",
-                    self.config.watches_per_session_max
-                ),
-            ));
+            return Err(Why::SetWatchesOverSession {
+                session,
+                held: count(held),
+                adds: count(new),
+                max: count(self.config.watches_per_session_max),
+            }
+            .into());
         }
         let total = self.watches.total();
         if total.saturating_add(new) > self.config.watches_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "all sessions hold {total} watches and set_watches adds {new}; the limit is \
-                     {} (watch fewer nodes, or raise --watches-max)",
-                    self.config.watches_max
-                ),
-            ));
+            return Err(Why::SetWatchesOverAll {
+                total: count(total),
+                adds: count(new),
+                max: count(self.config.watches_max),
+            }
+            .into());
         }
         for (path, kind) in register {
             self.watches.add(session, path, kind);
@@ -858,26 +833,22 @@ impl<'t> Draft<'t> {
 
     /// Fails unless `parent` can take one more child and the tree one more
     /// node.
-    fn check_room(&self, parent: &str, config: &Config) -> Result<(), ErrorReply> {
+    fn check_room(&self, parent: &str, config: &Config) -> Result<(), Refusal> {
         let children = self.get(parent).map_or(0, |v| v.num_children);
         if children >= config.children_per_node_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "{parent} has {children} children; the limit is {} (spread the children over \
-                     more parents)",
-                    config.children_per_node_max
-                ),
-            ));
+            return Err(Why::ChildrenFull {
+                parent: parent.to_owned(),
+                children: count(children),
+                max: count(config.children_per_node_max),
+            }
+            .into());
         }
         if self.node_count >= config.nodes_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "the tree has {} nodes; the limit is {} (delete nodes you no longer need)",
-                    self.node_count, config.nodes_max
-                ),
-            ));
+            return Err(Why::NodesFull {
+                nodes: count(self.node_count),
+                max: count(config.nodes_max),
+            }
+            .into());
         }
         Ok(())
     }
@@ -885,17 +856,14 @@ impl<'t> Draft<'t> {
     /// Fails if a step that frees `freed` bytes and adds `added` would take
     /// the tree over `tree_bytes_max`. A step that does not grow the tree
     /// always passes, so shrinking data is never refused.
-    fn check_bytes(&self, freed: usize, added: usize, config: &Config) -> Result<(), ErrorReply> {
+    fn check_bytes(&self, freed: usize, added: usize, config: &Config) -> Result<(), Refusal> {
         let after = self.bytes.saturating_sub(freed).saturating_add(added);
         if added > freed && after > config.tree_bytes_max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "the tree would hold {after} bytes; the limit is {} (delete nodes you no \
-                     longer need, or raise --tree-bytes-max)",
-                    config.tree_bytes_max
-                ),
-            ));
+            return Err(Why::TreeFull {
+                bytes: count(after),
+                max: count(config.tree_bytes_max),
+            }
+            .into());
         }
         Ok(())
     }
@@ -909,7 +877,7 @@ fn plan_step(
     op: MultiOp,
     in_multi: bool,
     force: bool,
-) -> Result<Step, ErrorReply> {
+) -> Result<Step, Refusal> {
     match op {
         MultiOp::Create(create) => plan_create(draft, config, session, create, in_multi),
         MultiOp::Touch {
@@ -919,30 +887,18 @@ fn plan_step(
         } => {
             check_path(&path)?;
             if ttl_ms == Some(0) {
-                return Err(ErrorReply::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "a TTL of 0 is not allowed for {path}; give at least 1 ms, or delete the \
-                         node"
-                    ),
-                ));
+                return Err(Why::RenewToZero { path }.into());
             }
             if let Some(ttl_ms) = ttl_ms {
                 check_ttl(&path, ttl_ms, config)?;
             }
             let view = draft
                 .get(&path)
-                .ok_or_else(|| no_node(&path, "it may have expired; create it again"))?;
+                .ok_or_else(|| no_node(&path, Missing::Renew))?;
             check_token(&path, czxid, view.czxid)?;
-            check_may_change(&path, &view, session, czxid, "renew")?;
+            check_may_change(&path, &view, session, czxid, Verb::Renew)?;
             if view.ttl_ms.is_none() {
-                return Err(ErrorReply::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "{path} has no TTL, so there is nothing to renew (create the node with a \
-                         TTL to hold it for a time)"
-                    ),
-                ));
+                return Err(Why::NoTtl { path }.into());
             }
             draft.touch(&path, ttl_ms);
             Ok(Step {
@@ -957,28 +913,23 @@ fn plan_step(
         } => {
             check_path(&path)?;
             if path == "/" {
-                return Err(ErrorReply::new(
-                    ErrorCode::InvalidArgument,
-                    "the root / cannot be deleted (delete its children instead)",
-                ));
+                return Err(Why::DeleteRoot.into());
             }
             let view = draft
                 .get(&path)
-                .ok_or_else(|| no_node(&path, "it may have been deleted already"))?;
+                .ok_or_else(|| no_node(&path, Missing::Delete))?;
             check_token(&path, czxid, view.czxid)?;
             let forcing = forcing(&view, session, czxid);
             if !force {
-                check_may_change(&path, &view, session, czxid, "delete")?;
+                check_may_change(&path, &view, session, czxid, Verb::Delete)?;
             }
             check_version(&path, version, view.version)?;
             if view.num_children > 0 {
-                return Err(ErrorReply::new(
-                    ErrorCode::NotEmpty,
-                    format!(
-                        "{path} has {} children (delete them first)",
-                        view.num_children
-                    ),
-                ));
+                return Err(Why::NotEmpty {
+                    path,
+                    children: count(view.num_children),
+                }
+                .into());
             }
             draft.delete(&path);
             Ok(Step {
@@ -995,9 +946,9 @@ fn plan_step(
             check_path(&path)?;
             let view = draft
                 .get(&path)
-                .ok_or_else(|| no_node(&path, "create it first"))?;
+                .ok_or_else(|| no_node(&path, Missing::Set))?;
             check_token(&path, czxid, view.czxid)?;
-            check_may_change(&path, &view, session, czxid, "set")?;
+            check_may_change(&path, &view, session, czxid, Verb::Set)?;
             check_version(&path, version, view.version)?;
             check_data(&data.0, config)?;
             draft.check_bytes(view.data_bytes, data.0.len(), config)?;
@@ -1015,7 +966,7 @@ fn plan_step(
             check_path(&path)?;
             let view = draft
                 .get(&path)
-                .ok_or_else(|| no_node(&path, "create it first, or check another node"))?;
+                .ok_or_else(|| no_node(&path, Missing::Check))?;
             check_token(&path, czxid, view.czxid)?;
             check_version(&path, version, view.version)?;
             Ok(Step {
@@ -1032,7 +983,7 @@ fn plan_create(
     session: SessionId,
     create: Create,
     in_multi: bool,
-) -> Result<Step, ErrorReply> {
+) -> Result<Step, Refusal> {
     let Create {
         path,
         data,
@@ -1048,40 +999,19 @@ fn plan_create(
     };
     check_path(&path)?;
     if path == "/" {
-        return Err(ErrorReply::new(
-            ErrorCode::NodeExists,
-            "the root / always exists (create nodes below it)",
-        ));
+        return Err(Why::CreateRoot.into());
     }
     if ttl_ms.is_some() && kind != NodeKind::Persistent {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "a TTL was given for {} node; only persistent nodes take a TTL (drop the TTL, \
-                 or make the node persistent)",
-                match kind {
-                    NodeKind::Ephemeral => "an ephemeral",
-                    NodeKind::Container => "a container",
-                    NodeKind::Persistent => "a persistent",
-                }
-            ),
-        ));
+        return Err(Why::TtlNotPersistent { kind }.into());
     }
     if ttl_ms == Some(0) {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidArgument,
-            "a TTL of 0 is not allowed; give at least 1 ms, or no TTL for a node that does not expire",
-        ));
+        return Err(Why::TtlZero.into());
     }
     if let Some(ttl_ms) = ttl_ms {
         check_ttl(&path, ttl_ms, config)?;
     }
     if kind == NodeKind::Container && sequential {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidArgument,
-            "a container node cannot be sequential (create the container, then sequential \
-             children under it)",
-        ));
+        return Err(Why::ContainerSequential.into());
     }
     check_data(&data.0, config)?;
     let parent = protocol::parent_path(&path)
@@ -1095,7 +1025,7 @@ fn plan_create(
         }
         Some(_) => {}
         None if !make_parents => {
-            return Err(no_node(&parent, "create it first, or have missing parents created: make_parents, or --parents on the command line"));
+            return Err(no_node(&parent, Missing::Parent));
         }
         None => {
             // Every ancestor from the top; the existing ones come first, and
@@ -1135,15 +1065,11 @@ fn plan_create(
     let path = if sequential {
         let next_seq = draft.get(&parent).map_or(0, |v| v.next_seq);
         if next_seq > limits::SEQUENCE_MAX {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "the sequence counter of {parent} is at {next_seq}, past {} (the largest that \
-                     fits {} digits); use a new parent",
-                    limits::SEQUENCE_MAX,
-                    limits::SEQUENCE_DIGITS
-                ),
-            ));
+            return Err(Why::SequenceExhausted {
+                parent,
+                next: next_seq,
+            }
+            .into());
         }
         let name = format!("{path}{next_seq:010}");
         check_path(&name)?;
@@ -1152,10 +1078,7 @@ fn plan_create(
         path
     };
     if draft.get(&path).is_some() {
-        return Err(ErrorReply::new(
-            ErrorCode::NodeExists,
-            format!("a node already exists at {path} (delete it first, or pick another name)"),
-        ));
+        return Err(Why::NodeExists { path }.into());
     }
     draft.check_room(&parent, config)?;
     draft.check_bytes(0, node_bytes(&path, data.0.len()), config)?;
@@ -1186,34 +1109,24 @@ fn plan_lock(
     sequential: bool,
     in_multi: bool,
     config: &Config,
-) -> Result<LockInfo, ErrorReply> {
-    let refuse = |message: String| Err(ErrorReply::new(ErrorCode::InvalidArgument, message));
+) -> Result<LockInfo, Refusal> {
     if kind != NodeKind::Ephemeral || !sequential {
-        return refuse(
-            "a lock node must be ephemeral and sequential (create it with kind ephemeral and \
-             sequential set)"
-                .into(),
-        );
+        return Err(Why::LockNotEphemeralSequential.into());
     }
     if in_multi {
-        return refuse(
-            "lock nodes are created one at a time, not inside a multi (send each lock create \
-             on its own)"
-                .into(),
-        );
+        return Err(Why::LockInMulti.into());
     }
     if spec.mode == (LockMode::Semaphore { permits: 0 }) {
-        return refuse(
-            "a semaphore with 0 permits could never be granted (give at least 1 permit)".into(),
-        );
+        return Err(Why::SemaphoreOfNone.into());
     }
     let delay_ms = spec.delay_ms.unwrap_or(config.lock_delay_ms_default);
     if delay_ms > config.lock_delay_ms_max {
-        return refuse(format!(
-            "a lock-delay of {delay_ms} ms was asked for; the limit is {} ms (ask for less, or \
-             none to take the default of {} ms)",
-            config.lock_delay_ms_max, config.lock_delay_ms_default
-        ));
+        return Err(Why::LockDelayTooLong {
+            delay_ms,
+            max_ms: config.lock_delay_ms_max,
+            default_ms: config.lock_delay_ms_default,
+        }
+        .into());
     }
     Ok(LockInfo {
         mode: spec.mode,
@@ -1223,20 +1136,18 @@ fn plan_lock(
     })
 }
 
-fn check_path(path: &str) -> Result<(), ErrorReply> {
-    protocol::validate_path(path)
-        .map_err(|e| ErrorReply::new(ErrorCode::InvalidPath, e.to_string()))
+fn check_path(path: &str) -> Result<(), Refusal> {
+    Ok(protocol::validate_path(path)?)
 }
 
-fn check_version(path: &str, expected: Option<u64>, actual: u64) -> Result<(), ErrorReply> {
+fn check_version(path: &str, expected: Option<u64>, actual: u64) -> Result<(), Refusal> {
     match expected {
-        Some(expected) if expected != actual => Err(ErrorReply::new(
-            ErrorCode::BadVersion,
-            format!(
-                "version mismatch at {path}: expected {expected}, the node is at {actual} (read \
-                 it again and retry)"
-            ),
-        )),
+        Some(expected) if expected != actual => Err(Why::BadVersion {
+            path: path.to_owned(),
+            expected,
+            actual,
+        }
+        .into()),
         _ => Ok(()),
     }
 }
@@ -1270,105 +1181,75 @@ fn check_may_change(
     view: &View,
     session: SessionId,
     token: Option<Zxid>,
-    verb: &str,
-) -> Result<(), ErrorReply> {
+    verb: Verb,
+) -> Result<(), Refusal> {
     match forcing(view, session, token) {
         Forcing::None => Ok(()),
-        Forcing::Lock => {
-            let message = match (view.owner, view.lock.flatten()) {
-                (Some(owner), _) => format!(
-                    "{path} is a lock node of session {owner}: only that session may {verb} it \
-                     (to take the lock away, delete the node with force: its holder is told at \
-                     once and keeps it through its lock-delay, then the next waiter is granted)"
-                ),
-                (None, freed_at_ms) => format!(
-                    "{path} is a zombie: the lock node of a session that ended, holding until \
-                     {} ms since the epoch (its lock-delay) so that its holder can stop; no one \
-                     may {verb} it (delete it with force to end it now)",
-                    freed_at_ms.unwrap_or(0)
-                ),
-            };
-            Err(ErrorReply {
-                owner: view.owner,
-                ..ErrorReply::new(ErrorCode::NotOwner, message)
-            })
+        Forcing::Lock => Err(Why::NotOwner {
+            path: path.to_owned(),
+            verb,
+            owner: view.owner,
+            freed_at_ms: view.lock.flatten(),
         }
-        Forcing::Hold => Err(ErrorReply::new(
-            ErrorCode::TokenRequired,
-            format!(
-                "{path} is a timed hold: to {verb} it, give its token, the czxid that took it \
-                 (`latchkey extend` and `latchkey release` take it; Hold::extend and \
-                 Hold::release), or delete it with force to end it without"
-            ),
-        )),
+        .into()),
+        Forcing::Hold => Err(Why::TokenRequired {
+            path: path.to_owned(),
+            verb,
+        }
+        .into()),
     }
 }
 
 /// Refuses a hold's TTL over `Config::hold_ttl_ms_max`.
-fn check_ttl(path: &str, ttl_ms: u64, config: &Config) -> Result<(), ErrorReply> {
+fn check_ttl(path: &str, ttl_ms: u64, config: &Config) -> Result<(), Refusal> {
     if ttl_ms > config.hold_ttl_ms_max {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "a TTL of {ttl_ms} ms was asked for {path}; the limit is {} ms (ask for less, \
-                 and extend the hold before it ends if it must last longer)",
-                config.hold_ttl_ms_max
-            ),
-        ));
+        return Err(Why::TtlTooLong {
+            path: path.to_owned(),
+            ttl_ms,
+            max_ms: config.hold_ttl_ms_max,
+        }
+        .into());
     }
     Ok(())
 }
 
 /// Fails with BadToken unless the node is the one created at `expected`
 /// (when given): a hold's token names one incarnation of a path.
-fn check_token(path: &str, expected: Option<Zxid>, actual: Zxid) -> Result<(), ErrorReply> {
+fn check_token(path: &str, expected: Option<Zxid>, actual: Zxid) -> Result<(), Refusal> {
     match expected {
-        Some(expected) if expected != actual => Err(ErrorReply::new(
-            ErrorCode::BadToken,
-            format!(
-                "the node at {path} was created at zxid {actual}, not {expected}: the hold that \
-                 token names has ended or was taken again"
-            ),
-        )),
+        Some(expected) if expected != actual => Err(Why::BadToken {
+            path: path.to_owned(),
+            expected,
+            actual,
+        }
+        .into()),
         _ => Ok(()),
     }
 }
 
-fn check_data(data: &[u8], config: &Config) -> Result<(), ErrorReply> {
+fn check_data(data: &[u8], config: &Config) -> Result<(), Refusal> {
     if data.len() > config.data_bytes_max {
-        return Err(ErrorReply::new(
-            ErrorCode::TooLarge,
-            format!(
-                "data is {} bytes; the limit is {} (store large values elsewhere and keep a \
-                 reference here)",
-                data.len(),
-                config.data_bytes_max
-            ),
-        ));
+        return Err(Why::DataTooLarge {
+            bytes: count(data.len()),
+            max: count(config.data_bytes_max),
+        }
+        .into());
     }
     Ok(())
 }
 
-fn no_node(path: &str, fix: &str) -> ErrorReply {
-    ErrorReply::new(ErrorCode::NoNode, format!("no node at {path} ({fix})"))
+fn no_node(path: &str, doing: Missing) -> Refusal {
+    Why::NoNode {
+        path: path.to_owned(),
+        doing,
+    }
+    .into()
 }
 
-fn ephemeral_parent(parent: &str, path: &str) -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::NoChildrenForEphemerals,
-        format!(
-            "{parent} is ephemeral and cannot have children (create {path} under a persistent or \
-             container node)"
-        ),
-    )
-}
-
-fn too_many_watches(session: SessionId, held: usize, max: usize) -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::LimitExceeded,
-        format!(
-            "session {session} holds {held} watches; the limit is {max} (read without a watch, or \
-             wait for some to fire)"
-        ),
-    )
+fn ephemeral_parent(parent: &str, path: &str) -> Refusal {
+    Why::EphemeralParent {
+        parent: parent.to_owned(),
+        path: path.to_owned(),
+    }
+    .into()
 }

@@ -7,7 +7,7 @@ use latchkey_client::protocol::{
     limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, Xid, Zxid,
 };
 
-use super::SessionEnd;
+use super::{Refusal, SessionEnd, Why};
 
 /// Most bytes (by `reply_bytes`) one session's reply cache holds, beyond its
 /// newest reply. The count bound alone let a window of 128 big multi replies
@@ -24,7 +24,7 @@ pub(crate) const REPLY_CACHE_BYTES_MAX: usize = 1024 * 1024;
 #[derive(Debug)]
 pub(crate) struct CachedReply {
     pub(crate) xid: Xid,
-    pub(crate) result: Result<OpResult, ErrorReply>,
+    pub(crate) result: Result<OpResult, Refusal>,
     /// `reply_bytes(&result)`, kept so that dropping it needs no new walk.
     bytes: usize,
 }
@@ -43,9 +43,10 @@ pub(crate) mod cost {
     pub(crate) const NAME: usize = 24;
     /// One edge of a refused wait's cycle.
     pub(crate) const WAIT_EDGE: usize = 40;
-    /// An error's message, whatever its length: messages are prose this
-    /// build writes, and their length must not decide which replies a
-    /// replica keeps. 256 is more than most take.
+    /// A refusal, whatever its fields hold (beyond a cycle's edges): the
+    /// message a client gets is written from them when it is sent, and
+    /// its length must not decide which replies a replica keeps. 256 is
+    /// more than most messages take.
     pub(crate) const ERROR_MESSAGE: usize = 256;
 }
 
@@ -53,7 +54,7 @@ pub(crate) mod cost {
 /// fixed cost per reply, per multi step and per error message, plus the
 /// bytes of the paths and names they own. Not a serialization: it walks
 /// the results once.
-pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
+pub(crate) fn reply_bytes(result: &Result<OpResult, Refusal>) -> usize {
     let owned = match result {
         Ok(OpResult::Created { path, .. }) => path.len(),
         Ok(OpResult::Multi { results }) => results.iter().fold(0usize, |sum, step| {
@@ -72,10 +73,13 @@ pub(crate) fn reply_bytes(result: &Result<OpResult, ErrorReply>) -> usize {
         Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Zombified { .. })
         | Ok(OpResult::Exists { .. })
         | Ok(OpResult::Pong | OpResult::Done) => 0,
-        Err(error) => error.cycle.iter().fold(cost::ERROR_MESSAGE, |sum, edge| {
-            sum.saturating_add(cost::WAIT_EDGE)
-                .saturating_add(edge.lock.len())
-        }),
+        Err(refusal) => refusal
+            .cycle()
+            .iter()
+            .fold(cost::ERROR_MESSAGE, |sum, edge| {
+                sum.saturating_add(cost::WAIT_EDGE)
+                    .saturating_add(edge.lock.len())
+            }),
     };
     cost::REPLY.saturating_add(owned)
 }
@@ -148,7 +152,7 @@ impl Session {
             .saturating_add(1)
     }
 
-    pub(crate) fn cached(&self, xid: Xid) -> Option<&Result<OpResult, ErrorReply>> {
+    pub(crate) fn cached(&self, xid: Xid) -> Option<&Result<OpResult, Refusal>> {
         self.replies
             .iter()
             .find(|cached| cached.xid == xid)
@@ -202,7 +206,7 @@ impl Session {
     /// Caches the reply to write `xid` (above every cached xid), then drops
     /// the oldest replies, pinned ones included, until the cache is within
     /// `REPLY_CACHE_BYTES_MAX`; the newest always stays.
-    fn remember(&mut self, xid: Xid, result: Result<OpResult, ErrorReply>) {
+    fn remember(&mut self, xid: Xid, result: Result<OpResult, Refusal>) {
         let bytes = reply_bytes(&result);
         self.replies.push_back(CachedReply { xid, result, bytes });
         self.replies_bytes = self.replies_bytes.saturating_add(bytes);
@@ -413,7 +417,7 @@ impl Sessions {
         &mut self,
         id: SessionId,
         xid: Xid,
-        result: Result<OpResult, ErrorReply>,
+        result: Result<OpResult, Refusal>,
         total_bytes_max: usize,
     ) {
         self.change_cache(id, |s| {
@@ -608,6 +612,14 @@ impl Sessions {
     /// # Errors
     /// A cached reply that does not encode (none should).
     pub(crate) fn image(&self) -> Result<Vec<SessionImage>, String> {
+        self.image_with(serde_json::to_vec)
+    }
+
+    /// As [`Sessions::image`], each cached result encoded by `encode`.
+    pub(crate) fn image_with(
+        &self,
+        encode: impl Fn(&Result<OpResult, Refusal>) -> serde_json::Result<Vec<u8>>,
+    ) -> Result<Vec<SessionImage>, String> {
         self.table
             .iter()
             .map(|(&id, s)| {
@@ -617,7 +629,7 @@ impl Sessions {
                     .map(|cached| {
                         Ok(CachedImage {
                             xid: cached.xid,
-                            result: serde_json::to_vec(&cached.result).map_err(|e| {
+                            result: encode(&cached.result).map_err(|e| {
                                 format!("session {id}'s reply to xid {}: {e}", cached.xid.0)
                             })?,
                         })
@@ -643,7 +655,8 @@ impl Sessions {
     }
 
     /// Rebuilds the session table from its image, with its indexes;
-    /// `keys` gives each node's key by czxid.
+    /// `keys` gives each node's key by czxid. `format` is the snapshot's:
+    /// format 1 cached refusals as the replies their clients got.
     ///
     /// # Errors
     /// A session given twice, a node it names that is not in the tree, a
@@ -651,6 +664,7 @@ impl Sessions {
     pub(crate) fn from_image(
         image: Vec<SessionImage>,
         keys: &BTreeMap<Zxid, usize>,
+        format: u8,
     ) -> Result<Sessions, String> {
         let mut sessions = Sessions::default();
         for image in image {
@@ -666,7 +680,7 @@ impl Sessions {
             };
             let mut replies = VecDeque::with_capacity(image.replies.len());
             for cached in image.replies {
-                let result = decode_result(&cached.result)
+                let result = decode_result(&cached.result, format)
                     .map_err(|e| format!("session {id}'s reply to xid {}: {e}", cached.xid.0))?;
                 let bytes = reply_bytes(&result);
                 replies.push_back(CachedReply {
@@ -712,8 +726,16 @@ impl Sessions {
     }
 }
 
-fn decode_result(bytes: &[u8]) -> Result<Result<OpResult, ErrorReply>, String> {
-    serde_json::from_slice(bytes).map_err(|e| format!("does not decode: {e}"))
+fn decode_result(bytes: &[u8], format: u8) -> Result<Result<OpResult, Refusal>, String> {
+    let undecoded = |e: serde_json::Error| format!("does not decode: {e}");
+    if format > 1 {
+        return serde_json::from_slice(bytes).map_err(undecoded);
+    }
+    let result: Result<OpResult, ErrorReply> = serde_json::from_slice(bytes).map_err(undecoded)?;
+    Ok(result.map_err(|mut reply| Refusal {
+        index: reply.index.take(),
+        why: Why::Recorded(reply),
+    }))
 }
 
 /// One session as a snapshot holds it: [`Session`] without what its
@@ -735,9 +757,10 @@ pub(crate) struct SessionImage {
     attach: u64,
 }
 
-/// A cached reply in a snapshot keeps the protocol's own encoding of it
-/// (JSON, the bytes its client would get), so that the snapshot format
-/// does not repeat every reply type.
+/// A cached reply in a snapshot, in JSON: a result as the protocol
+/// encodes it, with a [`Refusal`] (format 2) or, in format 1, the error
+/// reply its client got. JSON, so that the snapshot format does not repeat
+/// every reply type.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct CachedImage {
     xid: Xid,

@@ -8,7 +8,9 @@ use latchkey_client::protocol::{
     Secret, SessionId, Stat, WatchEvent, WatchEventKind, Xid, Zxid,
 };
 
-use super::{sessions, Command, Config, Coordinator, Outcome, Output, SessionEnd, SessionGrant};
+use super::{
+    sessions, Command, Config, Coordinator, Outcome, Output, Refusal, SessionEnd, SessionGrant,
+};
 
 pub(super) const START: Zxid = Zxid(1_000);
 
@@ -113,6 +115,23 @@ impl Harness {
         }
     }
 
+    /// A harness over `c` whose sessions go on from where this one's are
+    /// (their latest xids and attachments): `c` restored from a snapshot
+    /// of this one's, say.
+    pub(super) fn going_on_with(&self, c: Coordinator) -> Harness {
+        Harness {
+            c,
+            now_ms: self.now_ms,
+            xids: self.xids.clone(),
+            attach: self.attach.clone(),
+        }
+    }
+
+    /// The latest xid `session` sent.
+    pub(super) fn last_xid(&self, session: SessionId) -> Xid {
+        Xid(self.xids.get(&session).copied().unwrap_or(0))
+    }
+
     /// `apply`, then `check_invariants`.
     pub(super) fn apply_checked(&mut self, command: Command) -> Output {
         let out = self.c.apply(command.clone(), self.now_ms);
@@ -137,7 +156,7 @@ impl Harness {
                 if let Ok(grant) = &result {
                     self.attach.insert(grant.session, grant.attach);
                 }
-                result
+                result.map_err(|refusal| refusal.to_reply())
             }
             other => panic!("open answered {other:?}"),
         }
@@ -165,7 +184,7 @@ impl Harness {
                 if let Ok(grant) = &result {
                     self.attach.insert(grant.session, grant.attach);
                 }
-                result
+                result.map_err(|refusal| refusal.to_reply())
             }
             other => panic!("resume answered {other:?}"),
         }
@@ -269,7 +288,13 @@ impl Harness {
     }
 }
 
-pub(super) fn result(out: &Output) -> &Result<OpResult, ErrorReply> {
+/// The reply's result as a client gets it.
+pub(super) fn result(out: &Output) -> Result<OpResult, ErrorReply> {
+    refused(out).clone().map_err(|refusal| refusal.to_reply())
+}
+
+/// The reply's result as the state machine gives it.
+pub(super) fn refused(out: &Output) -> &Result<OpResult, Refusal> {
     match &out.outcome {
         Outcome::Reply(reply) => &reply.result,
         other => panic!("not a reply: {other:?}"),
@@ -1057,7 +1082,7 @@ fn limit_on_watches_across_sessions_for_reads_and_set_watches() {
             lock: vec![],
         },
     );
-    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(result(&out), Ok(OpResult::Done));
     assert_eq!(
         out.events,
         vec![event(b, WatchEventKind::NodeCreated, "/x", h.c.zxid())]
@@ -1562,7 +1587,7 @@ fn close_deletes_ephemerals_at_once() {
     h.ok(w, children("/q", true));
     let zxid = h.c.zxid();
     let out = h.send(s, Op::CloseSession);
-    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(result(&out), Ok(OpResult::Done));
     assert_eq!(out.ended, vec![(s, SessionEnd::Closed)]);
     assert_eq!(
         out.events,
@@ -1722,7 +1747,7 @@ fn set_watches_fires_changes_after_last_zxid_and_registers_the_rest() {
             lock: vec![],
         },
     );
-    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(result(&out), Ok(OpResult::Done));
     assert_eq!(
         out.events,
         vec![
@@ -1925,7 +1950,7 @@ fn the_reply_cache_drops_its_oldest_replies_past_its_byte_bound() {
     let mut replies = BTreeMap::new();
     for xid in 3..=5 {
         let out = h.send_xid(s, Xid(xid), Op::Multi { ops: ops.clone() });
-        replies.insert(xid, result(&out).clone());
+        replies.insert(xid, refused(&out).clone());
     }
     let multi_bytes = sessions::reply_bytes(&replies[&5]);
     assert!(2 * multi_bytes < sessions::REPLY_CACHE_BYTES_MAX);
@@ -1946,7 +1971,7 @@ fn the_reply_cache_drops_its_oldest_replies_past_its_byte_bound() {
     }
     for xid in 4..=5 {
         let out = h.send_xid(s, Xid(xid), Op::Multi { ops: ops.clone() });
-        assert_eq!(result(&out), &replies[&xid], "xid {xid}");
+        assert_eq!(refused(&out), &replies[&xid], "xid {xid}");
     }
     assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
 }
@@ -1971,7 +1996,7 @@ fn the_reply_cache_keeps_its_newest_reply_even_past_its_byte_bound() {
         .map(|i| MultiOp::Create(mk(&format!("{dir}/{i:0>200}"))))
         .collect();
     let out = h.send(s, Op::Multi { ops: ops.clone() });
-    let reply = result(&out).clone();
+    let reply = refused(&out).clone();
     assert!(reply.is_ok());
     let bytes = sessions::reply_bytes(&reply);
     assert!(bytes > sessions::REPLY_CACHE_BYTES_MAX);
@@ -1981,7 +2006,7 @@ fn the_reply_cache_keeps_its_newest_reply_even_past_its_byte_bound() {
     assert_eq!(session.replies_bytes(), bytes);
 
     let zxid = h.c.zxid();
-    assert_eq!(result(&h.send_xid(s, Xid(2), Op::Multi { ops })), &reply);
+    assert_eq!(refused(&h.send_xid(s, Xid(2), Op::Multi { ops })), &reply);
     assert_eq!(h.c.zxid(), zxid);
     let out = h.send_xid(s, Xid(1), create(mk("/x")));
     assert_eq!(
@@ -2012,13 +2037,13 @@ fn create_each(
     session: SessionId,
     prefix: &str,
     xids: std::ops::RangeInclusive<u64>,
-) -> (BTreeMap<u64, Result<OpResult, ErrorReply>>, usize) {
+) -> (BTreeMap<u64, Result<OpResult, Refusal>>, usize) {
     let mut replies = BTreeMap::new();
     let mut bytes = 0;
     for xid in xids {
         let out = h.send_xid(session, Xid(xid), create(mk(&format!("/{prefix}{xid}"))));
-        bytes = sessions::reply_bytes(result(&out));
-        replies.insert(xid, result(&out).clone());
+        bytes = sessions::reply_bytes(refused(&out));
+        replies.insert(xid, refused(&out).clone());
     }
     (replies, bytes)
 }
@@ -2078,7 +2103,7 @@ fn all_sessions_cached_replies_stay_within_their_total_budget() {
     // A kept one is answered from the cache.
     let zxid = h.c.zxid();
     let out = h.send_xid(a, Xid(8), create(mk("/a8")));
-    assert_eq!(result(&out), &a_replies[&8]);
+    assert_eq!(refused(&out), &a_replies[&8]);
     assert_eq!(h.c.zxid(), zxid);
     // A session's end frees its share.
     h.ok(a, Op::CloseSession);
@@ -2112,7 +2137,7 @@ fn pinned_replies_stay_while_the_total_budget_drops_unpinned_ones() {
     let zxid = h.c.zxid();
     for xid in 1..=6 {
         let out = h.send_xid(a, Xid(xid), create(mk(&format!("/a{xid}"))));
-        assert_eq!(result(&out), &a_replies[&xid], "xid {xid}");
+        assert_eq!(refused(&out), &a_replies[&xid], "xid {xid}");
     }
     assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
     // The ack releases them.
@@ -2250,7 +2275,7 @@ fn resuming_twice_without_an_ack_keeps_every_reply_and_the_invariants() {
     assert_eq!(cached_xids(&h, s), (1..=2 * window + 1).collect::<Vec<_>>());
     let zxid = h.c.zxid();
     let out = h.send_xid(s, Xid(1), create(mk("/a1")));
-    assert_eq!(result(&out), &first[&1], "the oldest is still answered");
+    assert_eq!(refused(&out), &first[&1], "the oldest is still answered");
     assert_eq!(h.c.zxid(), zxid, "a retry was applied again");
 }
 

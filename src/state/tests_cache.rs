@@ -28,13 +28,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use latchkey_client::protocol::{
-    limits, Create, Data, ErrorCode, ErrorReply, NodeKind, Op, OpResult, Secret, SessionId, Stat,
-    Xid, Zxid,
+    limits, Create, Data, ErrorCode, NodeKind, Op, OpResult, Secret, SessionId, Stat, Xid, Zxid,
 };
 use proptest::prelude::*;
 
 use super::sessions::{reply_bytes, REPLY_CACHE_BYTES_MAX};
-use super::{Command, Config, Coordinator, Outcome, Output};
+use super::{Command, Config, Coordinator, Outcome, Output, Refusal};
 
 const ZXID_START: Zxid = Zxid(1_000);
 const TIMEOUT_MS: u64 = 1_000;
@@ -168,7 +167,7 @@ struct Client {
     /// The highest xid sent (and applied: every step is answered at once).
     last_xid: u64,
     /// Every write sent: its op and its first reply.
-    writes: BTreeMap<u64, (Op, Result<OpResult, ErrorReply>)>,
+    writes: BTreeMap<u64, (Op, Result<OpResult, Refusal>)>,
     /// The xids of `writes`, in order, for picking by index.
     write_xids: Vec<u64>,
     /// Replies the rules have not dropped (a byte bound may have).
@@ -411,7 +410,10 @@ impl Run {
             return Err(format!("a request answered {:?}", output.outcome));
         };
         if let Err(e) = &reply.result {
-            if matches!(e.code, ErrorCode::RetryUnknown | ErrorCode::SessionExpired) {
+            if matches!(
+                e.code(),
+                ErrorCode::RetryUnknown | ErrorCode::SessionExpired
+            ) {
                 return Err(format!("new xid {xid} of live {session} answered {e:?}"));
             }
         }
@@ -464,7 +466,7 @@ impl Run {
         }
         let note = match &reply.result {
             _ if !alive => {
-                if !matches!(&reply.result, Err(e) if e.code == ErrorCode::SessionExpired) {
+                if !matches!(&reply.result, Err(e) if e.code() == ErrorCode::SessionExpired) {
                     return Err(format!(
                         "retry on ended {session} answered {:?}",
                         reply.result
@@ -472,7 +474,7 @@ impl Run {
                 }
                 "retry on an ended session"
             }
-            Err(e) if e.code == ErrorCode::RetryUnknown => {
+            Err(e) if e.code() == ErrorCode::RetryUnknown => {
                 if client.must_keep.contains(&xid) {
                     return Err(format!(
                         "retry of xid {xid} of {session} got RetryUnknown, but its reply is \
@@ -540,7 +542,7 @@ impl Run {
                 *self.tally.entry(label).or_default() += 1;
                 Ok(())
             }
-            Outcome::Session(Err(e)) if !client.alive && e.code == ErrorCode::SessionExpired => {
+            Outcome::Session(Err(e)) if !client.alive && e.code() == ErrorCode::SessionExpired => {
                 Ok(())
             }
             other => Err(format!(

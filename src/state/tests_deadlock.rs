@@ -66,7 +66,7 @@ impl Bulk {
             op,
         };
         match self.c.apply(command, 0).outcome {
-            Outcome::Reply(reply) => reply.result,
+            Outcome::Reply(reply) => reply.result.map_err(|refusal| refusal.to_reply()),
             other => panic!("request answered {other:?}"),
         }
     }
@@ -399,7 +399,7 @@ proptest! {
                             // As short as the full search's, and true: the
                             // first edge is this wait, each next one a wait
                             // of the full graph, and it closes.
-                            prop_assert_eq!(e.cycle.len(), full.cycle.len(), "step {}", i);
+                            prop_assert_eq!(e.cycle.len(), full.cycle().len(), "step {}", i);
                             let first = &e.cycle[0];
                             prop_assert_eq!(first.session, s);
                             prop_assert_eq!(&first.lock, &queue);
@@ -431,7 +431,7 @@ proptest! {
                         let path = held[slot].remove(at);
                         let op = Op::Delete { path, version: None, czxid: None, force: false };
                         let out = h.send(slots[slot], op);
-                        prop_assert_eq!(result(&out), &Ok(OpResult::Deleted));
+                        prop_assert_eq!(result(&out), Ok(OpResult::Deleted));
                     }
                 }
                 Step::Expire(slot) => {

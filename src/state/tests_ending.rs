@@ -81,7 +81,7 @@ fn a_close_ends_the_session_at_once_and_its_nodes_go_a_step_at_a_time() {
 
     let xid_before = h.c.zxid();
     let out = h.send(a, Op::CloseSession);
-    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(result(&out), Ok(OpResult::Done));
     assert_eq!(out.ended, vec![(a, SessionEnd::Closed)]);
     assert!(out.gone.is_empty(), "{:?}", out.gone);
     // Only b hears anything: its grant of /l.
@@ -237,7 +237,7 @@ fn a_forced_delete_of_an_ending_session_s_lock_tells_it_nothing_and_frees_a_clos
         match why {
             // Its own word that it was done: no lock-delay to wait out.
             SessionEnd::Closed => {
-                assert_eq!(result(&out), &Ok(OpResult::Deleted));
+                assert_eq!(result(&out), Ok(OpResult::Deleted));
                 assert!(granted);
             }
             SessionEnd::Expired => {

@@ -229,7 +229,7 @@ fn a_timed_hold_is_set_renewed_and_deleted_only_with_its_token() {
     assert_eq!((stat.version, stat.ttl_ms), (2, Some(20_000)));
     // A forced delete ends it without the token, and says so.
     let out = h.send(other, force_delete("/holds/seat"));
-    assert_eq!(result(&out), &Ok(OpResult::Deleted));
+    assert_eq!(result(&out), Ok(OpResult::Deleted));
     assert_eq!(out.forced[0].node, super::ForcedNode::Hold);
     assert!(!h.present(other, "/holds/seat"));
 }
@@ -854,7 +854,7 @@ fn a_forced_delete_without_a_delay_or_of_a_waiter_goes_at_once_and_tells_the_own
     let (behind, _) = h.lock(c, "/l/n-", EXCLUSIVE);
     // b's waiting node: b is told, nothing is granted.
     let out = h.send(c, force_delete(&waiting));
-    assert_eq!(result(&out), &Ok(OpResult::Deleted));
+    assert_eq!(result(&out), Ok(OpResult::Deleted));
     assert_eq!(
         out.events,
         vec![event(b, WatchEventKind::NodeDeleted, &waiting, h.c.zxid())]
@@ -1306,7 +1306,7 @@ fn set_watches_lock_reports_grants_and_deletions_missed_while_away() {
             c_holds.clone(),
         ]),
     );
-    assert_eq!(result(&out), &Ok(OpResult::Done));
+    assert_eq!(result(&out), Ok(OpResult::Done));
     assert_eq!(h.c.zxid(), zxid, "set_watches writes nothing");
     assert_eq!(
         out.events,

@@ -40,13 +40,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use latchkey_client::protocol::{
-    limits, Create, Data, ErrorCode, ErrorReply, Grant, LockInfo, LockMode, LockSpec, MultiOp,
-    MultiResult, NodeKind, Op, OpResult, Secret, SessionId, Stat, WaitEdge, WatchEvent,
-    WatchEventKind, WatchKind, Xid, Zxid,
+    limits, Create, Data, ErrorCode, Grant, LockInfo, LockMode, LockSpec, MultiOp, MultiResult,
+    NodeKind, Op, OpResult, Secret, SessionId, Stat, WaitEdge, WatchEvent, WatchEventKind,
+    WatchKind, Xid, Zxid,
 };
 use proptest::prelude::*;
 
-use super::{Command, Config, Coordinator, Outcome, SessionEnd, SessionGrant};
+use super::{Command, Config, Coordinator, Outcome, Refusal, SessionEnd, SessionGrant};
 
 const ZXID_START: Zxid = Zxid(1_000);
 const TIMEOUT_MS_MIN: u64 = 100;
@@ -145,7 +145,7 @@ struct Fresh {
 #[derive(Clone, Debug)]
 struct Cached {
     xid: u64,
-    full: Result<OpResult, ErrorReply>,
+    full: Result<OpResult, Refusal>,
     bytes: usize,
 }
 
@@ -250,7 +250,7 @@ struct Model {
     /// it whole (its message is the coordinator's): session and xid.
     to_cache: Option<(SessionId, u64)>,
     /// A retry this step answered from the cache: what it must repeat.
-    replayed: Option<Result<OpResult, ErrorReply>>,
+    replayed: Option<Result<OpResult, Refusal>>,
     /// What this step reached, for the coverage check.
     notes: Vec<&'static str>,
 }
@@ -302,8 +302,8 @@ fn may_change(node: &ModelNode, session: SessionId, czxid: Option<Zxid>) -> Resu
     }
 }
 
-fn codes(full: &Result<OpResult, ErrorReply>) -> Result<OpResult, (ErrorCode, Option<u32>)> {
-    full.clone().map_err(|e| (e.code, e.index))
+fn codes(full: &Result<OpResult, Refusal>) -> Result<OpResult, (ErrorCode, Option<u32>)> {
+    full.clone().map_err(|e| (e.code(), e.index))
 }
 
 impl Model {
@@ -912,7 +912,7 @@ impl Model {
     /// coordinator's description of it: a fixed cost per reply, per multi
     /// step and per error message, plus the strings it owns (paths
     /// created, the queues a cycle names, with a fixed cost per edge).
-    fn reply_bytes(&self, full: &Result<OpResult, ErrorReply>) -> usize {
+    fn reply_bytes(&self, full: &Result<OpResult, Refusal>) -> usize {
         let owned = match full {
             Ok(OpResult::Created { path, .. }) => path.len(),
             Ok(OpResult::Multi { results }) => results
@@ -928,7 +928,7 @@ impl Model {
             Ok(_) => 0,
             Err(e) => {
                 ERROR_MESSAGE_COST
-                    + e.cycle
+                    + e.cycle()
                         .iter()
                         .map(|edge| WAIT_EDGE_COST + edge.lock.len())
                         .sum::<usize>()
@@ -947,7 +947,7 @@ impl Model {
 
     /// Once the driver has this step's reply whole: caches it if it answers
     /// a fresh write, then keeps all caches within the budget.
-    fn settle(&mut self, full: &Result<OpResult, ErrorReply>) {
+    fn settle(&mut self, full: &Result<OpResult, Refusal>) {
         let Some((session, xid)) = self.to_cache.take() else {
             return;
         };
@@ -1971,11 +1971,11 @@ fn real_caches(c: &Coordinator) -> BTreeMap<SessionId, (Vec<u64>, u64)> {
 
 fn real_answer(outcome: Outcome) -> Answer {
     match outcome {
-        Outcome::Session(result) => Answer::Session(result.map_err(|e| e.code)),
+        Outcome::Session(result) => Answer::Session(result.map_err(|e| e.code())),
         Outcome::Reply(reply) => Answer::Reply {
             xid: reply.xid,
             zxid: reply.zxid,
-            result: reply.result.map_err(|e| (e.code, e.index)),
+            result: reply.result.map_err(|e| (e.code(), e.index)),
         },
         Outcome::Stale => Answer::Stale,
         Outcome::Ticked => Answer::Ticked,
@@ -3136,11 +3136,11 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
             if let (Err(e), None, Some((session, queue, mode))) =
                 (&reply.result, &model.replayed, lock_wait(&command))
             {
-                if e.code == ErrorCode::Deadlock {
-                    if let Err(why) = model.check_cycle(session, queue, mode, &e.cycle) {
-                        return fail(format!("deadlock cycle {:?}: {why}", e.cycle));
+                if e.code() == ErrorCode::Deadlock {
+                    if let Err(why) = model.check_cycle(session, queue, mode, e.cycle()) {
+                        return fail(format!("deadlock cycle {:?}: {why}", e.cycle()));
                     }
-                    let label = if e.cycle.len() > 1 {
+                    let label = if e.cycle().len() > 1 {
                         "deadlock across sessions"
                     } else {
                         "deadlock on itself"

@@ -413,14 +413,14 @@ fn one_random_stream_gives_equal_outputs_on_two_coordinators() {
                     Ok(OpResult::Created { .. }) => "created",
                     Ok(OpResult::Multi { .. }) => "multi ok",
                     Ok(_) => "ok",
-                    Err(e) if e.code == ErrorCode::SessionExpired => "expired",
+                    Err(e) if e.code() == ErrorCode::SessionExpired => "expired",
                     Err(_) => "error",
                 };
                 *kinds.entry(label).or_default() += 1;
                 if let Err(e) = &reply.result {
-                    *codes.entry(format!("{:?}", e.code)).or_default() += 1;
-                    if e.code == ErrorCode::LimitExceeded {
-                        *bounds.entry(bound_of(&e.message)).or_default() += 1;
+                    *codes.entry(format!("{:?}", e.code())).or_default() += 1;
+                    if e.code() == ErrorCode::LimitExceeded {
+                        *bounds.entry(bound_of(&e.why.to_string())).or_default() += 1;
                     }
                 }
             }
@@ -625,7 +625,7 @@ proptest! {
                 Ok(OpResult::Data { data, stat }) => Ok(Some((data.0, stat.version))),
                 Ok(OpResult::Deleted) => Ok(None),
                 Ok(other) => panic!("unexpected {other:?}"),
-                Err(e) => Err(e.code),
+                Err(e) => Err(e.code()),
             };
             prop_assert_eq!(actual, expected, "step {} {:?}", i, op);
             prop_assert_eq!(c.node_count(), model.len() + 1);

@@ -58,7 +58,10 @@ fn a_read_changes_no_zxid_and_refuses_writes() {
     let Outcome::Reply(reply) = read(&mut h, s, set("/a", "x", None)) else {
         panic!("a write is answered");
     };
-    assert_eq!(reply.result.map_err(|e| e.code), Err(ErrorCode::Malformed));
+    assert_eq!(
+        reply.result.map_err(|e| e.code()),
+        Err(ErrorCode::Malformed)
+    );
     assert_eq!(h.c.zxid(), zxid, "a write sent as a read changed the state");
 }
 
@@ -106,7 +109,7 @@ fn reads_of_a_left_attachment_or_an_ended_session_are_refused() {
         panic!("answered");
     };
     assert_eq!(
-        reply.result.map_err(|e| e.code),
+        reply.result.map_err(|e| e.code()),
         Err(ErrorCode::SessionExpired)
     );
     // Heard of an ended session changes nothing.

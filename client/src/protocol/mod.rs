@@ -799,13 +799,54 @@ pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
 }
 
 /// Why a path is not canonical.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid path {path:?}: {reason}")]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("invalid path {path:?}: {fault}")]
 pub struct PathError {
     /// The offending path (cut to 80 characters).
     pub path: String,
-    /// What is wrong and how to fix it.
-    pub reason: String,
+    /// What is wrong with it; its `Display` says how to fix it.
+    pub fault: PathFault,
+}
+
+/// What makes a path not canonical: the facts, with the advice in
+/// `Display`, so that a refusal can be kept (in a reply cache, a snapshot)
+/// without its prose.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum PathFault {
+    /// The empty string.
+    #[error("a path cannot be empty (use \"/\" for the root)")]
+    Empty,
+    /// Over [`limits::PATH_BYTES_MAX`].
+    #[error(
+        "it is {bytes} bytes; the limit is {} (use shorter names)",
+        limits::PATH_BYTES_MAX
+    )]
+    TooLong { bytes: u64 },
+    /// Not starting with `/`.
+    #[error("a path must start with \"/\" (write it absolute, e.g. \"/locks/a\")")]
+    Relative,
+    /// A `/` at the end of a path other than the root.
+    #[error("a path must not end with \"/\" (drop the trailing slash)")]
+    TrailingSlash,
+    /// A control character, NUL included.
+    #[error("it contains the control character {character:?} (use printable characters)")]
+    Control { character: char },
+    /// `//`.
+    #[error("it has an empty segment (\"//\"); remove the doubled slash")]
+    EmptySegment,
+    /// A `.` or `..` segment.
+    #[error("it has a {segment:?} segment; paths are not resolved, write the canonical form")]
+    DotSegment { segment: String },
+    /// A segment over [`limits::NAME_BYTES_MAX`].
+    #[error("a segment is {bytes} bytes; the limit is {}", limits::NAME_BYTES_MAX)]
+    LongSegment { bytes: u64 },
+    /// More than [`limits::PATH_DEPTH_MAX`] segments.
+    #[error(
+        "it has {segments} segments; the limit is {} (use a flatter name)",
+        limits::PATH_DEPTH_MAX
+    )]
+    TooDeep { segments: u64 },
 }
 
 /// Checks that `path` is canonical: starts with `/`, has no empty, `.` or
@@ -813,61 +854,52 @@ pub struct PathError {
 /// character (NUL included), and is within [`limits::PATH_BYTES_MAX`],
 /// [`limits::PATH_DEPTH_MAX`] and [`limits::NAME_BYTES_MAX`].
 pub fn validate_path(path: &str) -> Result<(), PathError> {
-    let fail = |reason: String| {
+    let fail = |fault: PathFault| {
         let shown: String = path.chars().take(80).collect();
-        Err(PathError {
-            path: shown,
-            reason,
-        })
+        Err(PathError { path: shown, fault })
     };
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     if path.is_empty() {
-        return fail("a path cannot be empty (use \"/\" for the root)".into());
+        return fail(PathFault::Empty);
     }
     if path.len() > limits::PATH_BYTES_MAX {
-        return fail(format!(
-            "it is {} bytes; the limit is {} (use shorter names)",
-            path.len(),
-            limits::PATH_BYTES_MAX
-        ));
+        return fail(PathFault::TooLong {
+            bytes: count(path.len()),
+        });
     }
     if !path.starts_with('/') {
-        return fail("a path must start with \"/\" (write it absolute, e.g. \"/locks/a\")".into());
+        return fail(PathFault::Relative);
     }
     if path == "/" {
         return Ok(());
     }
     if path.ends_with('/') {
-        return fail("a path must not end with \"/\" (drop the trailing slash)".into());
+        return fail(PathFault::TrailingSlash);
     }
-    if let Some(c) = path.chars().find(|c| c.is_control()) {
-        return fail(format!(
-            "it contains the control character {c:?} (use printable characters)"
-        ));
+    if let Some(character) = path.chars().find(|c| c.is_control()) {
+        return fail(PathFault::Control { character });
     }
     let mut depth = 0usize;
     for segment in path[1..].split('/') {
         depth += 1;
         if segment.is_empty() {
-            return fail("it has an empty segment (\"//\"); remove the doubled slash".into());
+            return fail(PathFault::EmptySegment);
         }
         if segment == "." || segment == ".." {
-            return fail(format!(
-                "it has a {segment:?} segment; paths are not resolved, write the canonical form"
-            ));
+            return fail(PathFault::DotSegment {
+                segment: segment.to_owned(),
+            });
         }
         if segment.len() > limits::NAME_BYTES_MAX {
-            return fail(format!(
-                "a segment is {} bytes; the limit is {}",
-                segment.len(),
-                limits::NAME_BYTES_MAX
-            ));
+            return fail(PathFault::LongSegment {
+                bytes: count(segment.len()),
+            });
         }
     }
     if depth > limits::PATH_DEPTH_MAX {
-        return fail(format!(
-            "it has {depth} segments; the limit is {} (use a flatter name)",
-            limits::PATH_DEPTH_MAX
-        ));
+        return fail(PathFault::TooDeep {
+            segments: count(depth),
+        });
     }
     Ok(())
 }
@@ -921,20 +953,26 @@ mod tests {
             "", "a", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b", "/a\nb",
         ] {
             let err = validate_path(p).expect_err(p);
-            assert!(!err.reason.is_empty());
+            assert!(!err.fault.to_string().is_empty());
         }
         let deep = "/a".repeat(limits::PATH_DEPTH_MAX + 1);
         assert!(validate_path(&deep)
             .unwrap_err()
-            .reason
+            .fault
+            .to_string()
             .contains("segments"));
         let long = format!("/{}", "x".repeat(limits::NAME_BYTES_MAX + 1));
         assert!(validate_path(&long)
             .unwrap_err()
-            .reason
+            .fault
+            .to_string()
             .contains("segment is"));
         let huge = "/abc".repeat(limits::PATH_BYTES_MAX);
-        assert!(validate_path(&huge).unwrap_err().reason.contains("bytes"));
+        assert!(validate_path(&huge)
+            .unwrap_err()
+            .fault
+            .to_string()
+            .contains("bytes"));
     }
 
     #[test]
