@@ -31,7 +31,7 @@ struct Bench {
 impl Bench {
     fn new(n: usize) -> Bench {
         let config = Config {
-            sessions_max: n.saturating_add(16),
+            sessions_max: latchkey::state::count(n.saturating_add(16)),
             ..Config::default()
         };
         Bench {

@@ -216,7 +216,7 @@ async fn main() {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 check_invariants: false,
                 coordinator: latchkey::state::Config {
-                    waits_per_session_max: WAITS_MAX + 1,
+                    waits_per_session_max: latchkey::state::count(WAITS_MAX + 1),
                     ..latchkey::state::Config::default()
                 },
                 ..Config::default()

@@ -259,34 +259,34 @@ struct ServeArgs {
     frame_bytes_max: usize,
     /// Largest node data, in bytes.
     #[arg(long, default_value_t = Config::default().coordinator.data_bytes_max)]
-    data_bytes_max: usize,
+    data_bytes_max: u64,
     /// Bytes that may wait unread for one client before it is disconnected.
     #[arg(long, default_value_t = Config::default().outbound_bytes_max)]
     outbound_bytes_max: usize,
     /// Most live sessions.
     #[arg(long, default_value_t = Config::default().coordinator.sessions_max)]
-    sessions_max: usize,
+    sessions_max: u64,
     /// Most nodes in the tree.
     #[arg(long, default_value_t = Config::default().coordinator.nodes_max)]
-    nodes_max: usize,
+    nodes_max: u64,
     /// Most bytes the tree holds, counting each node's path and data.
     #[arg(long, default_value_t = Config::default().coordinator.tree_bytes_max)]
-    tree_bytes_max: usize,
+    tree_bytes_max: u64,
     /// Most watches all sessions hold together.
     #[arg(long, default_value_t = Config::default().coordinator.watches_max)]
-    watches_max: usize,
+    watches_max: u64,
     /// Most watches one session holds (at most 65536, what a client may
     /// re-register after a reconnect). A session's watches are dropped in
     /// one step when it ends or resumes: 17 ms for 65536, so a lower limit
     /// means a shorter pause for everyone else.
     #[arg(long, default_value_t = Config::default().coordinator.watches_per_session_max)]
-    watches_per_session_max: usize,
+    watches_per_session_max: u64,
     /// Most bytes all sessions' cached replies (kept so that a write retried
     /// after a reconnect is answered, not applied twice) hold together; past
     /// it the largest caches' oldest replies go, and their retries get
     /// retry_unknown.
     #[arg(long, default_value_t = Config::default().coordinator.reply_cache_bytes_max)]
-    reply_cache_bytes_max: usize,
+    reply_cache_bytes_max: u64,
     /// After a lock holder's session expires, how long until the lock passes
     /// to the next waiter (unless the lock asked for its own delay).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
@@ -297,7 +297,7 @@ struct ServeArgs {
     /// Most lock nodes one session may have waiting at once; a create past
     /// it is refused with limit_exceeded.
     #[arg(long, default_value_t = Config::default().coordinator.waits_per_session_max)]
-    waits_per_session_max: usize,
+    waits_per_session_max: u64,
     /// How long one batch of replies may take to write before a client that
     /// does not read is disconnected (its session lives on).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]

@@ -404,8 +404,8 @@ async fn a_burst_of_watches_on_one_node_all_fire_and_the_watch_limits_hold() {
     let watchers = 500usize;
     let per_session_max = 4usize;
     let mut config = common::test_config();
-    config.coordinator.watches_per_session_max = per_session_max;
-    config.coordinator.watches_max = watchers + per_session_max;
+    config.coordinator.watches_per_session_max = latchkey::state::count(per_session_max);
+    config.coordinator.watches_max = latchkey::state::count(watchers + per_session_max);
     let server = common::start_server_with(config).await;
     let addr = server.addr();
     let writer = connect(addr).await;

@@ -144,14 +144,18 @@ impl Config {
             ));
         }
         // base64 makes data 4/3 larger; leave room for the request around it.
-        if self.coordinator.data_bytes_max / 3 * 4 + 1024 > self.frame_bytes_max {
+        if self.coordinator.data_bytes_max.saturating_mul(4) / 3 + 1024
+            > crate::state::count(self.frame_bytes_max)
+        {
             return Err(format!(
                 "data of {} bytes would not fit a frame of {} bytes once encoded; \
                  raise the frame limit or lower the data limit",
                 self.coordinator.data_bytes_max, self.frame_bytes_max
             ));
         }
-        if self.coordinator.children_per_node_max > limits::CHILDREN_PER_NODE_MAX {
+        if self.coordinator.children_per_node_max
+            > crate::state::count(limits::CHILDREN_PER_NODE_MAX)
+        {
             return Err(format!(
                 "at most {} children per node are supported",
                 limits::CHILDREN_PER_NODE_MAX
@@ -167,7 +171,7 @@ impl Config {
             return Err("the tick interval must be above 0".into());
         }
         let watches = self.coordinator.watches_per_session_max;
-        if watches == 0 || watches > limits::WATCHES_PER_SESSION_MAX {
+        if watches == 0 || watches > crate::state::count(limits::WATCHES_PER_SESSION_MAX) {
             return Err(format!(
                 "the watches per session ({watches}) must be from 1 to {}, what a client may \
                  register again after a reconnect",

@@ -124,7 +124,7 @@ impl Core {
             tick_now,
             read_only: None,
             frame_bytes_max: u64::try_from(config.frame_bytes_max).unwrap_or(u64::MAX),
-            data_bytes_max: u64::try_from(config.coordinator.data_bytes_max).unwrap_or(u64::MAX),
+            data_bytes_max: config.coordinator.data_bytes_max,
         }
     }
 

@@ -29,8 +29,7 @@ use latchkey_client::protocol::{
     self, Grant, LockMode, SessionId, WaitEdge, WatchEvent, WatchEventKind, Zxid,
 };
 
-use super::refusal::count;
-use super::{Coordinator, Effects, Refusal, Why};
+use super::{count, Coordinator, Effects, Refusal, Why};
 
 /// Above every czxid in any queue: the place of a node about to join.
 const QUEUE_BACK: Zxid = Zxid(u64::MAX);
@@ -198,14 +197,14 @@ impl Coordinator {
             .count();
         let max = self.config.waits_per_session_max;
         let now = self.sessions.get(session).map_or(0, |s| s.waiting.len());
-        if waits == 0 || now.saturating_add(waits) <= max {
+        if waits == 0 || count(now.saturating_add(waits)) <= max {
             return Ok(());
         }
         Err(Why::WaitsFull {
             session,
             waits: count(now),
             adds: count(waits),
-            max: count(max),
+            max,
         }
         .into())
     }

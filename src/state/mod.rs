@@ -43,8 +43,24 @@ use sessions::Sessions;
 use tree::Tree;
 use watches::WatchTable;
 
+/// A count or a length as the replicated state keeps it: `u64` on every
+/// build, so that a bound decides alike on every member whatever its word
+/// size.
+pub fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A bound as a length of this build's collections: a bound past what
+/// `usize` holds allows anything this build can hold.
+pub fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 /// Bounds the state machine enforces. `Config::default()` is what a server
-/// started with no flags uses; each field says its default and why.
+/// started with no flags uses; each field says its default and why. Every
+/// bound is a `u64`, as are the totals held against them (tree bytes,
+/// reply cache bytes): a `Configure` command in the log sets them, and a
+/// member of any word size must decide alike.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// Smallest session timeout granted; smaller requests are raised to it.
@@ -56,9 +72,9 @@ pub struct Config {
     /// long.
     pub session_timeout_ms_max: u64,
     /// Largest node data. Default 1 MiB, as in ZooKeeper.
-    pub data_bytes_max: usize,
+    pub data_bytes_max: u64,
     /// Most live sessions. Default 100,000.
-    pub sessions_max: usize,
+    pub sessions_max: u64,
     /// Most nodes in the tree. Default 10,000,000. Besides its path and data
     /// (bounded by `tree_bytes_max`), each node costs about 300 bytes of
     /// bookkeeping (a 184-byte node in the slab, a path index entry with its
@@ -67,25 +83,25 @@ pub struct Config {
     /// Estimated from type sizes, not measured; lower it on small machines.
     /// A lock node costs about 150 bytes more (its boxed lock state and its
     /// entries in its queue and its owner's waits).
-    pub nodes_max: usize,
+    pub nodes_max: u64,
     /// Most bytes the tree holds, counting each node's path and data.
     /// Default 1 GiB. Without it the per-node bounds multiply to
     /// `nodes_max` x `data_bytes_max`, about 10 TiB; with it, paths and data
     /// take at most this much plus the copies of paths the indexes keep. A
     /// coordinator holds small values; a tree near this size belongs in a
     /// database.
-    pub tree_bytes_max: usize,
+    pub tree_bytes_max: u64,
     /// Most children of one node. Default and ceiling
     /// `protocol::limits::CHILDREN_PER_NODE_MAX`, so a listing fits a frame.
-    pub children_per_node_max: usize,
+    pub children_per_node_max: u64,
     /// Most names in one page of a children listing. Default 1,000: a page
     /// then costs the coordinator tens of microseconds (cloning its names;
     /// the reply is encoded outside its lock), where one listing of 100,000
     /// children stalled every other client for 25-120 ms.
-    pub children_page_max: usize,
+    pub children_page_max: u64,
     /// Most watches per session. Default
     /// `protocol::limits::WATCHES_PER_SESSION_MAX`.
-    pub watches_per_session_max: usize,
+    pub watches_per_session_max: u64,
     /// Most watches all sessions hold together. Default 2,000,000, or 20 per
     /// session at 100,000 sessions. A watch costs ~100-200 bytes plus twice
     /// its path (an entry in each of two ordered indexes, each with its own
@@ -93,7 +109,7 @@ pub struct Config {
     /// path, which gets its own set of watchers): ~0.3-0.7 GB at worst.
     /// Estimated from type sizes, not measured. Without it the per-session
     /// bound times `sessions_max` allowed billions.
-    pub watches_max: usize,
+    pub watches_max: u64,
     /// Most bytes all sessions' reply caches hold together, as the caches
     /// estimate them: fixed costs per reply, multi step and cycle edge
     /// (`sessions::cost`, the same on every build), plus the strings it
@@ -106,7 +122,7 @@ pub struct Config {
     /// replies) for each of 100,000. Past it, the oldest unpinned replies of
     /// the sessions caching the most are dropped first; a retry of a
     /// dropped reply gets RetryUnknown, never a second apply.
-    pub reply_cache_bytes_max: usize,
+    pub reply_cache_bytes_max: u64,
     /// The lock-delay of a lock node whose create gives none. Default 500
     /// ms: at most one second, as the brief asks; long enough for a holder
     /// cut off from the server to notice through its lease estimate, short
@@ -130,7 +146,7 @@ pub struct Config {
     /// side, ~15 ms with 10,000) and the end of the session, whose waits
     /// go in one step (about 2 us each). `cargo bench --bench ops`, the
     /// "waits behind" rows.
-    pub waits_per_session_max: usize,
+    pub waits_per_session_max: u64,
     /// Most nodes one step deletes (or turns into zombies) on behalf of
     /// ending sessions, expired sessions it ends, zombies, TTL nodes and
     /// containers: a tick, or a close, does at most this much and leaves
@@ -141,7 +157,7 @@ pub struct Config {
     /// ephemerals in one step held every other client for ~120 ms. One
     /// session's waits go whole at the start of its end, so a step may go
     /// over by up to `waits_per_session_max`.
-    pub step_deletes_max: usize,
+    pub step_deletes_max: u64,
 }
 
 impl Default for Config {
@@ -149,13 +165,13 @@ impl Default for Config {
         Config {
             session_timeout_ms_min: 1_000,
             session_timeout_ms_max: 120_000,
-            data_bytes_max: limits::DATA_BYTES_MAX,
+            data_bytes_max: count(limits::DATA_BYTES_MAX),
             sessions_max: 100_000,
             nodes_max: 10_000_000,
             tree_bytes_max: 1024 * 1024 * 1024,
-            children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
+            children_per_node_max: count(limits::CHILDREN_PER_NODE_MAX),
             children_page_max: 1_000,
-            watches_per_session_max: limits::WATCHES_PER_SESSION_MAX,
+            watches_per_session_max: count(limits::WATCHES_PER_SESSION_MAX),
             watches_max: 2_000_000,
             reply_cache_bytes_max: 256 * 1024 * 1024,
             lock_delay_ms_default: 500,
@@ -658,7 +674,7 @@ impl Coordinator {
 
     /// The bytes the tree holds as `Config::tree_bytes_max` counts them: the
     /// path and data bytes of every node, the root included.
-    pub fn tree_bytes(&self) -> usize {
+    pub fn tree_bytes(&self) -> u64 {
         self.tree.bytes()
     }
 
@@ -686,7 +702,7 @@ impl Coordinator {
 
     /// The bytes all sessions' cached replies hold, as
     /// `Config::reply_cache_bytes_max` counts them.
-    pub fn reply_cache_bytes(&self) -> usize {
+    pub fn reply_cache_bytes(&self) -> u64 {
         self.sessions.replies_bytes()
     }
 
@@ -805,10 +821,10 @@ impl Coordinator {
         secret: Secret,
         now_ms: u64,
     ) -> Result<SessionGrant, Refusal> {
-        if self.sessions.len() >= self.config.sessions_max {
+        if count(self.sessions.len()) >= self.config.sessions_max {
             return Err(Why::SessionsFull {
-                open: refusal::count(self.sessions.len()),
-                max: refusal::count(self.config.sessions_max),
+                open: count(self.sessions.len()),
+                max: self.config.sessions_max,
             }
             .into());
         }
@@ -948,7 +964,7 @@ impl Coordinator {
     /// one step allows; later ticks finish it.
     fn close_session(&mut self, session: SessionId, now_ms: u64, fx: &mut Effects) {
         let cost = self.end_session(session, SessionEnd::Closed, now_ms, fx);
-        let mut left = self.config.step_deletes_max.max(1).saturating_sub(cost);
+        let mut left = to_usize(self.config.step_deletes_max.max(1)).saturating_sub(cost);
         self.finish_ending(session, &mut left, now_ms, fx);
     }
 
@@ -988,7 +1004,7 @@ impl Coordinator {
     /// for the next tick, and `next_deadline_ms` says so.
     fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
         // At least 1, so that every tick moves a backlog on.
-        let mut left = self.config.step_deletes_max.max(1);
+        let mut left = to_usize(self.config.step_deletes_max.max(1));
         // Each costs at least 1: no more than `left` can be ended.
         for session in self.sessions.expired(now_ms, left) {
             if left == 0 {

@@ -14,11 +14,10 @@ use latchkey_client::protocol::{
     OpResult, SessionId, WatchEvent, WatchEventKind, WatchKind, Xid, Zxid,
 };
 
-use super::refusal::count;
 use super::tree::{node_bytes, NewNode, Node, Tree};
 use super::{
-    session_expired, Config, Coordinator, Effects, Forced, ForcedNode, Missing, Refusal, Reply,
-    Verb, Why,
+    count, session_expired, to_usize, Config, Coordinator, Effects, Forced, ForcedNode, Missing,
+    Refusal, Reply, Verb, Why,
 };
 
 impl Coordinator {
@@ -70,7 +69,7 @@ impl Coordinator {
                 session,
                 xid,
                 last,
-                cache_bytes_max: count(self.config.reply_cache_bytes_max),
+                cache_bytes_max: self.config.reply_cache_bytes_max,
             }
             .into())
         };
@@ -391,19 +390,19 @@ impl Coordinator {
             return Ok(());
         }
         let held = self.watches.count(session);
-        if held >= self.config.watches_per_session_max {
+        if count(held) >= self.config.watches_per_session_max {
             return Err(Why::SessionWatchesFull {
                 session,
                 held: count(held),
-                max: count(self.config.watches_per_session_max),
+                max: self.config.watches_per_session_max,
             }
             .into());
         }
         let total = self.watches.total();
-        if total >= self.config.watches_max {
+        if count(total) >= self.config.watches_max {
             return Err(Why::WatchesFull {
                 total: count(total),
-                max: count(self.config.watches_max),
+                max: self.config.watches_max,
             }
             .into());
         }
@@ -464,7 +463,7 @@ impl Coordinator {
         let page = limit
             .and_then(|l| usize::try_from(l).ok())
             .unwrap_or(usize::MAX)
-            .min(self.config.children_page_max)
+            .min(to_usize(self.config.children_page_max))
             .max(1);
         let range = match after {
             Some(after) => node
@@ -587,21 +586,21 @@ impl Coordinator {
             .iter()
             .filter(|(path, kind)| !self.watches.holds(session, path, *kind))
             .count();
-        if held.saturating_add(new) > self.config.watches_per_session_max {
+        if count(held.saturating_add(new)) > self.config.watches_per_session_max {
             return Err(Why::SetWatchesOverSession {
                 session,
                 held: count(held),
                 adds: count(new),
-                max: count(self.config.watches_per_session_max),
+                max: self.config.watches_per_session_max,
             }
             .into());
         }
         let total = self.watches.total();
-        if total.saturating_add(new) > self.config.watches_max {
+        if count(total.saturating_add(new)) > self.config.watches_max {
             return Err(Why::SetWatchesOverAll {
                 total: count(total),
                 adds: count(new),
-                max: count(self.config.watches_max),
+                max: self.config.watches_max,
             }
             .into());
         }
@@ -716,9 +715,9 @@ impl View {
 struct Draft<'t> {
     tree: &'t Tree,
     overlay: HashMap<String, Option<View>>,
-    node_count: usize,
+    node_count: u64,
     /// The tree's bytes (see `tree::node_bytes`) after the steps so far.
-    bytes: usize,
+    bytes: u64,
     /// The zxid the last action so far will take: each create, set, touch
     /// and delete takes the next, so a check can name the czxid of a node an
     /// earlier step creates.
@@ -730,7 +729,7 @@ impl<'t> Draft<'t> {
         Draft {
             tree,
             overlay: HashMap::new(),
-            node_count: tree.len(),
+            node_count: count(tree.len()),
             bytes: tree.bytes(),
             zxid,
         }
@@ -803,8 +802,8 @@ impl<'t> Draft<'t> {
         });
         self.bytes = self
             .bytes
-            .saturating_sub(old_bytes)
-            .saturating_add(data_bytes);
+            .saturating_sub(count(old_bytes))
+            .saturating_add(count(data_bytes));
     }
 
     /// Renews a TTL node (a touch): one more version, maybe a new TTL.
@@ -835,18 +834,18 @@ impl<'t> Draft<'t> {
     /// node.
     fn check_room(&self, parent: &str, config: &Config) -> Result<(), Refusal> {
         let children = self.get(parent).map_or(0, |v| v.num_children);
-        if children >= config.children_per_node_max {
+        if count(children) >= config.children_per_node_max {
             return Err(Why::ChildrenFull {
                 parent: parent.to_owned(),
                 children: count(children),
-                max: count(config.children_per_node_max),
+                max: config.children_per_node_max,
             }
             .into());
         }
         if self.node_count >= config.nodes_max {
             return Err(Why::NodesFull {
-                nodes: count(self.node_count),
-                max: count(config.nodes_max),
+                nodes: self.node_count,
+                max: config.nodes_max,
             }
             .into());
         }
@@ -856,12 +855,12 @@ impl<'t> Draft<'t> {
     /// Fails if a step that frees `freed` bytes and adds `added` would take
     /// the tree over `tree_bytes_max`. A step that does not grow the tree
     /// always passes, so shrinking data is never refused.
-    fn check_bytes(&self, freed: usize, added: usize, config: &Config) -> Result<(), Refusal> {
+    fn check_bytes(&self, freed: u64, added: u64, config: &Config) -> Result<(), Refusal> {
         let after = self.bytes.saturating_sub(freed).saturating_add(added);
         if added > freed && after > config.tree_bytes_max {
             return Err(Why::TreeFull {
-                bytes: count(after),
-                max: count(config.tree_bytes_max),
+                bytes: after,
+                max: config.tree_bytes_max,
             }
             .into());
         }
@@ -951,7 +950,7 @@ fn plan_step(
             check_may_change(&path, &view, session, czxid, Verb::Set)?;
             check_version(&path, version, view.version)?;
             check_data(&data.0, config)?;
-            draft.check_bytes(view.data_bytes, data.0.len(), config)?;
+            draft.check_bytes(count(view.data_bytes), count(data.0.len()), config)?;
             draft.set(&path, data.0.len());
             Ok(Step {
                 actions: vec![Action::Set(path, Change::Data(data.0))],
@@ -1228,10 +1227,10 @@ fn check_token(path: &str, expected: Option<Zxid>, actual: Zxid) -> Result<(), R
 }
 
 fn check_data(data: &[u8], config: &Config) -> Result<(), Refusal> {
-    if data.len() > config.data_bytes_max {
+    if count(data.len()) > config.data_bytes_max {
         return Err(Why::DataTooLarge {
             bytes: count(data.len()),
-            max: count(config.data_bytes_max),
+            max: config.data_bytes_max,
         }
         .into());
     }

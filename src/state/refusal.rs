@@ -428,11 +428,6 @@ impl Why {
     }
 }
 
-/// A count for a refusal: `u64` on every build.
-pub(crate) fn count(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
-}
-
 fn describe(mode: LockMode) -> String {
     match mode {
         LockMode::Exclusive => "an exclusive lock".to_owned(),

@@ -7,7 +7,7 @@ use latchkey_client::protocol::{
     limits, ErrorReply, MultiResult, OpResult, Secret, SessionId, Xid, Zxid,
 };
 
-use super::{Refusal, SessionEnd, Why};
+use super::{count, Refusal, SessionEnd, Why};
 
 /// Most bytes (by `reply_bytes`) one session's reply cache holds, beyond its
 /// newest reply. The count bound alone let a window of 128 big multi replies
@@ -18,7 +18,7 @@ use super::{Refusal, SessionEnd, Why};
 /// larger of this and its newest reply (~1.2 MB); across `sessions_max`
 /// sessions that would still be ~120 GB at the default of 100,000, which
 /// `Config::reply_cache_bytes_max` bounds.
-pub(crate) const REPLY_CACHE_BYTES_MAX: usize = 1024 * 1024;
+pub(crate) const REPLY_CACHE_BYTES_MAX: u64 = 1024 * 1024;
 
 /// A cached reply to a write, keyed by its xid, with its size estimate.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub(crate) struct CachedReply {
     pub(crate) xid: Xid,
     pub(crate) result: Result<OpResult, Refusal>,
     /// `reply_bytes(&result)`, kept so that dropping it needs no new walk.
-    bytes: usize,
+    bytes: u64,
 }
 
 /// What a cached reply costs against the cache bounds, in bytes: a fixed
@@ -36,39 +36,41 @@ pub(crate) struct CachedReply {
 /// they were fixed, so that the bounds still mean about what they say.
 pub(crate) mod cost {
     /// One cached reply, whatever it holds.
-    pub(crate) const REPLY: usize = 216;
+    pub(crate) const REPLY: u64 = 216;
     /// One step of a multi's results.
-    pub(crate) const MULTI_STEP: usize = 192;
+    pub(crate) const MULTI_STEP: u64 = 192;
     /// One name of a listing.
-    pub(crate) const NAME: usize = 24;
+    pub(crate) const NAME: u64 = 24;
     /// One edge of a refused wait's cycle.
-    pub(crate) const WAIT_EDGE: usize = 40;
+    pub(crate) const WAIT_EDGE: u64 = 40;
     /// A refusal, whatever its fields hold (beyond a cycle's edges): the
     /// message a client gets is written from them when it is sent, and
     /// its length must not decide which replies a replica keeps. 256 is
     /// more than most messages take.
-    pub(crate) const ERROR_MESSAGE: usize = 256;
+    pub(crate) const ERROR_MESSAGE: u64 = 256;
 }
 
 /// A cheap estimate of the memory a cached reply takes (see [`cost`]): a
 /// fixed cost per reply, per multi step and per error message, plus the
 /// bytes of the paths and names they own. Not a serialization: it walks
 /// the results once.
-pub(crate) fn reply_bytes(result: &Result<OpResult, Refusal>) -> usize {
+pub(crate) fn reply_bytes(result: &Result<OpResult, Refusal>) -> u64 {
     let owned = match result {
-        Ok(OpResult::Created { path, .. }) => path.len(),
-        Ok(OpResult::Multi { results }) => results.iter().fold(0usize, |sum, step| {
+        Ok(OpResult::Created { path, .. }) => count(path.len()),
+        Ok(OpResult::Multi { results }) => results.iter().fold(0u64, |sum, step| {
             let path = match step {
                 MultiResult::Created { path, .. } => path.len(),
                 MultiResult::Checked | MultiResult::Stat { .. } | MultiResult::Deleted => 0,
             };
-            sum.saturating_add(cost::MULTI_STEP).saturating_add(path)
+            sum.saturating_add(cost::MULTI_STEP)
+                .saturating_add(count(path))
         }),
         // Reads are not cached; counted anyway so the estimate stays honest
         // if that changes.
-        Ok(OpResult::Data { data, .. }) => data.0.len(),
-        Ok(OpResult::Children { children, .. }) => children.iter().fold(0usize, |sum, name| {
-            sum.saturating_add(cost::NAME).saturating_add(name.len())
+        Ok(OpResult::Data { data, .. }) => count(data.0.len()),
+        Ok(OpResult::Children { children, .. }) => children.iter().fold(0u64, |sum, name| {
+            sum.saturating_add(cost::NAME)
+                .saturating_add(count(name.len()))
         }),
         Ok(OpResult::Deleted | OpResult::Stat { .. } | OpResult::Zombified { .. })
         | Ok(OpResult::Exists { .. })
@@ -78,7 +80,7 @@ pub(crate) fn reply_bytes(result: &Result<OpResult, Refusal>) -> usize {
             .iter()
             .fold(cost::ERROR_MESSAGE, |sum, edge| {
                 sum.saturating_add(cost::WAIT_EDGE)
-                    .saturating_add(edge.lock.len())
+                    .saturating_add(count(edge.lock.len()))
             }),
     };
     cost::REPLY.saturating_add(owned)
@@ -102,9 +104,9 @@ pub(crate) struct Session {
     /// step.
     replies: VecDeque<CachedReply>,
     /// The sum of the `bytes` of `replies`.
-    replies_bytes: usize,
+    replies_bytes: u64,
     /// The part of `replies_bytes` held by pinned replies.
-    pinned_bytes: usize,
+    pinned_bytes: u64,
     /// At a resume, the replies up to the last applied xid are pinned: the
     /// client may send new xids (its watch re-registrations, renumbered
     /// requests) before retrying those writes, and the window must not push
@@ -167,7 +169,7 @@ impl Session {
 
     /// The bytes the reply cache holds, by `reply_bytes`.
     #[cfg(test)]
-    pub(crate) fn replies_bytes(&self) -> usize {
+    pub(crate) fn replies_bytes(&self) -> u64 {
         self.replies_bytes
     }
 
@@ -177,7 +179,7 @@ impl Session {
 
     /// The bytes of the replies not pinned: the ones the total budget
     /// drops first.
-    fn unpinned_bytes(&self) -> usize {
+    fn unpinned_bytes(&self) -> u64 {
         self.replies_bytes.saturating_sub(self.pinned_bytes)
     }
 
@@ -200,7 +202,7 @@ impl Session {
             .replies
             .iter()
             .filter(|cached| cached.xid <= pinned)
-            .fold(0usize, |sum, cached| sum.saturating_add(cached.bytes));
+            .fold(0u64, |sum, cached| sum.saturating_add(cached.bytes));
     }
 
     /// Caches the reply to write `xid` (above every cached xid), then drops
@@ -292,19 +294,19 @@ pub(crate) struct Sessions {
     deadlines: BTreeSet<(u64, SessionId)>,
     /// The sum of every session's `replies_bytes`, which
     /// `Config::reply_cache_bytes_max` bounds.
-    replies_bytes: usize,
+    replies_bytes: u64,
     /// `(bytes, session)` of the unpinned replies of each session that has
     /// some, so that the total budget drops from the largest cache first,
     /// found in one look-up and in an order every replica shares.
-    unpinned: BTreeSet<(usize, SessionId)>,
+    unpinned: BTreeSet<(u64, SessionId)>,
     /// The same for pinned replies, dropped only when no unpinned one is
     /// left.
-    pinned: BTreeSet<(usize, SessionId)>,
+    pinned: BTreeSet<(u64, SessionId)>,
 }
 
 /// Moves `id` in a `(bytes, session)` index from `before` to `after` bytes;
 /// sessions with none are left out.
-fn reindex(index: &mut BTreeSet<(usize, SessionId)>, id: SessionId, before: usize, after: usize) {
+fn reindex(index: &mut BTreeSet<(u64, SessionId)>, id: SessionId, before: u64, after: u64) {
     if before != after {
         if before > 0 {
             index.remove(&(before, id));
@@ -384,7 +386,7 @@ impl Sessions {
     }
 
     /// The bytes all sessions' reply caches hold, by `reply_bytes`.
-    pub(crate) fn replies_bytes(&self) -> usize {
+    pub(crate) fn replies_bytes(&self) -> u64 {
         self.replies_bytes
     }
 
@@ -418,7 +420,7 @@ impl Sessions {
         id: SessionId,
         xid: Xid,
         result: Result<OpResult, Refusal>,
-        total_bytes_max: usize,
+        total_bytes_max: u64,
     ) {
         self.change_cache(id, |s| {
             s.remember(xid, result);
@@ -434,7 +436,7 @@ impl Sessions {
     /// pinned reply of the session holding the most pinned bytes. Pinning
     /// moves bytes and never adds any, so while the budget stays the same
     /// the pinned ones fit in it and are not dropped here.
-    pub(crate) fn drop_to(&mut self, total_bytes_max: usize) {
+    pub(crate) fn drop_to(&mut self, total_bytes_max: u64) {
         // Bounded: each pass drops one reply (each has a non-zero size),
         // and stops when none is left.
         while self.replies_bytes > total_bytes_max {
@@ -489,14 +491,14 @@ impl Sessions {
     /// Checks the deadline index against the table, each session's reply
     /// cache against its bounds and byte totals, and the caches' total
     /// against its indexes and `total_bytes_max`.
-    pub(crate) fn check(&self, zxid: Zxid, total_bytes_max: usize) -> Result<(), String> {
-        let mut total = 0usize;
+    pub(crate) fn check(&self, zxid: Zxid, total_bytes_max: u64) -> Result<(), String> {
+        let mut total = 0u64;
         for (id, session) in &self.table {
             let pinned = session
                 .replies
                 .iter()
                 .filter(|cached| session.is_pinned(cached.xid))
-                .fold(0usize, |sum, cached| sum.saturating_add(cached.bytes));
+                .fold(0u64, |sum, cached| sum.saturating_add(cached.bytes));
             if pinned != session.pinned_bytes {
                 return Err(format!(
                     "session {id}'s pinned replies hold {pinned} bytes but it records {}",
@@ -574,7 +576,7 @@ impl Sessions {
                     limits::INFLIGHT_MAX
                 ));
             }
-            let mut bytes = 0usize;
+            let mut bytes = 0u64;
             for cached in &session.replies {
                 let estimate = reply_bytes(&cached.result);
                 if cached.bytes != estimate {
@@ -693,7 +695,7 @@ impl Sessions {
                 replies
                     .iter()
                     .filter(|c| (c.xid <= image.pinned_through) == pinned)
-                    .fold(0usize, |sum, c| sum.saturating_add(c.bytes))
+                    .fold(0u64, |sum, c| sum.saturating_add(c.bytes))
             };
             let (pinned_bytes, unpinned_bytes) = (sum(true), sum(false));
             let session = Session {

@@ -9,7 +9,8 @@ use latchkey_client::protocol::{
 };
 
 use super::{
-    sessions, Command, Config, Coordinator, Outcome, Output, Refusal, SessionEnd, SessionGrant,
+    count, sessions, Command, Config, Coordinator, Outcome, Output, Refusal, SessionEnd,
+    SessionGrant,
 };
 
 pub(super) const START: Zxid = Zxid(1_000);
@@ -74,7 +75,7 @@ pub(super) fn config() -> Config {
     Config {
         session_timeout_ms_min: 100,
         session_timeout_ms_max: 60_000,
-        data_bytes_max: limits::DATA_BYTES_MAX,
+        data_bytes_max: count(limits::DATA_BYTES_MAX),
         sessions_max: 64,
         nodes_max: 10_000,
         tree_bytes_max: 1 << 30,
@@ -2037,7 +2038,7 @@ fn create_each(
     session: SessionId,
     prefix: &str,
     xids: std::ops::RangeInclusive<u64>,
-) -> (BTreeMap<u64, Result<OpResult, Refusal>>, usize) {
+) -> (BTreeMap<u64, Result<OpResult, Refusal>>, u64) {
     let mut replies = BTreeMap::new();
     let mut bytes = 0;
     for xid in xids {
@@ -2049,7 +2050,7 @@ fn create_each(
 }
 
 /// The size of the reply to one create with a three-byte path.
-fn create_reply_bytes() -> usize {
+fn create_reply_bytes() -> u64 {
     let mut h = Harness::new();
     let s = h.open();
     create_each(&mut h, s, "z", 1..=1).1

@@ -33,7 +33,7 @@ use latchkey_client::protocol::{
 use proptest::prelude::*;
 
 use super::sessions::{reply_bytes, REPLY_CACHE_BYTES_MAX};
-use super::{Command, Config, Coordinator, Outcome, Output, Refusal};
+use super::{count, Command, Config, Coordinator, Outcome, Output, Refusal};
 
 const ZXID_START: Zxid = Zxid(1_000);
 const TIMEOUT_MS: u64 = 1_000;
@@ -151,7 +151,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 /// The size of the smallest cached reply (a set's stat), by the
 /// coordinator's estimate.
-fn stat_reply_bytes() -> usize {
+fn stat_reply_bytes() -> u64 {
     reply_bytes(&Ok(OpResult::Stat {
         stat: Stat::default(),
     }))
@@ -267,22 +267,22 @@ type Tally = BTreeMap<&'static str, u64>;
 
 struct Run {
     c: Coordinator,
-    budget_bytes: usize,
+    budget_bytes: u64,
     now_ms: u64,
     clients: Vec<Client>,
     /// The largest cached reply so far, by the coordinator's estimate.
-    reply_bytes_max: usize,
+    reply_bytes_max: u64,
     tally: Tally,
 }
 
 impl Run {
     fn new(budget_replies: usize) -> Result<Self, String> {
-        let budget_bytes = budget_replies * stat_reply_bytes();
+        let budget_bytes = count(budget_replies) * stat_reply_bytes();
         let config = Config {
             session_timeout_ms_min: TIMEOUT_MS,
             session_timeout_ms_max: TIMEOUT_MS,
             nodes_max: 1_000_000,
-            children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
+            children_per_node_max: count(limits::CHILDREN_PER_NODE_MAX),
             reply_cache_bytes_max: budget_bytes,
             ..super::tests::config()
         };
@@ -339,7 +339,7 @@ impl Run {
     /// after every step, and again once a new reply is in the mirror (a
     /// reply larger than the budget is dropped by the step that made it).
     fn note_drops(&mut self) {
-        let near = |bytes: usize, bound: usize| bytes.saturating_add(self.reply_bytes_max) > bound;
+        let near = |bytes: u64, bound: u64| bytes.saturating_add(self.reply_bytes_max) > bound;
         if near(self.c.reply_cache_bytes(), self.budget_bytes) {
             for client in &mut self.clients {
                 client.must_keep.clear();

@@ -13,7 +13,7 @@ use latchkey_client::protocol::{
 use proptest::prelude::*;
 
 use super::tests::{config, result, Harness};
-use super::{Command, Config, Coordinator, Outcome};
+use super::{count, Command, Config, Coordinator, Outcome};
 
 const EXCLUSIVE: LockMode = LockMode::Exclusive;
 const SHARED: LockMode = LockMode::Shared;
@@ -113,9 +113,9 @@ fn one_create_behind_twenty_thousand_waiters_reads_each_node_at_most_twice() {
     let mut b = Bulk {
         c: Coordinator::new(
             Config {
-                sessions_max: sessions,
-                nodes_max: sessions * 2,
-                children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
+                sessions_max: count(sessions),
+                nodes_max: count(sessions * 2),
+                children_per_node_max: count(limits::CHILDREN_PER_NODE_MAX),
                 ..config()
             },
             super::tests::START,
@@ -206,10 +206,10 @@ fn roomy() -> Bulk {
     Bulk {
         c: Coordinator::new(
             Config {
-                nodes_max: nodes,
-                tree_bytes_max: 64 * nodes,
-                children_per_node_max: limits::CHILDREN_PER_NODE_MAX,
-                waits_per_session_max: WAITS + 1,
+                nodes_max: count(nodes),
+                tree_bytes_max: count(64 * nodes),
+                children_per_node_max: count(limits::CHILDREN_PER_NODE_MAX),
+                waits_per_session_max: count(WAITS + 1),
                 ..config()
             },
             super::tests::START,

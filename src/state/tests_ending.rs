@@ -20,7 +20,7 @@ fn told_granted(out: &Output, session: SessionId, path: &str) -> bool {
 /// A harness whose steps delete at most `step` nodes.
 fn harness(step: usize) -> Harness {
     Harness::with(Config {
-        step_deletes_max: step,
+        step_deletes_max: super::count(step),
         ..config()
     })
 }

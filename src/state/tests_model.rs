@@ -46,7 +46,10 @@ use latchkey_client::protocol::{
 };
 use proptest::prelude::*;
 
-use super::{Command, Config, Coordinator, Outcome, Refusal, SessionEnd, SessionGrant};
+use super::{
+    count as n64, to_usize, Command, Config, Coordinator, Outcome, Refusal, SessionEnd,
+    SessionGrant,
+};
 
 const ZXID_START: Zxid = Zxid(1_000);
 const TIMEOUT_MS_MIN: u64 = 100;
@@ -83,15 +86,15 @@ fn config() -> Config {
     Config {
         session_timeout_ms_min: TIMEOUT_MS_MIN,
         session_timeout_ms_max: TIMEOUT_MS_MAX,
-        data_bytes_max: DATA_BYTES_MAX,
-        sessions_max: SESSIONS_MAX,
-        reply_cache_bytes_max: REPLY_CACHE_BUDGET_REPLIES * REPLY_COST,
+        data_bytes_max: n64(DATA_BYTES_MAX),
+        sessions_max: n64(SESSIONS_MAX),
+        reply_cache_bytes_max: n64(REPLY_CACHE_BUDGET_REPLIES * REPLY_COST),
         lock_delay_ms_default: LOCK_DELAY_MS_DEFAULT,
         lock_delay_ms_max: LOCK_DELAY_MS_MAX,
         hold_ttl_ms_max: HOLD_TTL_MS_MAX,
-        children_page_max: CHILDREN_PAGE_MAX,
-        waits_per_session_max: WAITS_PER_SESSION_MAX,
-        step_deletes_max: STEP_DELETES_MAX,
+        children_page_max: n64(CHILDREN_PAGE_MAX),
+        waits_per_session_max: n64(WAITS_PER_SESSION_MAX),
+        step_deletes_max: n64(STEP_DELETES_MAX),
         ..super::tests::config()
     }
 }
@@ -3080,7 +3083,7 @@ fn check_tokens(
 /// disagreement, or what the run reached.
 fn run(steps: &[Step]) -> Result<Tally, String> {
     let config = config();
-    let mut model = Model::new(config.reply_cache_bytes_max);
+    let mut model = Model::new(to_usize(config.reply_cache_bytes_max));
     let mut c = Coordinator::new(config.clone(), ZXID_START);
     let mut twin = Coordinator::new(config, ZXID_START);
     let mut clients = Clients::default();
@@ -3199,7 +3202,7 @@ fn run(steps: &[Step]) -> Result<Tally, String> {
                 "cached replies (xids, pinned through) differ {diff}"
             ));
         }
-        if model.cached_bytes() != c.reply_cache_bytes() {
+        if n64(model.cached_bytes()) != c.reply_cache_bytes() {
             return fail(format!(
                 "cached reply bytes: model {}, coordinator {}",
                 model.cached_bytes(),

@@ -15,6 +15,8 @@ use std::ops::RangeBounds;
 use latchkey_client::protocol::{self, Grant, LockInfo, LockMode, NodeKind, SessionId, Stat, Zxid};
 use slab::Slab;
 
+use super::count;
+
 /// One node. `data_length` and `num_children` are derived from `data` and
 /// `children` so that they cannot disagree with them.
 #[derive(Debug)]
@@ -102,7 +104,7 @@ pub(crate) struct Tree {
     zombies: BTreeSet<(u64, Zxid, usize)>,
     /// The sum of `node_bytes` over all nodes, kept by every mutator so that
     /// a write can be checked against `Config::tree_bytes_max` without a walk.
-    bytes: usize,
+    bytes: u64,
 }
 
 /// One parent's lock children.
@@ -119,8 +121,8 @@ struct LockQueue {
 
 /// What a node counts against `Config::tree_bytes_max`: its path and its
 /// data. The draft in `ops.rs` must count the same way.
-pub(crate) fn node_bytes(path: &str, data_bytes: usize) -> usize {
-    path.len().saturating_add(data_bytes)
+pub(crate) fn node_bytes(path: &str, data_bytes: usize) -> u64 {
+    count(path.len()).saturating_add(count(data_bytes))
 }
 
 impl Tree {
@@ -162,7 +164,7 @@ impl Tree {
     }
 
     /// The bytes the tree holds, as `node_bytes` counts them.
-    pub(crate) fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
 
@@ -292,8 +294,8 @@ impl Tree {
         let old_bytes = self.node(key).data.len();
         self.bytes = self
             .bytes
-            .saturating_sub(old_bytes)
-            .saturating_add(data.len());
+            .saturating_sub(count(old_bytes))
+            .saturating_add(count(data.len()));
         self.modify(key, zxid, now_ms, |node| node.data = data);
     }
 
@@ -497,7 +499,7 @@ impl Tree {
             ));
         }
         let mut child_links = 0usize;
-        let mut bytes = 0usize;
+        let mut bytes = 0u64;
         for (key, node) in self.nodes.iter() {
             bytes = bytes.saturating_add(node_bytes(&node.path, node.data.len()));
             if self.index.get(&node.path) != Some(&key) {
