@@ -144,7 +144,9 @@ impl Config {
             ));
         }
         // base64 makes data 4/3 larger; leave room for the request around it.
-        if self.coordinator.data_bytes_max.saturating_mul(4) / 3 + 1024
+        if (self.coordinator.data_bytes_max / 3)
+            .saturating_mul(4)
+            .saturating_add(1024)
             > crate::state::count(self.frame_bytes_max)
         {
             return Err(format!(
@@ -182,5 +184,31 @@ impl Config {
             return Err("the nodes deleted per step must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data of the largest size must fit a frame once base64 has made it
+    /// 4/3 larger, with 1 KiB for the request around it; a frame one byte
+    /// short is refused, naming both limits, and a huge data limit
+    /// saturates rather than overflowing.
+    #[test]
+    fn the_data_limit_must_fit_a_frame_once_encoded() {
+        let mut config = Config::default();
+        config.coordinator.data_bytes_max = 3 * 1000;
+        config.frame_bytes_max = 4 * 1000 + 1024;
+        assert_eq!(config.validate(), Ok(()));
+        config.frame_bytes_max -= 1;
+        let e = config.validate().expect_err("a frame too small");
+        assert!(
+            e.contains("data of 3000 bytes would not fit a frame of 5023 bytes"),
+            "{e}"
+        );
+        config.coordinator.data_bytes_max = u64::MAX;
+        config.frame_bytes_max = limits::REPLY_FRAME_BYTES_MAX;
+        assert!(config.validate().is_err());
     }
 }

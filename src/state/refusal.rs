@@ -149,13 +149,16 @@ pub enum Why {
     /// a guesser learns nothing.
     #[error("session {session} has expired or never existed; open a new session")]
     SessionExpired { session: SessionId },
+    /// `sessions_max` sessions are open.
     #[error(
         "{open} sessions are open; the limit is {max} (close sessions you no longer use, or \
          retry later)"
     )]
     SessionsFull { open: u64, max: u64 },
+    /// A write sent where only reads are answered.
     #[error("a write cannot be answered as a read")]
     WriteAsRead,
+    /// A retried write whose reply is no longer cached: not applied again.
     #[error(
         "write {} of session {session} is at or below the last applied xid {} and its reply is \
          no longer kept (acknowledged, more than {} requests old, or dropped to keep the \
@@ -173,11 +176,13 @@ pub enum Why {
         last: Xid,
         cache_bytes_max: u64,
     },
+    /// A multi of more than `limits::MULTI_OPS_MAX` operations.
     #[error(
         "the multi has {ops} operations; the limit is {} (split it into several multis)",
         limits::MULTI_OPS_MAX
     )]
     MultiTooLong { ops: u64 },
+    /// The session holds `watches_per_session_max` watches.
     #[error(
         "session {session} holds {held} watches; the limit is {max} (read without a watch, or \
          wait for some to fire)"
@@ -187,18 +192,22 @@ pub enum Why {
         held: u64,
         max: u64,
     },
+    /// All sessions hold `watches_max` watches.
     #[error(
         "all sessions hold {total} watches; the limit is {max} (read without a watch, wait for \
          some to fire, or raise --watches-max)"
     )]
     WatchesFull { total: u64, max: u64 },
+    /// A children listing with a limit of 0.
     #[error("a listing of {path} with a limit of 0 lists nothing; give at least 1")]
     ListingOfNothing { path: String },
+    /// A set_watches naming more than `limits::SET_WATCHES_PATHS_MAX` paths.
     #[error(
         "set_watches names {paths} paths; the limit is {} (send them in batches)",
         limits::SET_WATCHES_PATHS_MAX
     )]
     SetWatchesTooLong { paths: u64 },
+    /// A set_watches that would take the session past its watch bound.
     #[error(
         "session {session} holds {held} watches and set_watches adds {adds}; the limit is {max} \
          (watch fewer nodes)"
@@ -209,11 +218,13 @@ pub enum Why {
         adds: u64,
         max: u64,
     },
+    /// A set_watches that would take all sessions past `watches_max`.
     #[error(
         "all sessions hold {total} watches and set_watches adds {adds}; the limit is {max} \
          (watch fewer nodes, or raise --watches-max)"
     )]
     SetWatchesOverAll { total: u64, adds: u64, max: u64 },
+    /// A create under a parent with `children_per_node_max` children.
     #[error(
         "{parent} has {children} children; the limit is {max} (spread the children over more \
          parents)"
@@ -223,26 +234,34 @@ pub enum Why {
         children: u64,
         max: u64,
     },
+    /// A create in a tree of `nodes_max` nodes.
     #[error("the tree has {nodes} nodes; the limit is {max} (delete nodes you no longer need)")]
     NodesFull { nodes: u64, max: u64 },
+    /// A write that would take the tree past `tree_bytes_max` bytes.
     #[error(
         "the tree would hold {bytes} bytes; the limit is {max} (delete nodes you no longer need, \
          or raise --tree-bytes-max)"
     )]
     TreeFull { bytes: u64, max: u64 },
+    /// A renewal to a TTL of 0.
     #[error("a TTL of 0 is not allowed for {path}; give at least 1 ms, or delete the node")]
     RenewToZero { path: String },
+    /// A renewal of a node without a TTL.
     #[error(
         "{path} has no TTL, so there is nothing to renew (create the node with a TTL to hold it \
          for a time)"
     )]
     NoTtl { path: String },
+    /// A delete of `/`.
     #[error("the root / cannot be deleted (delete its children instead)")]
     DeleteRoot,
+    /// A delete of a node with children.
     #[error("{path} has {children} children (delete them first)")]
     NotEmpty { path: String, children: u64 },
+    /// A create of `/`.
     #[error("the root / always exists (create nodes below it)")]
     CreateRoot,
+    /// A TTL given for a node that is not persistent.
     #[error(
         "a TTL was given for {} node; only persistent nodes take a TTL (drop the TTL, or make \
          the node persistent)",
@@ -253,15 +272,18 @@ pub enum Why {
         }
     )]
     TtlNotPersistent { kind: NodeKind },
+    /// A create with a TTL of 0.
     #[error(
         "a TTL of 0 is not allowed; give at least 1 ms, or no TTL for a node that does not expire"
     )]
     TtlZero,
+    /// A sequential container node.
     #[error(
         "a container node cannot be sequential (create the container, then sequential children \
          under it)"
     )]
     ContainerSequential,
+    /// A sequential create under a parent whose counter is past `limits::SEQUENCE_MAX`.
     #[error(
         "the sequence counter of {parent} is at {next}, past {} (the largest that fits {} \
          digits); use a new parent",
@@ -269,20 +291,25 @@ pub enum Why {
         limits::SEQUENCE_DIGITS
     )]
     SequenceExhausted { parent: String, next: u64 },
+    /// A create where a node already is.
     #[error("a node already exists at {path} (delete it first, or pick another name)")]
     NodeExists { path: String },
+    /// A lock node that is not ephemeral and sequential.
     #[error(
         "a lock node must be ephemeral and sequential (create it with kind ephemeral and \
          sequential set)"
     )]
     LockNotEphemeralSequential,
+    /// A lock node created inside a multi.
     #[error(
         "lock nodes are created one at a time, not inside a multi (send each lock create on its \
          own)"
     )]
     LockInMulti,
+    /// A semaphore of 0 permits.
     #[error("a semaphore with 0 permits could never be granted (give at least 1 permit)")]
     SemaphoreOfNone,
+    /// A lock-delay past `lock_delay_ms_max`.
     #[error(
         "a lock-delay of {delay_ms} ms was asked for; the limit is {max_ms} ms (ask for less, or \
          none to take the default of {default_ms} ms)"
@@ -292,8 +319,10 @@ pub enum Why {
         max_ms: u64,
         default_ms: u64,
     },
+    /// A path that is not canonical.
     #[error("{0}")]
     InvalidPath(PathError),
+    /// A conditional write whose expected version is not the node's.
     #[error(
         "version mismatch at {path}: expected {expected}, the node is at {actual} (read it again \
          and retry)"
@@ -312,12 +341,14 @@ pub enum Why {
         owner: Option<SessionId>,
         freed_at_ms: Option<u64>,
     },
+    /// A change to a timed hold without its token.
     #[error(
         "{path} is a timed hold: to {verb} it, give its token, the czxid that took it \
          (`latchkey extend` and `latchkey release` take it; Hold::extend and Hold::release), or \
          delete it with force to end it without"
     )]
     TokenRequired { path: String, verb: Verb },
+    /// A TTL past `hold_ttl_ms_max`.
     #[error(
         "a TTL of {ttl_ms} ms was asked for {path}; the limit is {max_ms} ms (ask for less, and \
          extend the hold before it ends if it must last longer)"
@@ -327,6 +358,7 @@ pub enum Why {
         ttl_ms: u64,
         max_ms: u64,
     },
+    /// A hold's token that names another incarnation of the node.
     #[error(
         "the node at {path} was created at zxid {actual}, not {expected}: the hold that token \
          names has ended or was taken again"
@@ -336,18 +368,22 @@ pub enum Why {
         expected: Zxid,
         actual: Zxid,
     },
+    /// Data past `data_bytes_max` bytes.
     #[error(
         "data is {bytes} bytes; the limit is {max} (store large values elsewhere and keep a \
          reference here)"
     )]
     DataTooLarge { bytes: u64, max: u64 },
+    /// No node at `path`; `doing` says what the request was doing.
     #[error("no node at {path} ({doing})")]
     NoNode { path: String, doing: Missing },
+    /// A create under an ephemeral node.
     #[error(
         "{parent} is ephemeral and cannot have children (create {path} under a persistent or \
          container node)"
     )]
     EphemeralParent { parent: String, path: String },
+    /// A lock node of another kind (or permit count) than its queue's.
     #[error(
         "{parent} is queued as {} but this create asks for {} (every node of a queue must use \
          the same kind, and a semaphore the same permits)",
@@ -359,6 +395,7 @@ pub enum Why {
         queued: LockMode,
         asked: LockMode,
     },
+    /// Lock creates that would take the session past `waits_per_session_max` waits.
     #[error(
         "session {session} already waits for {waits} lock nodes and this request would add \
          {adds}; the limit is {max} (give up some waits first, or raise --waits-per-session-max)"

@@ -822,7 +822,10 @@ pub enum PathFault {
         "it is {bytes} bytes; the limit is {} (use shorter names)",
         limits::PATH_BYTES_MAX
     )]
-    TooLong { bytes: u64 },
+    TooLong {
+        /// The path's length.
+        bytes: u64,
+    },
     /// Not starting with `/`.
     #[error("a path must start with \"/\" (write it absolute, e.g. \"/locks/a\")")]
     Relative,
@@ -831,22 +834,34 @@ pub enum PathFault {
     TrailingSlash,
     /// A control character, NUL included.
     #[error("it contains the control character {character:?} (use printable characters)")]
-    Control { character: char },
+    Control {
+        /// The first control character found.
+        character: char,
+    },
     /// `//`.
     #[error("it has an empty segment (\"//\"); remove the doubled slash")]
     EmptySegment,
     /// A `.` or `..` segment.
     #[error("it has a {segment:?} segment; paths are not resolved, write the canonical form")]
-    DotSegment { segment: String },
+    DotSegment {
+        /// `.` or `..`.
+        segment: String,
+    },
     /// A segment over [`limits::NAME_BYTES_MAX`].
     #[error("a segment is {bytes} bytes; the limit is {}", limits::NAME_BYTES_MAX)]
-    LongSegment { bytes: u64 },
+    LongSegment {
+        /// The segment's length.
+        bytes: u64,
+    },
     /// More than [`limits::PATH_DEPTH_MAX`] segments.
     #[error(
         "it has {segments} segments; the limit is {} (use a flatter name)",
         limits::PATH_DEPTH_MAX
     )]
-    TooDeep { segments: u64 },
+    TooDeep {
+        /// How many segments the path has.
+        segments: u64,
+    },
 }
 
 /// Checks that `path` is canonical: starts with `/`, has no empty, `.` or
