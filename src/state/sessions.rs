@@ -609,15 +609,10 @@ impl Sessions {
 
 impl Sessions {
     /// The sessions as a snapshot holds them, in id order; their nodes
-    /// named by czxid.
+    /// named by czxid, each cached result encoded by `encode`.
     ///
     /// # Errors
     /// A cached reply that does not encode (none should).
-    pub(crate) fn image(&self) -> Result<Vec<SessionImage>, String> {
-        self.image_with(serde_json::to_vec)
-    }
-
-    /// As [`Sessions::image`], each cached result encoded by `encode`.
     pub(crate) fn image_with(
         &self,
         encode: impl Fn(&Result<OpResult, Refusal>) -> serde_json::Result<Vec<u8>>,

@@ -17,12 +17,12 @@
 
 use std::sync::atomic::AtomicU64;
 
-use latchkey_client::protocol::Zxid;
+use latchkey_client::protocol::{OpResult, Zxid};
 
 use super::sessions::{SessionImage, Sessions};
 use super::tree::{NodeImage, Tree};
 use super::watches::WatchTable;
-use super::{Config, Coordinator, WatchKind};
+use super::{Config, Coordinator, Refusal, WatchKind};
 
 /// The snapshot format this build writes. A change to the image (a field,
 /// a variant, an order) is a new format. This build also reads format 1,
@@ -64,6 +64,16 @@ impl Coordinator {
     /// Only if a cached reply does not encode, which no reply the
     /// coordinator makes does.
     pub fn snapshot(&self) -> Result<Vec<u8>, String> {
+        self.snapshot_as(SNAPSHOT_FORMAT, serde_json::to_vec)
+    }
+
+    /// The snapshot in `format`, each cached reply's result encoded by
+    /// `encode` (the one difference between formats 1 and 2).
+    fn snapshot_as(
+        &self,
+        format: u8,
+        encode: impl Fn(&Result<OpResult, Refusal>) -> serde_json::Result<Vec<u8>>,
+    ) -> Result<Vec<u8>, String> {
         let image = Image {
             config: self.config.clone(),
             configured: self.configured,
@@ -72,9 +82,9 @@ impl Coordinator {
             grants_paused_until_ms: self.grants_paused_until_ms,
             lease_horizon_ms: self.lease_horizon_ms,
             nodes: self.tree.image(),
-            sessions: self.sessions.image()?,
+            sessions: self.sessions.image_with(encode)?,
         };
-        let mut bytes = vec![SNAPSHOT_FORMAT];
+        let mut bytes = vec![format];
         postcard::to_io(&image, &mut bytes).map_err(|e| format!("cannot encode: {e}"))?;
         Ok(bytes)
     }
@@ -165,24 +175,10 @@ impl Coordinator {
     /// The snapshot a build of format 1 would have written of this state:
     /// each cached refusal as the error reply its client got.
     fn snapshot_format_1(&self) -> Vec<u8> {
-        let image = Image {
-            config: self.config.clone(),
-            configured: self.configured,
-            zxid: self.zxid,
-            now_ms: self.now_ms,
-            grants_paused_until_ms: self.grants_paused_until_ms,
-            lease_horizon_ms: self.lease_horizon_ms,
-            nodes: self.tree.image(),
-            sessions: self
-                .sessions
-                .image_with(|result| {
-                    serde_json::to_vec(&result.clone().map_err(|refusal| refusal.to_reply()))
-                })
-                .expect("encodes"),
-        };
-        let mut bytes = vec![1];
-        postcard::to_io(&image, &mut bytes).expect("encodes");
-        bytes
+        self.snapshot_as(1, |result| {
+            serde_json::to_vec(&result.clone().map_err(|refusal| refusal.to_reply()))
+        })
+        .expect("encodes")
     }
 }
 
